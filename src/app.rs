@@ -1,0 +1,89 @@
+//! Starting a gateway: bind its listeners, serve until told to stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::config::Snapshot;
+use crate::proxy::Gateway;
+use crate::server;
+
+/// A gateway serving in background tasks.
+pub struct Running {
+    /// Where the proxy listens (the real port when the config said 0).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The gateway itself.
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The proxy's base URL, e.g. `http://127.0.0.1:8080`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.proxy_addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and returns when
+    /// every listener is closed.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Waits until the listeners stop (they stop only on shutdown).
+    pub async fn wait(&mut self) {
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds the proxy and admin listeners of `snapshot` and serves them.
+pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
+    let proxy_listener = server::bind(snapshot.listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    let admin_listener = match snapshot.admin_listen {
+        Some(addr) => Some(server::bind(addr).await.map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let proxy_addr = proxy_listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = match &admin_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let gateway = Arc::new(Gateway::new(snapshot)?);
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(server::serve(
+        proxy_listener,
+        gateway.clone(),
+        stop_signal(stopped.clone()),
+    ))];
+    if let Some(listener) = admin_listener {
+        let admin = Arc::new(Admin::new(gateway.clone()));
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            admin,
+            stop_signal(stopped),
+        )));
+    }
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks,
+    })
+}
+
+async fn stop_signal(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}

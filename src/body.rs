@@ -1,0 +1,77 @@
+//! The one body type that crosses the gateway in both directions.
+//!
+//! An enum rather than a boxed trait object: a forwarded body stays the
+//! upstream's (or client's) `Incoming` and its frames pass through as they
+//! arrive, with no allocation per request to box it and no buffering.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// A request or response body: a whole buffer, or a stream passed through.
+#[derive(Debug)]
+pub enum Body {
+    /// A body the gateway holds whole (rewritten JSON, errors, mock answers).
+    Full(Option<Bytes>),
+    /// A body streamed through untouched, frame by frame.
+    Stream(Incoming),
+    /// A body produced by the gateway itself, chunk by chunk (mock SSE).
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl Body {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Body::Full(None)
+    }
+
+    /// A whole body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Body::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl From<Incoming> for Body {
+    fn from(incoming: Incoming) -> Self {
+        Body::Stream(incoming)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Body::Channel(receiver) => receiver
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(bytes) => bytes.is_none(),
+            Body::Stream(incoming) => incoming.is_end_stream(),
+            Body::Channel(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Stream(incoming) => incoming.size_hint(),
+            Body::Channel(_) => SizeHint::default(),
+        }
+    }
+}

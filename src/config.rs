@@ -1,0 +1,710 @@
+//! Typed configuration: TOML parsed into plain serde structs, then validated
+//! whole into a [`Snapshot`] the data path reads without further checks.
+//!
+//! Two phases, so that every problem is reported at once with its key path
+//! (`variants.treatment.upstream: ...`): serde rejects unknown keys and wrong
+//! types (it stops at the first), then [`Config::validate`] checks every
+//! value and collects all that are wrong. A config that fails either phase
+//! never reaches the proxy.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use serde::{Deserialize, Serialize};
+
+/// Default cap on a request body the gateway reads to rewrite `model`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default header carrying the user ID.
+pub const DEFAULT_USER_HEADER: &str = "x-user-id";
+/// Longest user ID accepted; longer ones are a client bug, answered with 400.
+pub const DEFAULT_MAX_USER_ID_BYTES: usize = 512;
+/// `anthropic-version` sent when the gateway injects an Anthropic key and the
+/// client sent none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The config file as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub experiment: ExperimentConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    pub variants: VariantsConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Proxy listener, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    /// Admin listener (health, later metrics and rollout); none if absent.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// Largest JSON request body read for rewriting; larger gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+/// `[experiment]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Bounded label naming the experiment in headers, metrics and events.
+    pub name: String,
+    /// Share of buckets served by treatment, in `[0, 1]`.
+    pub treatment_fraction: f64,
+    /// When set, users are hashed as `salt + ":" + user_id`.
+    #[serde(default)]
+    pub salt: Option<String>,
+}
+
+/// `[identity]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default = "default_user_header")]
+    pub header: String,
+    /// Reject requests without a user ID (400) instead of serving them by
+    /// control as `unassigned`.
+    #[serde(default)]
+    pub require: bool,
+    #[serde(default = "default_max_user_id_bytes")]
+    pub max_user_id_bytes: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            header: default_user_header(),
+            require: false,
+            max_user_id_bytes: DEFAULT_MAX_USER_ID_BYTES,
+        }
+    }
+}
+
+/// `[variants.control]` and `[variants.treatment]`; no other arm exists.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantsConfig {
+    pub control: VariantConfig,
+    pub treatment: VariantConfig,
+}
+
+/// One arm's upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    /// Origin the request path is appended to: `https://api.openai.com`,
+    /// optionally with a path prefix (`http://10.0.0.5:8000/openai`).
+    pub upstream: String,
+    /// Replaces the body's `model`; absent means pass the client's through.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Env var holding the key the gateway injects; absent means the
+    /// client's own credentials pass through.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Credential style; inferred from the upstream host when absent.
+    #[serde(default)]
+    pub provider: Option<Provider>,
+    /// `anthropic-version` to send when the client sends none.
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
+    /// Extra PEM root certificates trusted for this upstream (private CAs).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How an upstream expects its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// `Authorization: Bearer <key>`
+    Openai,
+    /// `x-api-key: <key>` plus `anthropic-version`
+    Anthropic,
+}
+
+/// `[timeouts]`, in milliseconds.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP + TLS connect to the upstream.
+    #[serde(default = "default_connect_ms")]
+    pub connect_ms: u64,
+    /// Request sent to response headers received. A non-streaming completion
+    /// sends its headers only when generation is done, so this is long.
+    #[serde(default = "default_first_byte_ms")]
+    pub first_byte_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect_ms: default_connect_ms(),
+            first_byte_ms: default_first_byte_ms(),
+        }
+    }
+}
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_user_header() -> String {
+    DEFAULT_USER_HEADER.to_owned()
+}
+fn default_max_user_id_bytes() -> usize {
+    DEFAULT_MAX_USER_ID_BYTES
+}
+fn default_connect_ms() -> u64 {
+    5_000
+}
+fn default_first_byte_ms() -> u64 {
+    300_000
+}
+
+/// One thing wrong with a config, at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config; it was not applied.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", display_problems(.problems))]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+fn display_problems(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    lines.join("\n")
+}
+
+impl ConfigError {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Where secrets named by the config are looked up. The process
+/// environment in production; a map in tests.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Config {
+    /// Parses TOML; unknown keys and wrong types are errors naming the key.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            // toml's own message carries line, column and a snippet.
+            let message = inner.message().to_owned();
+            let location = inner
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            let path = if path == "." { String::new() } else { path };
+            ConfigError::one(path, format!("{message}{location}"))
+        })
+    }
+
+    /// Checks every value and resolves it into a [`Snapshot`], or returns
+    /// all problems found. `base_dir` anchors relative file paths.
+    pub fn validate(&self, env: &dyn Env, base_dir: &Path) -> Result<Snapshot, ConfigError> {
+        let mut problems = Vec::new();
+        let mut report = |path: &str, message: String| {
+            problems.push(Problem {
+                path: path.to_owned(),
+                message,
+            })
+        };
+
+        let listen = parse_addr(&self.server.listen)
+            .map_err(|m| report("server.listen", m))
+            .ok();
+        let admin_listen = match &self.server.admin_listen {
+            Some(addr) => parse_addr(addr)
+                .map_err(|m| report("server.admin_listen", m))
+                .ok(),
+            None => None,
+        };
+        if self.server.max_body_bytes == 0 {
+            report("server.max_body_bytes", "must be greater than 0".into());
+        }
+
+        let experiment = &self.experiment;
+        if !is_label_safe(&experiment.name) {
+            report(
+                "experiment.name",
+                format!(
+                    "{:?} must be 1 to 64 characters of letters, digits, '.', '_' or '-' (it is a metric label)",
+                    experiment.name
+                ),
+            );
+        }
+        let fraction = experiment.treatment_fraction;
+        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+            report(
+                "experiment.treatment_fraction",
+                format!("{fraction} must be a number from 0.0 to 1.0"),
+            );
+        }
+        if let Some(salt) = &experiment.salt {
+            if salt.is_empty() {
+                report(
+                    "experiment.salt",
+                    "must not be empty; remove it to hash user IDs unsalted".into(),
+                );
+            }
+        }
+
+        let user_header = match HeaderName::from_bytes(self.identity.header.as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                report(
+                    "identity.header",
+                    format!("{:?} is not a valid HTTP header name", self.identity.header),
+                );
+                None
+            }
+        };
+        if self.identity.max_user_id_bytes == 0 {
+            report(
+                "identity.max_user_id_bytes",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.timeouts.connect_ms == 0 {
+            report("timeouts.connect_ms", "must be greater than 0".into());
+        }
+        if self.timeouts.first_byte_ms == 0 {
+            report("timeouts.first_byte_ms", "must be greater than 0".into());
+        }
+
+        let control = resolve_variant(
+            "variants.control",
+            &self.variants.control,
+            env,
+            base_dir,
+            &mut report,
+        );
+        let treatment = resolve_variant(
+            "variants.treatment",
+            &self.variants.treatment,
+            env,
+            base_dir,
+            &mut report,
+        );
+
+        match (listen, user_header, control, treatment) {
+            (Some(listen), Some(user_header), Some(control), Some(treatment))
+                if problems.is_empty() =>
+            {
+                Ok(Snapshot {
+                    listen,
+                    admin_listen,
+                    max_body_bytes: self.server.max_body_bytes,
+                    experiment: experiment.name.clone(),
+                    experiment_header: HeaderValue::from_str(&experiment.name)
+                        .map_err(|_| ConfigError::one("experiment.name", "not a header value"))?,
+                    treatment_fraction: fraction,
+                    salt: experiment.salt.clone(),
+                    user_header,
+                    require_user: self.identity.require,
+                    max_user_id_bytes: self.identity.max_user_id_bytes,
+                    control,
+                    treatment,
+                    connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
+                    first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
+                    config: self.clone(),
+                })
+            }
+            _ => Err(ConfigError { problems }),
+        }
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path, env: &dyn Env) -> Result<Snapshot, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::one("", format!("cannot read {}: {err}", path.display())))?;
+    let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
+    Config::parse(&text)?.validate(env, base_dir)
+}
+
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:8080"))
+}
+
+fn is_label_safe(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn resolve_variant(
+    path: &str,
+    variant: &VariantConfig,
+    env: &dyn Env,
+    base_dir: &Path,
+    report: &mut dyn FnMut(&str, String),
+) -> Option<Upstream> {
+    let mut ok = true;
+    let mut fail = |key: &str, message: String| {
+        ok = false;
+        report(&format!("{path}.{key}"), message);
+    };
+
+    let origin = match parse_upstream(&variant.upstream) {
+        Ok(origin) => Some(origin),
+        Err(message) => {
+            fail("upstream", message);
+            None
+        }
+    };
+
+    let model = match &variant.model {
+        Some(name) if name.is_empty() => {
+            fail(
+                "model",
+                "must not be empty; remove it to pass the client's model through".into(),
+            );
+            None
+        }
+        Some(name) => match ModelRewrite::new(name) {
+            Some(rewrite) => Some(rewrite),
+            None => {
+                fail(
+                    "model",
+                    format!("{name:?} cannot be sent as an HTTP header value"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+
+    let provider = variant.provider.unwrap_or_else(|| match &origin {
+        Some((_, authority, _)) if authority.host().ends_with("anthropic.com") => {
+            Provider::Anthropic
+        }
+        _ => Provider::Openai,
+    });
+
+    let anthropic_version = variant
+        .anthropic_version
+        .as_deref()
+        .unwrap_or(DEFAULT_ANTHROPIC_VERSION);
+    let anthropic_version = match HeaderValue::from_str(anthropic_version) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            fail(
+                "anthropic_version",
+                format!("{anthropic_version:?} is not a valid header value"),
+            );
+            None
+        }
+    };
+
+    let credential = match &variant.api_key_env {
+        None => None,
+        Some(name) => match env.var(name) {
+            None => {
+                fail(
+                    "api_key_env",
+                    format!("environment variable {name} is not set"),
+                );
+                None
+            }
+            Some(key) if key.trim().is_empty() => {
+                fail(
+                    "api_key_env",
+                    format!("environment variable {name} is empty"),
+                );
+                None
+            }
+            Some(key) => {
+                let value = match provider {
+                    Provider::Openai => HeaderValue::from_str(&format!("Bearer {}", key.trim())),
+                    Provider::Anthropic => HeaderValue::from_str(key.trim()),
+                };
+                match value {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        Some(value)
+                    }
+                    Err(_) => {
+                        // Never echo the key itself.
+                        fail(
+                            "api_key_env",
+                            format!("environment variable {name} holds characters not allowed in a header"),
+                        );
+                        None
+                    }
+                }
+            }
+        },
+    };
+
+    let ca_file = variant.ca_file.as_ref().map(|file| {
+        if file.is_absolute() {
+            file.clone()
+        } else {
+            base_dir.join(file)
+        }
+    });
+    if let Some(file) = &ca_file {
+        if let Err(message) = read_pem_certs(file) {
+            fail("ca_file", message);
+        }
+    }
+
+    let (scheme, authority, path_prefix) = origin?;
+    let anthropic_version = anthropic_version?;
+    ok.then_some(Upstream {
+        scheme,
+        authority,
+        path_prefix,
+        model,
+        provider,
+        credential,
+        anthropic_version,
+        ca_file,
+    })
+}
+
+/// Splits `scheme://authority[/prefix]`, rejecting anything else.
+fn parse_upstream(text: &str) -> Result<(Scheme, Authority, String), String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL like https://api.openai.com"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(format!("{text:?} must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{text:?} must not carry credentials; use api_key_env"
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{text:?} must not have a query string"));
+    }
+    let prefix = uri.path().trim_end_matches('/').to_owned();
+    if prefix.ends_with("/v1") {
+        return Err(format!(
+            "{text:?} ends in /v1, but the client's path (/v1/...) is appended as is; use the origin, e.g. {}://{}",
+            scheme, authority
+        ));
+    }
+    Ok((scheme, authority, prefix))
+}
+
+/// Reads every certificate in a PEM file; at least one must be there.
+pub fn read_pem_certs(
+    file: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let pem =
+        std::fs::read(file).map_err(|err| format!("cannot read {}: {err}", file.display()))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(format!("{} holds no PEM certificate", file.display())),
+        Err(err) => Err(format!("{} is not valid PEM: {err}", file.display())),
+    }
+}
+
+/// The validated config the data path reads: everything parsed, every
+/// header value built, no further checks needed per request.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub experiment: String,
+    pub experiment_header: HeaderValue,
+    pub treatment_fraction: f64,
+    pub salt: Option<String>,
+    pub user_header: HeaderName,
+    pub require_user: bool,
+    pub max_user_id_bytes: usize,
+    pub control: Upstream,
+    pub treatment: Upstream,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    /// The config as written (secrets appear only as env var names).
+    pub config: Config,
+}
+
+impl Snapshot {
+    /// The upstream serving a variant; unassigned users go to control.
+    pub fn upstream(&self, variant: crate::assign::Variant) -> &Upstream {
+        match variant {
+            crate::assign::Variant::Treatment => &self.treatment,
+            crate::assign::Variant::Control | crate::assign::Variant::Unassigned => &self.control,
+        }
+    }
+}
+
+/// One arm's resolved upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix without a trailing slash; usually empty.
+    pub path_prefix: String,
+    pub model: Option<ModelRewrite>,
+    pub provider: Provider,
+    /// Header value of the injected credential, marked sensitive.
+    pub credential: Option<HeaderValue>,
+    pub anthropic_version: HeaderValue,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A model name prepared once for the body splice and the response header.
+#[derive(Debug)]
+pub struct ModelRewrite {
+    pub name: String,
+    /// The name as a JSON string literal, quotes and escapes included.
+    pub json: bytes::Bytes,
+    pub header: HeaderValue,
+}
+
+impl ModelRewrite {
+    fn new(name: &str) -> Option<Self> {
+        let json = serde_json::to_vec(name).ok()?;
+        Some(Self {
+            name: name.to_owned(),
+            json: json.into(),
+            header: HeaderValue::from_str(name).ok()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> BTreeMap<String, String> {
+        BTreeMap::from([("KEY".to_owned(), "sk-test".to_owned())])
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[experiment]
+name = "exp"
+treatment_fraction = 0.1
+[variants.control]
+upstream = "https://api.openai.com"
+model = "gpt-4o-mini"
+api_key_env = "KEY"
+[variants.treatment]
+upstream = "https://api.anthropic.com/"
+"#;
+
+    #[test]
+    fn good_config_resolves() {
+        let snapshot = Config::parse(GOOD)
+            .and_then(|c| c.validate(&env(), Path::new(".")))
+            .unwrap();
+        assert_eq!(snapshot.control.provider, Provider::Openai);
+        assert_eq!(snapshot.treatment.provider, Provider::Anthropic);
+        assert_eq!(snapshot.treatment.path_prefix, "");
+        assert!(snapshot.control.credential.as_ref().unwrap().is_sensitive());
+        assert_eq!(snapshot.user_header.as_str(), "x-user-id");
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let text = GOOD.replace("model = \"gpt-4o-mini\"", "modle = \"gpt-4o-mini\"");
+        let err = Config::parse(&text).unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("variants.control"), "{line}");
+        assert!(line.contains("modle"), "{line}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = GOOD
+            .replace("0.1", "1.5")
+            .replace("https://api.openai.com", "ftp://x")
+            .replace("KEY", "MISSING_KEY");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate(&env(), Path::new("."))
+            .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "experiment.treatment_fraction",
+                "variants.control.upstream",
+                "variants.control.api_key_env"
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_ending_in_v1_is_refused() {
+        let err = parse_upstream("https://api.openai.com/v1").unwrap_err();
+        assert!(err.contains("appended"), "{err}");
+        let (_, authority, prefix) = parse_upstream("http://10.0.0.5:8000/openai/").unwrap();
+        assert_eq!(
+            (authority.as_str(), prefix.as_str()),
+            ("10.0.0.5:8000", "/openai")
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! abgate: an A/B inference gateway.
+//!
+//! Application traffic points at the gateway; each user ID is hashed into a
+//! control or treatment bucket ([`assign`]), and the call is forwarded to the
+//! base model or the fine-tuned model ([`proxy`]) with streams passed through
+//! as they arrive.
+
+pub mod admin;
+pub mod app;
+pub mod assign;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod identity;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod server;

@@ -1,0 +1,236 @@
+//! The `abgate` command line. Parsing and printing only; the work is in the
+//! library.
+#![allow(clippy::print_stdout)] // a CLI's job is to print
+
+use std::io::{BufRead, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use abgate::assign;
+use abgate::config::{self, ProcessEnv};
+
+#[derive(Parser)]
+#[command(
+    name = "abgate",
+    version,
+    about = "A/B inference gateway: splits users between a base and a fine-tuned model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the gateway on an embedded default: two mock model upstreams on
+    /// loopback and the gateway in front of them at a 10% treatment fraction.
+    Demo(abgate::demo::DemoArgs),
+    /// Run one mock model upstream alone.
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:8001")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "mock")]
+        name: String,
+        /// Wait before answering, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Share of requests answered with a 500 error.
+        #[arg(long, default_value_t = 0.0)]
+        fault_rate: f64,
+    },
+    /// Print `user_id<TAB>bucket<TAB>variant` for each ID (or each stdin line).
+    Assign {
+        /// Treatment fraction, 0.0 to 1.0.
+        #[arg(long)]
+        fraction: f64,
+        /// Hash `salt:user_id` instead of `user_id`.
+        #[arg(long)]
+        salt: Option<String>,
+        /// User IDs; with none, one ID per stdin line (exact bytes, without the `\n`).
+        ids: Vec<String>,
+    },
+    /// Validate a config file and print every problem found.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Assign {
+            fraction,
+            salt,
+            ids,
+        } => run_assign(fraction, salt.as_deref(), &ids),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve { config } => run_async(serve(config)),
+        Command::Demo(args) => run_async(abgate::demo::run(args)),
+        Command::Mock {
+            listen,
+            name,
+            latency_ms,
+            fault_rate,
+        } => {
+            let config = abgate::mock::MockConfig {
+                latency: Duration::from_millis(latency_ms),
+                fault_rate,
+                ..abgate::mock::MockConfig::named(&name)
+            };
+            run_async(async move {
+                let listener = abgate::server::bind(listen)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!("mock upstream {name:?} listening on http://{listen}");
+                abgate::mock::run(listener, config, shutdown_signal()).await;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ABGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_async(job: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("abgate: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("abgate: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<(), String> {
+    let snapshot = config::load(&path, &ProcessEnv)
+        .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
+    let running = abgate::app::start(snapshot).await?;
+    tracing::info!(proxy = %running.url(), admin = ?running.admin_addr, "abgate serving");
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run_assign(fraction: f64, salt: Option<&str>, ids: &[String]) -> ExitCode {
+    if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+        eprintln!("abgate assign: --fraction {fraction} must be from 0.0 to 1.0");
+        return ExitCode::from(2);
+    }
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut write = |id: &[u8]| -> std::io::Result<()> {
+        let bucket = assign::bucket(id, salt);
+        let variant = if assign::is_treatment(bucket, fraction) {
+            assign::Variant::Treatment
+        } else {
+            assign::Variant::Control
+        };
+        out.write_all(id)?;
+        writeln!(out, "\t{bucket}\t{variant}")
+    };
+    let result = if ids.is_empty() {
+        // Exact bytes of each line: only the trailing `\n` is removed.
+        let mut stdin = std::io::stdin().lock();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => break Ok(()),
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    if let Err(err) = write(&line) {
+                        break Err(err);
+                    }
+                }
+                Err(err) => break Err(err),
+            }
+        }
+    } else {
+        ids.iter().try_for_each(|id| write(id.as_bytes()))
+    };
+    match result.and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is a normal way for output to end.
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("abgate assign: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match config::load(file, &ProcessEnv) {
+        Ok(snapshot) => {
+            println!(
+                "{}: ok (experiment {:?}, treatment_fraction {}, control {}://{}, treatment {}://{})",
+                file.display(),
+                snapshot.experiment,
+                snapshot.treatment_fraction,
+                snapshot.control.scheme,
+                snapshot.control.authority,
+                snapshot.treatment.scheme,
+                snapshot.treatment.authority,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            for problem in &err.problems {
+                println!("{}: {problem}", file.display());
+            }
+            println!("{}: {} problem(s)", file.display(), err.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! Every metric family abgate exports, defined in one place, on one registry.
+//!
+//! Labels come only from bounded sets: the experiment name (from config),
+//! the variant, the API route family, the status class, the stream flag and
+//! the error kind. No user ID, key, prompt or raw path ever becomes a label.
+//!
+//! Label lookups cost a hash and a lock inside the prometheus crate, so they
+//! are done once per experiment ([`Metrics::bind`]) into arrays indexed by
+//! enum; recording a request is then a handful of atomic adds.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::assign::Variant;
+use crate::proxy::route::Route;
+
+/// Request latency buckets: LLM calls take from milliseconds to minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+/// Gateway overhead buckets, from 10 µs.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+];
+/// Response size buckets, 64 B to 4 MiB.
+const BYTES_BUCKETS: &[f64] = &[
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+];
+
+/// Variants in label order.
+pub const VARIANTS: [Variant; 3] = [Variant::Control, Variant::Treatment, Variant::Unassigned];
+/// Routes in label order.
+pub const ROUTES: [Route; 6] = [
+    Route::Chat,
+    Route::Messages,
+    Route::Completions,
+    Route::Embeddings,
+    Route::Responses,
+    Route::Other,
+];
+
+/// Why a request did not get a good answer from its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Status429,
+    Status4xx,
+    Status5xx,
+    InvalidResponse,
+    ClientCancelled,
+}
+
+impl UpstreamErrorKind {
+    /// All kinds, in label order.
+    pub const ALL: [UpstreamErrorKind; 8] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Status429,
+        UpstreamErrorKind::Status4xx,
+        UpstreamErrorKind::Status5xx,
+        UpstreamErrorKind::InvalidResponse,
+        UpstreamErrorKind::ClientCancelled,
+    ];
+
+    /// The `kind` label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Status429 => "status_429",
+            UpstreamErrorKind::Status4xx => "status_4xx",
+            UpstreamErrorKind::Status5xx => "status_5xx",
+            UpstreamErrorKind::InvalidResponse => "invalid_response",
+            UpstreamErrorKind::ClientCancelled => "client_cancelled",
+        }
+    }
+
+    /// The kind an upstream answer's status implies, if it is an error.
+    pub fn from_status(status: u16) -> Option<Self> {
+        match status {
+            429 => Some(UpstreamErrorKind::Status429),
+            400..=499 => Some(UpstreamErrorKind::Status4xx),
+            500..=599 => Some(UpstreamErrorKind::Status5xx),
+            _ => None,
+        }
+    }
+}
+
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+fn status_class_index(status: u16) -> usize {
+    match status {
+        400..=499 => 1,
+        500..=599 => 2,
+        // 1xx and 3xx are rare for API calls; they count with the successes.
+        _ => 0,
+    }
+}
+
+fn variant_index(variant: Variant) -> usize {
+    match variant {
+        Variant::Control => 0,
+        Variant::Treatment => 1,
+        Variant::Unassigned => 2,
+    }
+}
+
+fn route_index(route: Route) -> usize {
+    match route {
+        Route::Chat => 0,
+        Route::Messages => 1,
+        Route::Completions => 2,
+        Route::Embeddings => 3,
+        Route::Responses => 4,
+        Route::Other => 5,
+    }
+}
+
+fn kind_index(kind: UpstreamErrorKind) -> usize {
+    match kind {
+        UpstreamErrorKind::Connect => 0,
+        UpstreamErrorKind::Timeout => 1,
+        UpstreamErrorKind::Reset => 2,
+        UpstreamErrorKind::Status429 => 3,
+        UpstreamErrorKind::Status4xx => 4,
+        UpstreamErrorKind::Status5xx => 5,
+        UpstreamErrorKind::InvalidResponse => 6,
+        UpstreamErrorKind::ClientCancelled => 7,
+    }
+}
+
+/// The registry and every family in it.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    time_to_first_byte: HistogramVec,
+    upstream_errors: IntCounterVec,
+    overhead: HistogramVec,
+    response_bytes: HistogramVec,
+    tokens: IntCounterVec,
+    treatment_fraction: GaugeVec,
+    config_reloads: IntCounterVec,
+    inflight: IntGaugeVec,
+    events_dropped: IntCounter,
+}
+
+fn histogram(
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "abgate_requests_total",
+                "Requests answered, by arm, API route and status class.",
+            ),
+            &["experiment", "variant", "route", "status_class"],
+        )?;
+        let duration = histogram(
+            "abgate_request_duration_seconds",
+            "Request start to last byte sent to the client.",
+            LATENCY_BUCKETS,
+            &["experiment", "variant", "route", "stream"],
+        )?;
+        let time_to_first_byte = histogram(
+            "abgate_time_to_first_byte_seconds",
+            "Request start to the first response body byte (time to first token for streams).",
+            LATENCY_BUCKETS,
+            &["experiment", "variant", "route", "stream"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "abgate_upstream_errors_total",
+                "Requests whose upstream failed, by kind.",
+            ),
+            &["experiment", "variant", "kind"],
+        )?;
+        let overhead = histogram(
+            "abgate_overhead_seconds",
+            "Time spent inside abgate itself, excluding the upstream wait.",
+            OVERHEAD_BUCKETS,
+            &["route"],
+        )?;
+        let response_bytes = histogram(
+            "abgate_response_bytes",
+            "Response body size sent to the client.",
+            BYTES_BUCKETS,
+            &["experiment", "variant", "route"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "abgate_tokens_total",
+                "Tokens reported by the upstream's usage, by kind.",
+            ),
+            &["experiment", "variant", "kind"],
+        )?;
+        let treatment_fraction = GaugeVec::new(
+            Opts::new(
+                "abgate_treatment_fraction",
+                "Share of buckets served by treatment.",
+            ),
+            &["experiment"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new("abgate_config_reloads_total", "Config reloads, by result."),
+            &["result"],
+        )?;
+        let inflight = IntGaugeVec::new(
+            Opts::new("abgate_inflight_requests", "Requests being served now."),
+            &["variant"],
+        )?;
+        let events_dropped = IntCounter::new(
+            "abgate_events_dropped_total",
+            "Per-request events dropped because the writer fell behind.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "abgate_build_info",
+                "Build of the running gateway (always 1).",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(time_to_first_byte.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(overhead.clone()),
+            Box::new(response_bytes.clone()),
+            Box::new(tokens.clone()),
+            Box::new(treatment_fraction.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(inflight.clone()),
+            Box::new(events_dropped.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector)?;
+        }
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            time_to_first_byte,
+            upstream_errors,
+            overhead,
+            response_bytes,
+            tokens,
+            treatment_fraction,
+            config_reloads,
+            inflight,
+            events_dropped,
+        })
+    }
+
+    /// Resolves every child for one experiment, once, so the request path
+    /// never looks a label up.
+    pub fn bind(&self, experiment: &str, treatment_fraction: f64) -> ExperimentMetrics {
+        self.treatment_fraction
+            .with_label_values(&[experiment])
+            .set(treatment_fraction);
+        let per_variant = |v: Variant| {
+            let variant = v.as_str();
+            ArmMetrics {
+                requests: ROUTES.map(|route| {
+                    STATUS_CLASSES.map(|class| {
+                        self.requests.with_label_values(&[
+                            experiment,
+                            variant,
+                            route.as_str(),
+                            class,
+                        ])
+                    })
+                }),
+                duration: ROUTES.map(|route| {
+                    ["false", "true"].map(|stream| {
+                        self.duration.with_label_values(&[
+                            experiment,
+                            variant,
+                            route.as_str(),
+                            stream,
+                        ])
+                    })
+                }),
+                time_to_first_byte: ROUTES.map(|route| {
+                    ["false", "true"].map(|stream| {
+                        self.time_to_first_byte.with_label_values(&[
+                            experiment,
+                            variant,
+                            route.as_str(),
+                            stream,
+                        ])
+                    })
+                }),
+                response_bytes: ROUTES.map(|route| {
+                    self.response_bytes
+                        .with_label_values(&[experiment, variant, route.as_str()])
+                }),
+                upstream_errors: UpstreamErrorKind::ALL.map(|kind| {
+                    self.upstream_errors
+                        .with_label_values(&[experiment, variant, kind.as_str()])
+                }),
+                prompt_tokens: self
+                    .tokens
+                    .with_label_values(&[experiment, variant, "prompt"]),
+                completion_tokens: self.tokens.with_label_values(&[
+                    experiment,
+                    variant,
+                    "completion",
+                ]),
+                inflight: self.inflight.with_label_values(&[variant]),
+            }
+        };
+        ExperimentMetrics {
+            arms: VARIANTS.map(per_variant),
+            overhead: ROUTES.map(|route| self.overhead.with_label_values(&[route.as_str()])),
+            fraction: self.treatment_fraction.with_label_values(&[experiment]),
+        }
+    }
+
+    /// Counts a config reload.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Counts an event the writer had to drop.
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}
+
+/// The children of one arm.
+struct ArmMetrics {
+    requests: [[IntCounter; 3]; 6],
+    duration: [[Histogram; 2]; 6],
+    time_to_first_byte: [[Histogram; 2]; 6],
+    response_bytes: [Histogram; 6],
+    upstream_errors: [IntCounter; 8],
+    prompt_tokens: IntCounter,
+    completion_tokens: IntCounter,
+    inflight: IntGauge,
+}
+
+/// Pre-resolved children for one experiment; recording is atomics only.
+pub struct ExperimentMetrics {
+    arms: [ArmMetrics; 3],
+    overhead: [Histogram; 6],
+    fraction: Gauge,
+}
+
+/// Everything measured about one finished request.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub variant: Variant,
+    pub route: Route,
+    pub stream: bool,
+    pub status: u16,
+    pub duration: Duration,
+    pub time_to_first_byte: Option<Duration>,
+    pub response_bytes: u64,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub error: Option<UpstreamErrorKind>,
+    pub overhead: Duration,
+}
+
+/// Decrements the in-flight gauge when the request ends, however it ends.
+pub struct InflightGuard(IntGauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ExperimentMetrics {
+    /// Marks a request of `variant` in flight until the guard drops.
+    pub fn start(&self, variant: Variant) -> InflightGuard {
+        let gauge = self.arms[variant_index(variant)].inflight.clone();
+        gauge.inc();
+        InflightGuard(gauge)
+    }
+
+    /// Sets the treatment fraction gauge.
+    pub fn set_fraction(&self, fraction: f64) {
+        self.fraction.set(fraction);
+    }
+
+    /// Records a finished request.
+    pub fn record(&self, record: &RequestRecord) {
+        let arm = &self.arms[variant_index(record.variant)];
+        let route = route_index(record.route);
+        let stream = usize::from(record.stream);
+        arm.requests[route][status_class_index(record.status)].inc();
+        arm.duration[route][stream].observe(record.duration.as_secs_f64());
+        if let Some(ttfb) = record.time_to_first_byte {
+            arm.time_to_first_byte[route][stream].observe(ttfb.as_secs_f64());
+        }
+        arm.response_bytes[route].observe(record.response_bytes as f64);
+        if let Some(kind) = record.error {
+            arm.upstream_errors[kind_index(kind)].inc();
+        }
+        if let Some(tokens) = record.prompt_tokens {
+            arm.prompt_tokens.inc_by(tokens);
+        }
+        if let Some(tokens) = record.completion_tokens {
+            arm.completion_tokens.inc_by(tokens);
+        }
+        self.overhead[route].observe(record.overhead.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_land_in_their_labelled_series() {
+        let metrics = Metrics::new().unwrap();
+        let bound = metrics.bind("exp", 0.1);
+        {
+            let _inflight = bound.start(Variant::Treatment);
+            bound.record(&RequestRecord {
+                variant: Variant::Treatment,
+                route: Route::Chat,
+                stream: true,
+                status: 503,
+                duration: Duration::from_millis(120),
+                time_to_first_byte: Some(Duration::from_millis(40)),
+                response_bytes: 1000,
+                prompt_tokens: Some(12),
+                completion_tokens: Some(30),
+                error: UpstreamErrorKind::from_status(503),
+                overhead: Duration::from_micros(30),
+            });
+        }
+        let text = String::from_utf8(metrics.encode().unwrap()).unwrap();
+        for line in [
+            r#"abgate_requests_total{experiment="exp",route="chat",status_class="5xx",variant="treatment"} 1"#,
+            r#"abgate_upstream_errors_total{experiment="exp",kind="status_5xx",variant="treatment"} 1"#,
+            r#"abgate_tokens_total{experiment="exp",kind="completion",variant="treatment"} 30"#,
+            r#"abgate_inflight_requests{variant="treatment"} 0"#,
+            r#"abgate_treatment_fraction{experiment="exp"} 0.1"#,
+            r#"abgate_time_to_first_byte_seconds_count{experiment="exp",route="chat",stream="true",variant="treatment"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line}");
+        }
+    }
+}

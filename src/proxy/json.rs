@@ -1,0 +1,310 @@
+//! Reading the few fields the gateway needs from a JSON request body, and
+//! replacing `model` without re-serialising anything else.
+//!
+//! The body is validated as JSON in one pass that visits only the top-level
+//! keys; every value the gateway does not need is skipped, and `model` is
+//! kept as a borrowed raw slice so its byte span is known. The rewrite then
+//! splices the new value into that span: key order, whitespace, number
+//! formatting and every other field reach the upstream byte for byte.
+
+use std::fmt;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::error::ProxyError;
+
+/// What the gateway reads from a request body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BodyFields {
+    /// Byte spans of every top-level `model` value (duplicates included,
+    /// so none of them survives a rewrite).
+    pub model_spans: Vec<Range<usize>>,
+    /// The client's `model`, if any (the last one, as JSON parsers take).
+    pub model: Option<String>,
+    /// OpenAI's top-level `user`.
+    pub user: Option<String>,
+    /// OpenAI's `safety_identifier`, the successor of `user`.
+    pub safety_identifier: Option<String>,
+    /// Anthropic's `metadata.user_id`.
+    pub metadata_user_id: Option<String>,
+    /// `"stream": true`.
+    pub stream: bool,
+}
+
+/// Validates `body` as a JSON object and reads the fields the gateway uses.
+pub fn inspect(body: &[u8]) -> Result<BodyFields, ProxyError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(ProxyError::MissingBody),
+        Some(b'{') => {}
+        Some(_) => {
+            // Tell malformed JSON apart from valid JSON of the wrong shape.
+            return Err(match serde_json::from_slice::<IgnoredAny>(body) {
+                Ok(_) => ProxyError::NotAnObject,
+                Err(err) => ProxyError::InvalidJson(err.to_string()),
+            });
+        }
+    }
+    // JSON text is UTF-8 (RFC 8259); serde_json does not check the strings
+    // it skips, so check the whole body here rather than forward bad bytes.
+    if let Err(err) = std::str::from_utf8(body) {
+        return Err(ProxyError::InvalidJson(format!(
+            "invalid UTF-8 at byte {}",
+            err.valid_up_to()
+        )));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let top = TopLevel::deserialize(&mut deserializer)
+        .and_then(|top| deserializer.end().map(|()| top))
+        .map_err(|err| ProxyError::InvalidJson(err.to_string()))?;
+    top.into_fields(body)
+}
+
+/// Returns `body` with every top-level `model` value replaced by
+/// `model_json` (a JSON string literal).
+pub fn rewrite_model(body: &Bytes, spans: &[Range<usize>], model_json: &[u8]) -> Bytes {
+    if spans.is_empty() {
+        return body.clone();
+    }
+    let removed: usize = spans.iter().map(|span| span.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() - removed + spans.len() * model_json.len());
+    let mut at = 0;
+    for span in spans {
+        out.extend_from_slice(&body[at..span.start]);
+        out.extend_from_slice(model_json);
+        at = span.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out.freeze()
+}
+
+/// The top-level keys the gateway cares about, borrowed from the body.
+#[derive(Default)]
+struct TopLevel<'a> {
+    models: Vec<&'a RawValue>,
+    user: Option<&'a RawValue>,
+    safety_identifier: Option<&'a RawValue>,
+    metadata: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+}
+
+impl<'a> TopLevel<'a> {
+    fn deserialize<D: Deserializer<'a>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(TopLevelVisitor)
+    }
+
+    fn into_fields(self, body: &[u8]) -> Result<BodyFields, ProxyError> {
+        let base = body.as_ptr() as usize;
+        let mut fields = BodyFields::default();
+        for raw in &self.models {
+            let text = raw.get();
+            // The raw value is a subslice of `body`, so its offset is exact.
+            let start = text.as_ptr() as usize - base;
+            fields.model_spans.push(start..start + text.len());
+            fields.model = Some(string_field(raw, "model")?);
+        }
+        fields.user = self.user.map(|raw| string_field(raw, "user")).transpose()?;
+        fields.safety_identifier = self
+            .safety_identifier
+            .map(|raw| string_field(raw, "safety_identifier"))
+            .transpose()?;
+        if let Some(raw) = self.metadata {
+            fields.metadata_user_id = metadata_user_id(raw)?;
+        }
+        fields.stream = match self.stream {
+            None => false,
+            Some(raw) => match serde_json::from_str::<Option<bool>>(raw.get()) {
+                Ok(stream) => stream.unwrap_or(false),
+                Err(_) => {
+                    return Err(ProxyError::WrongFieldType {
+                        field: "stream",
+                        expected: "a boolean",
+                    })
+                }
+            },
+        };
+        Ok(fields)
+    }
+}
+
+fn string_field(raw: &RawValue, field: &'static str) -> Result<String, ProxyError> {
+    serde_json::from_str::<String>(raw.get()).map_err(|_| ProxyError::WrongFieldType {
+        field,
+        expected: "a string",
+    })
+}
+
+fn metadata_user_id(raw: &RawValue) -> Result<Option<String>, ProxyError> {
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        #[serde(default)]
+        user_id: Option<serde_json::Value>,
+    }
+    let not_object = ProxyError::WrongFieldType {
+        field: "metadata",
+        expected: "an object",
+    };
+    match serde_json::from_str::<Option<Metadata>>(raw.get()) {
+        Ok(None) => Ok(None),
+        Ok(Some(Metadata { user_id: None })) => Ok(None),
+        Ok(Some(Metadata {
+            user_id: Some(serde_json::Value::Null),
+        })) => Ok(None),
+        Ok(Some(Metadata {
+            user_id: Some(serde_json::Value::String(id)),
+        })) => Ok(Some(id)),
+        Ok(Some(Metadata { user_id: Some(_) })) => Err(ProxyError::WrongFieldType {
+            field: "metadata.user_id",
+            expected: "a string",
+        }),
+        Err(_) => Err(not_object),
+    }
+}
+
+/// Which top-level key a map entry is; decided without allocating.
+enum Key {
+    Model,
+    User,
+    SafetyIdentifier,
+    Metadata,
+    Stream,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "user" => Key::User,
+                    "safety_identifier" => Key::SafetyIdentifier,
+                    "metadata" => Key::Metadata,
+                    "stream" => Key::Stream,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut top = TopLevel::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Model => top.models.push(map.next_value()?),
+                Key::User => top.user = Some(map.next_value()?),
+                Key::SafetyIdentifier => top.safety_identifier = Some(map.next_value()?),
+                Key::Metadata => top.metadata = Some(map.next_value()?),
+                Key::Stream => top.stream = Some(map.next_value()?),
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(body: &str, model: &str) -> String {
+        let bytes = Bytes::from(body.to_owned());
+        let fields = inspect(&bytes).unwrap();
+        let json = serde_json::to_vec(model).unwrap();
+        String::from_utf8(rewrite_model(&bytes, &fields.model_spans, &json).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn rewrite_changes_only_model() {
+        let body = r#"{"z": 1.50, "model" :  "gpt-4o",  "messages":[{"role":"user","content":"model"}], "a":true}"#;
+        assert_eq!(
+            rewrite(body, "ft:x\"y"),
+            r#"{"z": 1.50, "model" :  "ft:x\"y",  "messages":[{"role":"user","content":"model"}], "a":true}"#
+        );
+    }
+
+    #[test]
+    fn rewrite_replaces_duplicate_and_escaped_keys() {
+        let body = r#"{"model":"a","m\u006fdel":"b"}"#;
+        assert_eq!(rewrite(body, "c"), r#"{"model":"c","m\u006fdel":"c"}"#);
+    }
+
+    #[test]
+    fn nested_model_is_not_touched() {
+        let body = r#"{"metadata":{"model":"keep"},"model":"x"}"#;
+        assert_eq!(
+            rewrite(body, "y"),
+            r#"{"metadata":{"model":"keep"},"model":"y"}"#
+        );
+    }
+
+    #[test]
+    fn reads_identity_and_stream() {
+        let fields =
+            inspect(br#"{"user":"u1","metadata":{"user_id":"u2"},"stream":true}"#).unwrap();
+        assert_eq!(fields.user.as_deref(), Some("u1"));
+        assert_eq!(fields.metadata_user_id.as_deref(), Some("u2"));
+        assert!(fields.stream);
+        assert_eq!(fields.model, None);
+    }
+
+    #[test]
+    fn bad_bodies_are_named() {
+        assert!(matches!(inspect(b""), Err(ProxyError::MissingBody)));
+        assert!(matches!(inspect(b"  \n"), Err(ProxyError::MissingBody)));
+        assert!(matches!(inspect(b"[1,2]"), Err(ProxyError::NotAnObject)));
+        assert!(matches!(inspect(b"\"s\""), Err(ProxyError::NotAnObject)));
+        assert!(matches!(
+            inspect(b"{\"a\":"),
+            Err(ProxyError::InvalidJson(_))
+        ));
+        assert!(matches!(inspect(b"{} {}"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(inspect(b"nope"), Err(ProxyError::InvalidJson(_))));
+        assert!(matches!(
+            inspect(br#"{"model":5}"#),
+            Err(ProxyError::WrongFieldType { field: "model", .. })
+        ));
+        assert!(matches!(
+            inspect(br#"{"user":{}}"#),
+            Err(ProxyError::WrongFieldType { field: "user", .. })
+        ));
+        assert!(matches!(
+            inspect(br#"{"metadata":{"user_id":7}}"#),
+            Err(ProxyError::WrongFieldType {
+                field: "metadata.user_id",
+                ..
+            })
+        ));
+        assert!(matches!(
+            inspect(br#"{"stream":"yes"}"#),
+            Err(ProxyError::WrongFieldType {
+                field: "stream",
+                ..
+            })
+        ));
+        assert!(matches!(
+            inspect(b"{\"a\":\"\xff\"}"),
+            Err(ProxyError::InvalidJson(_))
+        ));
+    }
+}

@@ -1,0 +1,346 @@
+//! The data path: one request in, one variant chosen, one upstream call out,
+//! the answer streamed back.
+//!
+//! Phases, in order (each a function below):
+//! 1. **route**: only `/v1/...` is proxied; anything else is a 404.
+//! 2. **read**: JSON bodies are read whole (up to `max_body_bytes`) because
+//!    `model` is rewritten and the user ID may be in them; other bodies
+//!    (multipart uploads) stream through untouched.
+//! 3. **assign**: the user ID picks the variant; none means `unassigned`,
+//!    served by control.
+//! 4. **rewrite**: `model` spliced in, host and credentials set.
+//! 5. **forward**: the pooled client sends it; the response body is the
+//!    upstream's own stream, so SSE chunks reach the client as they arrive.
+//! 6. **answer**: `x-abgate-*` headers added; errors become JSON answers here
+//!    and only here.
+
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod json;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::assign::{self, Variant};
+use crate::body::Body;
+use crate::config::{Snapshot, Upstream};
+use crate::identity::{self, IdentityRules};
+use client::HttpClient;
+use error::ProxyError;
+use json::BodyFields;
+use route::Route;
+
+/// Response header naming the arm that served the request.
+pub const VARIANT_HEADER: HeaderName = HeaderName::from_static("x-abgate-variant");
+/// Response header naming the model sent upstream.
+pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-abgate-model");
+/// Response header carrying the gateway's request id.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-abgate-request-id");
+/// Response header naming the experiment.
+pub const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-experiment");
+
+/// The proxy: the current config and the upstream connection pool.
+pub struct Gateway {
+    config: ArcSwap<Snapshot>,
+    client: HttpClient,
+}
+
+/// What the gateway decided about a request, for the response headers.
+#[derive(Default)]
+struct Decision {
+    variant: Option<Variant>,
+    model: Option<HeaderValue>,
+}
+
+impl Gateway {
+    /// A gateway serving `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Result<Self, String> {
+        let client = client::build(&snapshot)?;
+        Ok(Self {
+            config: ArcSwap::from_pointee(snapshot),
+            client,
+        })
+    }
+
+    /// The config requests start on now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.load_full()
+    }
+
+    /// Proxies one request. Every failure becomes a JSON error answer.
+    pub async fn proxy(&self, request: Request<Incoming>) -> Response<Body> {
+        // One config per request, start to finish, whatever swaps meanwhile.
+        let config = self.config.load_full();
+        let mut decision = Decision::default();
+        let mut response = match self.forward(&config, request, &mut decision).await {
+            Ok(response) => response,
+            Err(err) => {
+                if err.status().is_server_error() {
+                    tracing::warn!(kind = err.kind(), variant = ?decision.variant, "{err}");
+                } else {
+                    tracing::debug!(kind = err.kind(), "{err}");
+                }
+                err.to_response()
+            }
+        };
+        let headers = response.headers_mut();
+        if let Some(variant) = decision.variant {
+            headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
+        }
+        if let Some(model) = decision.model {
+            headers.insert(MODEL_HEADER, model);
+        }
+        headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
+        headers.insert(REQUEST_ID_HEADER, new_request_id());
+        response
+    }
+
+    async fn forward(
+        &self,
+        config: &Snapshot,
+        request: Request<Incoming>,
+        decision: &mut Decision,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let route = Route::classify(parts.uri.path()).ok_or_else(|| ProxyError::NotFound {
+            path: truncate(parts.uri.path(), 200),
+        })?;
+
+        // Read: JSON bodies whole, everything else streamed.
+        let body = if carries_json(&parts, route) {
+            let bytes = read_body(body, &parts, config.max_body_bytes).await?;
+            let fields = json::inspect(&bytes)?;
+            ClientBody::Json(bytes, fields)
+        } else {
+            check_declared_length(&parts, config.max_body_bytes)?;
+            ClientBody::Stream(body)
+        };
+
+        // Assign.
+        let fields = match &body {
+            ClientBody::Json(_, fields) => Some(fields),
+            ClientBody::Stream(_) => None,
+        };
+        let variant = choose_variant(config, &parts, fields)?;
+        decision.variant = Some(variant);
+        let upstream = config.upstream(variant);
+
+        // Rewrite.
+        let (body, content_length) = match body {
+            ClientBody::Json(bytes, fields) => {
+                let bytes = match &upstream.model {
+                    Some(model) => {
+                        decision.model = Some(model.header.clone());
+                        json::rewrite_model(&bytes, &fields.model_spans, &model.json)
+                    }
+                    None => {
+                        decision.model = fields
+                            .model
+                            .as_deref()
+                            .and_then(|m| HeaderValue::from_str(m).ok());
+                        bytes
+                    }
+                };
+                let length = bytes.len();
+                (Body::full(bytes), Some(length))
+            }
+            ClientBody::Stream(body) => (Body::Stream(body), None),
+        };
+        parts.uri = upstream_uri(upstream, &parts.uri)?;
+        parts.version = Version::HTTP_11;
+        headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
+
+        // Forward.
+        let sent = self.client.request(Request::from_parts(parts, body));
+        let response = match tokio::time::timeout(config.first_byte_timeout, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => return Err(classify_client_error(&err, variant, config)),
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    variant,
+                    timeout_ms: config.first_byte_timeout.as_millis(),
+                })
+            }
+        };
+
+        // Answer: the upstream's status, headers and body stream, as is.
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::Stream(body)))
+    }
+}
+
+impl crate::server::Handler for Gateway {
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        self.proxy(request).await
+    }
+}
+
+/// A client's request body as the gateway holds it.
+enum ClientBody {
+    /// Read whole and inspected.
+    Json(Bytes, BodyFields),
+    /// Not the gateway's business: streamed to the upstream as is.
+    Stream(Incoming),
+}
+
+/// Whether the request body is JSON the gateway must read.
+fn carries_json(parts: &Parts, route: Route) -> bool {
+    if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+        return false;
+    }
+    match parts.headers.get(CONTENT_TYPE) {
+        Some(value) => {
+            let media_type = value.to_str().unwrap_or("");
+            let media_type = media_type.split(';').next().unwrap_or("").trim();
+            media_type.eq_ignore_ascii_case("application/json")
+                || media_type.to_ascii_lowercase().ends_with("+json")
+        }
+        None => route.takes_json(),
+    }
+}
+
+/// Reads a JSON body up to `limit` bytes.
+async fn read_body(body: Incoming, parts: &Parts, limit: usize) -> Result<Bytes, ProxyError> {
+    check_declared_length(parts, limit)?;
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(err) => Err(ProxyError::ClientBody(err.to_string())),
+    }
+}
+
+/// Refuses a body whose declared length is over the limit before reading it.
+fn check_declared_length(parts: &Parts, limit: usize) -> Result<(), ProxyError> {
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => Err(ProxyError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// Finds the user ID and hashes it into an arm.
+fn choose_variant(
+    config: &Snapshot,
+    parts: &Parts,
+    fields: Option<&BodyFields>,
+) -> Result<Variant, ProxyError> {
+    let rules = IdentityRules {
+        header: &config.user_header,
+        max_bytes: config.max_user_id_bytes,
+    };
+    let header = identity::from_header(&parts.headers, rules)?;
+    match identity::resolve(header, fields, rules)? {
+        Some(user) => Ok(assign::assign(
+            user.id.as_bytes(),
+            config.salt.as_deref(),
+            config.treatment_fraction,
+        )),
+        None if config.require_user => Err(ProxyError::UserIdRequired {
+            header: config.user_header.to_string(),
+        }),
+        None => Ok(Variant::Unassigned),
+    }
+}
+
+/// The upstream URI: its origin and prefix, then the client's path and query.
+fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, ProxyError> {
+    let path_and_query = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path_and_query = if upstream.path_prefix.is_empty() {
+        path_and_query
+    } else {
+        let joined = format!("{}{}", upstream.path_prefix, path_and_query);
+        PathAndQuery::try_from(joined)
+            .map_err(|err| ProxyError::Internal(format!("upstream path: {err}")))?
+    };
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|err| ProxyError::Internal(format!("upstream URI: {err}")))
+}
+
+/// Maps a client failure to connect, timeout or reset, naming the variant.
+fn classify_client_error(
+    err: &hyper_util::client::legacy::Error,
+    variant: Variant,
+    config: &Snapshot,
+) -> ProxyError {
+    let detail = error_chain(err);
+    if err.is_connect() {
+        if has_io_kind(err, std::io::ErrorKind::TimedOut) {
+            return ProxyError::UpstreamTimeout {
+                variant,
+                timeout_ms: config.connect_timeout.as_millis(),
+            };
+        }
+        return ProxyError::UpstreamConnect { variant, detail };
+    }
+    ProxyError::UpstreamReset { variant, detail }
+}
+
+fn has_io_kind(err: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == kind {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// "outer: inner: innermost", the way operators want to read an error.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let next = err.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = err.source();
+    }
+    text
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// A fresh request id: `abg-` and 128 random bits in hex.
+fn new_request_id() -> HeaderValue {
+    let id = format!("abg-{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("abg-unknown"))
+}

@@ -1,0 +1,141 @@
+//! Shared test fixtures: real mock upstreams and a real gateway on
+//! 127.0.0.1:0, and a plain HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use abgate::app::Running;
+use abgate::body::Body;
+use abgate::config::Config;
+use abgate::mock::{self, MockConfig, MockHandle};
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// Every await in a test is bounded by this, so a hang fails instead of stalling CI.
+pub const LIMIT: Duration = Duration::from_secs(10);
+
+pub async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, future)
+        .await
+        .expect("test step timed out")
+}
+
+/// Two recording mocks named "base" and "fine-tuned".
+pub async fn mocks() -> (MockHandle, MockHandle) {
+    let control = spawn_mock(MockConfig {
+        record: true,
+        ..MockConfig::named("base")
+    })
+    .await;
+    let treatment = spawn_mock(MockConfig {
+        record: true,
+        ..MockConfig::named("fine-tuned")
+    })
+    .await;
+    (control, treatment)
+}
+
+pub async fn spawn_mock(config: MockConfig) -> MockHandle {
+    mock::spawn("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+/// A config for two upstreams; `extra` is appended (more keys, sections).
+pub fn config_toml(control: &str, treatment: &str, fraction: f64, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[experiment]
+name = "test-exp"
+treatment_fraction = {fraction}
+[variants.control]
+upstream = "{control}"
+model = "base-model"
+[variants.treatment]
+upstream = "{treatment}"
+model = "ft:base-model:acme:v3"
+{extra}
+"#
+    )
+}
+
+pub async fn gateway(toml: &str) -> Running {
+    gateway_with_env(toml, BTreeMap::new()).await
+}
+
+pub async fn gateway_with_env(toml: &str, env: BTreeMap<String, String>) -> Running {
+    let snapshot = Config::parse(toml)
+        .unwrap()
+        .validate(&env, Path::new("."))
+        .unwrap_or_else(|err| panic!("test config invalid: {err}"));
+    abgate::app::start(snapshot).await.unwrap()
+}
+
+pub fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An answer read whole.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!("not JSON ({err}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(request: Request<Body>) -> Answer {
+    bounded(async {
+        let response = client().request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+}
+
+/// POST a JSON body to `base + path` with extra headers.
+pub async fn post(base: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut request =
+        Request::post(format!("{base}{path}")).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(
+        request
+            .body(Body::full(Bytes::from(body.to_owned())))
+            .unwrap(),
+    )
+    .await
+}
+
+pub const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi there"}]}"#;

@@ -1,0 +1,437 @@
+//! The data path end to end over real loopback sockets: who goes where,
+//! what reaches the upstream, and how streams come back.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use abgate::assign::{assign, Variant};
+use abgate::body::Body;
+use abgate::mock::MockConfig;
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+
+#[tokio::test]
+async fn users_are_routed_by_their_hash_and_the_model_is_rewritten() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    let mut seen = BTreeMap::new();
+    for i in 0..60 {
+        let user = format!("user-{i}");
+        let answer = post(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", &user)],
+            CHAT,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let expected = assign(user.as_bytes(), None, 0.5);
+        assert_eq!(
+            answer.header("x-abgate-variant"),
+            expected.as_str(),
+            "{user}"
+        );
+        let (model, mock_name) = match expected {
+            Variant::Treatment => ("ft:base-model:acme:v3", "fine-tuned"),
+            _ => ("base-model", "base"),
+        };
+        assert_eq!(answer.header("x-abgate-model"), model);
+        assert!(answer.header("x-abgate-request-id").starts_with("abg-"));
+        assert_eq!(answer.header("x-abgate-experiment"), "test-exp");
+        let json = answer.json();
+        assert_eq!(json["model"], model, "the upstream saw the rewritten model");
+        let content = json["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(
+            content.contains(&format!("Hello from {mock_name}")),
+            "{content}"
+        );
+        *seen.entry(expected.as_str()).or_insert(0) += 1;
+    }
+    // Both arms were exercised, and each mock got exactly its users.
+    assert_eq!(control.request_count() + treatment.request_count(), 60);
+    assert_eq!(treatment.request_count(), seen["treatment"]);
+    assert!(seen["control"] > 0 && seen["treatment"] > 0);
+}
+
+#[tokio::test]
+async fn a_user_stays_in_the_same_arm() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    for user in ["alice", "bob", "ユーザー", "carol@example.com"] {
+        let first = post(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", user)],
+            CHAT,
+        )
+        .await;
+        for _ in 0..5 {
+            let again = post(
+                &gw.url(),
+                "/v1/chat/completions",
+                &[("x-user-id", user)],
+                CHAT,
+            )
+            .await;
+            assert_eq!(
+                again.header("x-abgate-variant"),
+                first.header("x-abgate-variant")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_model_changes_in_the_forwarded_body() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let body = "{ \"temperature\": 0.70,\n  \"model\" : \"gpt-4o-mini\", \"messages\":[{\"role\":\"user\",\"content\":\"model\"}],\"z\":1e3}";
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions?trace=1",
+        &[("x-user-id", "u1")],
+        body,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let seen = control.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.path_and_query, "/v1/chat/completions?trace=1");
+    assert_eq!(
+        String::from_utf8_lossy(&last.body),
+        body.replace("\"gpt-4o-mini\"", "\"base-model\""),
+        "every byte but the model value passes through"
+    );
+    assert_eq!(
+        last.headers["content-length"].to_str().unwrap(),
+        last.body.len().to_string()
+    );
+}
+
+#[tokio::test]
+async fn the_user_id_comes_from_header_then_openai_user_then_anthropic_metadata() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    // Pick IDs whose arms differ, so the answer shows which one was used.
+    let (a, b) = distinct_arms(0.5);
+
+    let body = format!(r#"{{"model":"m","user":"{b}","messages":[]}}"#);
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-user-id", &a)],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        answer.header("x-abgate-variant"),
+        assign(a.as_bytes(), None, 0.5).as_str()
+    );
+
+    let answer = post(&gw.url(), "/v1/chat/completions", &[], &body).await;
+    assert_eq!(
+        answer.header("x-abgate-variant"),
+        assign(b.as_bytes(), None, 0.5).as_str()
+    );
+
+    let body =
+        format!(r#"{{"model":"m","max_tokens":5,"metadata":{{"user_id":"{a}"}},"messages":[]}}"#);
+    let answer = post(&gw.url(), "/v1/messages", &[], &body).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("x-abgate-variant"),
+        assign(a.as_bytes(), None, 0.5).as_str()
+    );
+    assert_eq!(answer.json()["type"], "message");
+}
+
+#[tokio::test]
+async fn without_a_user_id_control_serves_it_as_unassigned() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 1.0, "")).await;
+    let answer = post(&gw.url(), "/v1/chat/completions", &[], CHAT).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-abgate-variant"), "unassigned");
+    assert_eq!(answer.json()["model"], "base-model");
+    assert_eq!((control.request_count(), treatment.request_count()), (1, 0));
+    // An empty header is no ID either.
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-user-id", "")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(answer.header("x-abgate-variant"), "unassigned");
+}
+
+#[tokio::test]
+async fn requiring_a_user_id_refuses_requests_without_one() {
+    let (control, treatment) = mocks().await;
+    let extra = "[identity]\nrequire = true\nheader = \"x-end-user\"";
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, extra)).await;
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-user-id", "ignored")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    let json = answer.json();
+    assert_eq!(json["error"]["code"], "missing_user_id");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("x-end-user"));
+    assert_eq!(control.request_count() + treatment.request_count(), 0);
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-end-user", "u")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+}
+
+#[tokio::test]
+async fn injected_keys_replace_the_clients_credentials() {
+    let (control, treatment) = mocks().await;
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, "")
+        .replace(
+            "model = \"base-model\"",
+            "model = \"base-model\"\napi_key_env = \"OPENAI_KEY\"",
+        )
+        .replace(
+            "model = \"ft:base-model:acme:v3\"",
+            "model = \"ft:base-model:acme:v3\"\napi_key_env = \"ANTHROPIC_KEY\"\nprovider = \"anthropic\"",
+        );
+    let env = BTreeMap::from([
+        ("OPENAI_KEY".to_owned(), "sk-control".to_owned()),
+        ("ANTHROPIC_KEY".to_owned(), "sk-ant-treatment".to_owned()),
+    ]);
+    let gw = gateway_with_env(&toml, env).await;
+    let (control_user, treatment_user) = arms_of(0.5);
+    let client_headers = [
+        ("authorization", "Bearer client-key"),
+        ("x-api-key", "client-key"),
+        ("openai-organization", "org-client"),
+    ];
+    fn with<'a>(base: &[(&'a str, &'a str)], user: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut headers = base.to_vec();
+        headers.push(("x-user-id", user));
+        headers
+    }
+    post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &with(&client_headers, &control_user),
+        CHAT,
+    )
+    .await;
+    post(
+        &gw.url(),
+        "/v1/messages",
+        &with(&client_headers, &treatment_user),
+        CHAT,
+    )
+    .await;
+
+    let seen = &control.requests()[0].headers;
+    assert_eq!(seen["authorization"], "Bearer sk-control");
+    assert!(seen.get("x-api-key").is_none());
+    assert!(seen.get("openai-organization").is_none());
+
+    let seen = &treatment.requests()[0].headers;
+    assert_eq!(seen["x-api-key"], "sk-ant-treatment");
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert!(seen.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn without_an_injected_key_the_clients_credentials_pass_and_hop_by_hop_headers_stop() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let headers = [
+        ("authorization", "Bearer client-key"),
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("x-abgate-variant", "treatment"),
+        ("x-custom", "kept"),
+    ];
+    let answer = post(&gw.url(), "/v1/chat/completions", &headers, CHAT).await;
+    assert_eq!(
+        answer.header("x-abgate-variant"),
+        "unassigned",
+        "clients cannot pick an arm"
+    );
+    let seen = &control.requests()[0].headers;
+    assert_eq!(seen["authorization"], "Bearer client-key");
+    assert_eq!(seen["x-custom"], "kept");
+    assert!(seen.get("x-hop").is_none());
+    assert!(seen.get("x-abgate-variant").is_none());
+    assert_eq!(seen["host"], control.addr.to_string());
+}
+
+#[tokio::test]
+async fn other_v1_paths_and_methods_are_forwarded_as_they_are() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let answer = send(
+        Request::get(format!("{}/v1/models?limit=2", gw.url()))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(control.requests()[0].path_and_query, "/v1/models?limit=2");
+    assert_eq!(answer.header("x-mock-name"), "base");
+
+    let answer = post(
+        &gw.url(),
+        "/v1/embeddings",
+        &[("x-user-id", "u")],
+        r#"{"model":"e","input":["a","b"]}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_path_prefix_is_kept() {
+    let (control, treatment) = mocks().await;
+    let prefixed = format!("{}/openai", control.url());
+    let gw = gateway(&config_toml(&prefixed, &treatment.url(), 0.0, "")).await;
+    let answer = post(&gw.url(), "/v1/chat/completions?x=1", &[], CHAT).await;
+    // The mock does not serve the prefix; what matters is what it was asked.
+    assert_eq!(answer.status, 404);
+    assert_eq!(
+        control.requests()[0].path_and_query,
+        "/openai/v1/chat/completions?x=1"
+    );
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    for status in [429u16, 500, 503, 400] {
+        let answer = post(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[("x-mock-status", &status.to_string())],
+            CHAT,
+        )
+        .await;
+        assert_eq!(answer.status, status);
+        assert_eq!(
+            answer.header("x-mock-name"),
+            "base",
+            "the model's own answer"
+        );
+        assert!(answer.json()["error"]["message"].is_string());
+        assert_eq!(answer.header("x-abgate-variant"), "unassigned");
+    }
+}
+
+#[tokio::test]
+async fn stream_chunks_reach_the_client_before_the_upstream_finishes() {
+    let held = MockConfig {
+        hold_streams: true,
+        ..MockConfig::named("base")
+    };
+    let control = spawn_mock(held).await;
+    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
+        .header("content-type", "application/json")
+        .body(Body::full(Bytes::from(body)))
+        .unwrap();
+    let response = bounded(client().request(request)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+
+    // The mock holds the rest of the stream until released: whatever
+    // arrives now was forwarded while the upstream was still going.
+    let first = bounded(body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.starts_with("data: "), "{first}");
+    assert_eq!(control.streams_started(), 1);
+    assert_eq!(
+        control.streams_finished(),
+        0,
+        "the upstream has not finished"
+    );
+
+    control.release_streams();
+    let rest = bounded(body.collect()).await.unwrap().to_bytes();
+    let all = first + &String::from_utf8_lossy(&rest);
+    assert!(all.trim_end().ends_with("data: [DONE]"), "{all}");
+    assert!(all.contains("\"model\":\"base-model\""));
+    assert_eq!(control.streams_finished(), 1);
+}
+
+#[tokio::test]
+async fn anthropic_streams_pass_through_event_by_event() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let body = r#"{"model":"claude","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let answer = post(&gw.url(), "/v1/messages", &[], body).await;
+    assert_eq!(answer.status, 200);
+    let text = answer.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"));
+    assert_eq!(events.last(), Some(&"message_stop"));
+    assert!(events.contains(&"content_block_delta"));
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
+        .header("content-type", "application/json")
+        .body(Body::full(Bytes::from(CHAT)))
+        .unwrap();
+    let response = bounded(client.request(request)).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-abgate-model"], "base-model");
+}
+
+/// A user in control and a user in treatment at `fraction`.
+fn arms_of(fraction: f64) -> (String, String) {
+    let find = |want: Variant| {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|id| assign(id.as_bytes(), None, fraction) == want)
+            .unwrap()
+    };
+    (find(Variant::Control), find(Variant::Treatment))
+}
+
+/// Two user IDs in different arms.
+fn distinct_arms(fraction: f64) -> (String, String) {
+    let (control, treatment) = arms_of(fraction);
+    (treatment, control)
+}
