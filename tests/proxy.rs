@@ -435,3 +435,41 @@ fn distinct_arms(fraction: f64) -> (String, String) {
     let (control, treatment) = arms_of(fraction);
     (treatment, control)
 }
+
+#[tokio::test]
+async fn api_bodies_are_json_whatever_their_content_type_says() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    // `curl -d` labels its body application/x-www-form-urlencoded.
+    let form = |body: &'static str| {
+        Request::post(format!("{}/v1/messages", gw.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::full(Bytes::from(body)))
+            .unwrap()
+    };
+    let answer = send(form(r#"{"model":"c","max_tokens":5,"messages":[]}"#)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["model"], "base-model");
+    let answer = send(form("{bad")).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.json()["error"]["code"], "invalid_json");
+    assert_eq!(
+        control.request_count(),
+        1,
+        "the malformed body never reached the upstream"
+    );
+
+    // Elsewhere a non-JSON body is not the gateway's business: it streams through.
+    let upload = Request::post(format!("{}/v1/files", gw.url()))
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body(Body::full(Bytes::from_static(
+            b"--x\r\nnot json\r\n--x--\r\n",
+        )))
+        .unwrap();
+    send(upload).await;
+    let seen = control.requests();
+    assert_eq!(
+        seen.last().unwrap().body.as_ref(),
+        b"--x\r\nnot json\r\n--x--\r\n"
+    );
+}

@@ -34,8 +34,8 @@ impl Route {
         })
     }
 
-    /// Whether the route's POST body is a JSON object by definition, so a
-    /// missing content type still means JSON.
+    /// Whether the route's POST body is a JSON object by definition, so it
+    /// is read as JSON whatever its content type says.
     pub fn takes_json(self) -> bool {
         !matches!(self, Route::Other)
     }
