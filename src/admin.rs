@@ -26,19 +26,56 @@ impl Admin {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
-                let config = self.gateway.snapshot();
+                let live = self.gateway.live();
                 json(
                     StatusCode::OK,
                     serde_json::json!({
                         "status": "ready",
-                        "experiment": config.experiment,
-                        "treatment_fraction": config.treatment_fraction,
+                        "experiment": live.config.experiment,
+                        "treatment_fraction": live.config.treatment_fraction,
                     }),
                 )
             }
-            (_, "/healthz" | "/readyz") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            (&Method::GET, "/metrics") => match self.gateway.metrics().encode() {
+                Ok(text) => {
+                    let mut response = Response::new(Body::full(text));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    response
+                }
+                Err(err) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("metrics: {err}"),
+                ),
+            },
+            (&Method::GET, "/admin/stats") => json(StatusCode::OK, self.stats()),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/stats") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            }
             (_, path) => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
         }
+    }
+}
+
+impl Admin {
+    /// Per-variant numbers since start, for `GET /admin/stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        let live = self.gateway.live();
+        let mut variants = serde_json::Map::new();
+        for variant in crate::metrics::VARIANTS {
+            let stats = live.metrics.arm_stats(variant);
+            variants.insert(
+                variant.as_str().to_owned(),
+                serde_json::to_value(stats).unwrap_or(serde_json::Value::Null),
+            );
+        }
+        serde_json::json!({
+            "experiment": live.config.experiment,
+            "treatment_fraction": live.config.treatment_fraction,
+            "variants": variants,
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Snapshot;
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::server;
 
@@ -60,7 +61,8 @@ pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
         Some(listener) => Some(listener.local_addr().map_err(|e| e.to_string())?),
         None => None,
     };
-    let gateway = Arc::new(Gateway::new(snapshot)?);
+    let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
+    let gateway = Arc::new(Gateway::new(snapshot, metrics)?);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(server::serve(
         proxy_listener,

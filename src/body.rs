@@ -20,6 +20,8 @@ pub enum Body {
     Stream(Incoming),
     /// A body produced by the gateway itself, chunk by chunk (mock SSE).
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+    /// A response body being measured on its way to the client.
+    Observed(Box<crate::proxy::observe::ObservedBody>),
 }
 
 impl Body {
@@ -55,6 +57,7 @@ impl http_body::Body for Body {
             Body::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+            Body::Observed(observed) => Pin::new(observed.as_mut()).poll_frame(cx),
         }
     }
 
@@ -63,6 +66,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
             Body::Channel(_) => false,
+            Body::Observed(observed) => observed.is_end_stream(),
         }
     }
 
@@ -72,6 +76,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(incoming) => incoming.size_hint(),
             Body::Channel(_) => SizeHint::default(),
+            Body::Observed(observed) => observed.size_hint(),
         }
     }
 }

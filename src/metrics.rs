@@ -444,6 +444,113 @@ impl ExperimentMetrics {
     }
 }
 
+/// Summary of a group of histograms: count, mean and quantiles.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Distribution {
+    pub count: u64,
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+impl Distribution {
+    /// Merges histograms with the same buckets and summarises them. The
+    /// quantiles interpolate linearly inside a bucket, as PromQL's
+    /// `histogram_quantile` does, so they agree with the dashboards.
+    fn of<'a>(histograms: impl IntoIterator<Item = &'a Histogram>) -> Self {
+        use prometheus::core::Metric as _;
+        let mut bounds: Vec<f64> = Vec::new();
+        let mut cumulative: Vec<u64> = Vec::new();
+        let (mut count, mut sum) = (0u64, 0.0f64);
+        for histogram in histograms {
+            let metric = histogram.metric();
+            let data = metric.get_histogram();
+            count += data.get_sample_count();
+            sum += data.get_sample_sum();
+            for (i, bucket) in data.get_bucket().iter().enumerate() {
+                if bounds.len() <= i {
+                    bounds.push(bucket.upper_bound());
+                    cumulative.push(0);
+                }
+                cumulative[i] += bucket.cumulative_count();
+            }
+        }
+        let quantile = |q: f64| -> Option<f64> {
+            if count == 0 {
+                return None;
+            }
+            let rank = q * count as f64;
+            let mut lower_bound = 0.0;
+            let mut lower_count = 0u64;
+            for (bound, cumulative) in bounds.iter().zip(&cumulative) {
+                if *cumulative as f64 >= rank {
+                    let in_bucket = (*cumulative - lower_count) as f64;
+                    let fraction = if in_bucket > 0.0 {
+                        (rank - lower_count as f64) / in_bucket
+                    } else {
+                        0.0
+                    };
+                    return Some(lower_bound + (bound - lower_bound) * fraction);
+                }
+                lower_bound = *bound;
+                lower_count = *cumulative;
+            }
+            // Beyond the last bucket: the largest finite bound is all we know.
+            Some(lower_bound)
+        };
+        Self {
+            count,
+            mean: (count > 0).then(|| sum / count as f64),
+            p50: quantile(0.50),
+            p95: quantile(0.95),
+            p99: quantile(0.99),
+        }
+    }
+}
+
+/// One arm's numbers since start.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArmStats {
+    pub requests: u64,
+    /// Answers with a 5xx status or an upstream 429.
+    pub errors: u64,
+    pub error_rate: Option<f64>,
+    pub latency_seconds: Distribution,
+    pub time_to_first_byte_seconds: Distribution,
+    pub mean_response_bytes: Option<f64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Upstream failures by kind.
+    pub upstream_errors: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl ExperimentMetrics {
+    /// The numbers of one arm since the gateway started.
+    pub fn arm_stats(&self, variant: Variant) -> ArmStats {
+        let arm = &self.arms[variant_index(variant)];
+        let requests: u64 = arm.requests.iter().flatten().map(IntCounter::get).sum();
+        let server_errors: u64 = arm.requests.iter().map(|classes| classes[2].get()).sum();
+        let rate_limited = arm.upstream_errors[kind_index(UpstreamErrorKind::Status429)].get();
+        let errors = server_errors + rate_limited;
+        let bytes = Distribution::of(arm.response_bytes.iter());
+        ArmStats {
+            requests,
+            errors,
+            error_rate: (requests > 0).then(|| errors as f64 / requests as f64),
+            latency_seconds: Distribution::of(arm.duration.iter().flatten()),
+            time_to_first_byte_seconds: Distribution::of(arm.time_to_first_byte.iter().flatten()),
+            mean_response_bytes: bytes.mean,
+            prompt_tokens: arm.prompt_tokens.get(),
+            completion_tokens: arm.completion_tokens.get(),
+            upstream_errors: UpstreamErrorKind::ALL
+                .iter()
+                .map(|kind| (kind.as_str(), arm.upstream_errors[kind_index(*kind)].get()))
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

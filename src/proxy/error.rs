@@ -96,6 +96,17 @@ impl ProxyError {
         }
     }
 
+    /// The upstream failure this error counts as, for the arm's metrics.
+    pub fn upstream_kind(&self) -> Option<crate::metrics::UpstreamErrorKind> {
+        use crate::metrics::UpstreamErrorKind;
+        match self {
+            ProxyError::UpstreamConnect { .. } => Some(UpstreamErrorKind::Connect),
+            ProxyError::UpstreamTimeout { .. } => Some(UpstreamErrorKind::Timeout),
+            ProxyError::UpstreamReset { .. } => Some(UpstreamErrorKind::Reset),
+            _ => None,
+        }
+    }
+
     /// The error `type`, in OpenAI's and Anthropic's vocabulary.
     fn error_type(&self) -> &'static str {
         match self.status() {

@@ -18,10 +18,12 @@ pub mod client;
 pub mod error;
 pub mod headers;
 pub mod json;
+pub mod observe;
 pub mod route;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -36,9 +38,11 @@ use crate::assign::{self, Variant};
 use crate::body::Body;
 use crate::config::{Snapshot, Upstream};
 use crate::identity::{self, IdentityRules};
+use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
 use client::HttpClient;
 use error::ProxyError;
 use json::BodyFields;
+use observe::{Observation, ObservedBody, UsageFormat};
 use route::Route;
 
 /// Response header naming the arm that served the request.
@@ -50,50 +54,83 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-abgate-requ
 /// Response header naming the experiment.
 pub const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-experiment");
 
-/// The proxy: the current config and the upstream connection pool.
+/// The proxy: the current config with its metric children, the registry,
+/// and the upstream connection pool.
 pub struct Gateway {
-    config: ArcSwap<Snapshot>,
+    live: ArcSwap<Live>,
+    metrics: Arc<Metrics>,
     client: HttpClient,
 }
 
-/// What the gateway decided about a request, for the response headers.
-#[derive(Default)]
+/// A config and the metric children bound to it, swapped as one.
+pub struct Live {
+    pub config: Snapshot,
+    pub metrics: Arc<ExperimentMetrics>,
+}
+
+/// What the gateway decided about a request, for headers and metrics.
 struct Decision {
     variant: Option<Variant>,
     model: Option<HeaderValue>,
+    route: Route,
+    stream: bool,
+    inflight: Option<InflightGuard>,
+    /// Time spent waiting for the upstream's response headers.
+    upstream_wait: Duration,
 }
 
 impl Gateway {
-    /// A gateway serving `snapshot`.
-    pub fn new(snapshot: Snapshot) -> Result<Self, String> {
+    /// A gateway serving `snapshot`, recording into `metrics`.
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Self, String> {
         let client = client::build(&snapshot)?;
+        let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
         Ok(Self {
-            config: ArcSwap::from_pointee(snapshot),
+            live: ArcSwap::from_pointee(Live {
+                config: snapshot,
+                metrics: bound,
+            }),
+            metrics,
             client,
         })
     }
 
-    /// The config requests start on now.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.config.load_full()
+    /// The config (and metric children) requests start on now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// The process's metric registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Proxies one request. Every failure becomes a JSON error answer.
     pub async fn proxy(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
         // One config per request, start to finish, whatever swaps meanwhile.
-        let config = self.config.load_full();
-        let mut decision = Decision::default();
-        let mut response = match self.forward(&config, request, &mut decision).await {
-            Ok(response) => response,
+        let live = self.live.load_full();
+        let config = &live.config;
+        let mut decision = Decision {
+            variant: None,
+            model: None,
+            route: Route::Other,
+            stream: false,
+            inflight: None,
+            upstream_wait: Duration::ZERO,
+        };
+        let (mut response, error) = match self.forward(&live, request, &mut decision).await {
+            Ok(response) => (response, None),
             Err(err) => {
                 if err.status().is_server_error() {
                     tracing::warn!(kind = err.kind(), variant = ?decision.variant, "{err}");
                 } else {
                     tracing::debug!(kind = err.kind(), "{err}");
                 }
-                err.to_response()
+                (err.to_response(), err.upstream_kind())
             }
         };
+        let status = response.status().as_u16();
+        let usage_format = usage_format(&response);
         let headers = response.headers_mut();
         if let Some(variant) = decision.variant {
             headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
@@ -103,19 +140,40 @@ impl Gateway {
         }
         headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
         headers.insert(REQUEST_ID_HEADER, new_request_id());
-        response
+
+        // Requests refused before assignment belong to neither arm.
+        let variant = decision.variant.unwrap_or(Variant::Unassigned);
+        let overhead = started.elapsed().saturating_sub(decision.upstream_wait);
+        let observation = Observation {
+            metrics: live.metrics.clone(),
+            variant,
+            route: decision.route,
+            stream: decision.stream,
+            status,
+            started,
+            overhead,
+            error: error.or_else(|| {
+                // The upstream's own error answers count against its arm.
+                decision.variant.and(UpstreamErrorKind::from_status(status))
+            }),
+            usage_format,
+            inflight: decision.inflight.take(),
+        };
+        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
     }
 
     async fn forward(
         &self,
-        config: &Snapshot,
+        live: &Live,
         request: Request<Incoming>,
         decision: &mut Decision,
     ) -> Result<Response<Body>, ProxyError> {
+        let config = &live.config;
         let (mut parts, body) = request.into_parts();
         let route = Route::classify(parts.uri.path()).ok_or_else(|| ProxyError::NotFound {
             path: truncate(parts.uri.path(), 200),
         })?;
+        decision.route = route;
 
         // Read: JSON bodies whole, everything else streamed.
         let body = if carries_json(&parts, route) {
@@ -132,8 +190,10 @@ impl Gateway {
             ClientBody::Json(_, fields) => Some(fields),
             ClientBody::Stream(_) => None,
         };
+        decision.stream = fields.is_some_and(|fields| fields.stream);
         let variant = choose_variant(config, &parts, fields)?;
         decision.variant = Some(variant);
+        decision.inflight = Some(live.metrics.start(variant));
         let upstream = config.upstream(variant);
 
         // Rewrite.
@@ -163,7 +223,10 @@ impl Gateway {
 
         // Forward.
         let sent = self.client.request(Request::from_parts(parts, body));
-        let response = match tokio::time::timeout(config.first_byte_timeout, sent).await {
+        let waiting = Instant::now();
+        let response = tokio::time::timeout(config.first_byte_timeout, sent).await;
+        decision.upstream_wait = waiting.elapsed();
+        let response = match response {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => return Err(classify_client_error(&err, variant, config)),
             Err(_) => {
@@ -188,6 +251,20 @@ impl crate::server::Handler for Gateway {
         _peer: SocketAddr,
     ) -> Response<Body> {
         self.proxy(request).await
+    }
+}
+
+/// How to read token usage from a response: only successful, uncompressed
+/// JSON or SSE answers are read.
+fn usage_format(response: &Response<Body>) -> UsageFormat {
+    let headers = response.headers();
+    if !response.status().is_success() || headers.contains_key(http::header::CONTENT_ENCODING) {
+        return UsageFormat::None;
+    }
+    match headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(media) if media.starts_with("text/event-stream") => UsageFormat::EventStream,
+        Some(media) if media.starts_with("application/json") => UsageFormat::Json,
+        _ => UsageFormat::None,
     }
 }
 

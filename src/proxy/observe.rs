@@ -1,0 +1,322 @@
+//! The response body wrapper that measures without holding anything back.
+//!
+//! Every frame is passed on the moment it arrives; the wrapper only notes
+//! the time of the first one, counts bytes, and reads token usage: from SSE
+//! lines that mention `"usage"` (OpenAI's final chunk, Anthropic's
+//! `message_start` and `message_delta`), or from a JSON answer's `usage`
+//! once it is complete. The request is recorded exactly once: at the end of
+//! the body, on an error mid-stream, or when the client goes away (dropped
+//! before the end: `client_cancelled`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::assign::Variant;
+use crate::body::Body;
+use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
+use crate::proxy::route::Route;
+
+/// Longest SSE line or JSON answer kept for reading usage; past it, usage is
+/// simply not read (the bytes still flow).
+const USAGE_SCAN_LIMIT: usize = 1024 * 1024;
+
+/// How to read usage from a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFormat {
+    /// Server-sent events, line by line.
+    EventStream,
+    /// One JSON document.
+    Json,
+    /// Not read (errors, compressed or other content).
+    None,
+}
+
+/// What is known about a request when its response starts.
+pub struct Observation {
+    pub metrics: Arc<ExperimentMetrics>,
+    pub variant: Variant,
+    pub route: Route,
+    pub stream: bool,
+    pub status: u16,
+    pub started: Instant,
+    pub overhead: Duration,
+    pub error: Option<UpstreamErrorKind>,
+    pub usage_format: UsageFormat,
+    pub inflight: Option<InflightGuard>,
+}
+
+/// A response body that records its request when it ends.
+pub struct ObservedBody {
+    inner: Body,
+    observation: Option<Observation>,
+    first_byte: Option<Duration>,
+    bytes: u64,
+    usage: UsageReader,
+}
+
+impl ObservedBody {
+    /// Wraps `inner`; the request is recorded when it ends or is dropped.
+    pub fn new(inner: Body, observation: Observation) -> Self {
+        let usage = UsageReader::new(observation.usage_format);
+        Self {
+            inner,
+            observation: Some(observation),
+            first_byte: None,
+            bytes: 0,
+            usage,
+        }
+    }
+
+    fn finish(&mut self, error: Option<UpstreamErrorKind>) {
+        let Some(observation) = self.observation.take() else {
+            return;
+        };
+        let (prompt_tokens, completion_tokens) = self.usage.finish();
+        observation.metrics.record(&RequestRecord {
+            variant: observation.variant,
+            route: observation.route,
+            stream: observation.stream,
+            status: observation.status,
+            duration: observation.started.elapsed(),
+            time_to_first_byte: self.first_byte,
+            response_bytes: self.bytes,
+            prompt_tokens,
+            completion_tokens,
+            error: observation.error.or(error),
+            overhead: observation.overhead,
+        });
+    }
+}
+
+impl std::fmt::Debug for ObservedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedBody")
+            .field("bytes", &self.bytes)
+            .field("finished", &self.observation.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away mid-answer.
+        if self.observation.is_some() {
+            self.finish(Some(UpstreamErrorKind::ClientCancelled));
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.first_byte.is_none() && !data.is_empty() {
+                        if let Some(observation) = &this.observation {
+                            this.first_byte = Some(observation.started.elapsed());
+                        }
+                    }
+                    this.bytes += data.len() as u64;
+                    this.usage.feed(data);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(Some(UpstreamErrorKind::Reset)),
+            Poll::Ready(None) => this.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Reads token usage from a body as it passes.
+struct UsageReader {
+    format: UsageFormat,
+    /// SSE: the current incomplete line. JSON: the chunks so far (cheap
+    /// reference-counted clones, not copies).
+    line: Vec<u8>,
+    chunks: Vec<Bytes>,
+    kept: usize,
+    overflow: bool,
+    prompt: Option<u64>,
+    completion: Option<u64>,
+}
+
+impl UsageReader {
+    fn new(format: UsageFormat) -> Self {
+        Self {
+            format,
+            line: Vec::new(),
+            chunks: Vec::new(),
+            kept: 0,
+            overflow: false,
+            prompt: None,
+            completion: None,
+        }
+    }
+
+    fn feed(&mut self, data: &Bytes) {
+        match self.format {
+            UsageFormat::None => {}
+            UsageFormat::Json => {
+                self.kept += data.len();
+                if self.kept > USAGE_SCAN_LIMIT {
+                    self.overflow = true;
+                    self.chunks.clear();
+                } else if !self.overflow {
+                    self.chunks.push(data.clone());
+                }
+            }
+            UsageFormat::EventStream => {
+                let mut rest: &[u8] = data;
+                while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+                    if self.line.is_empty() {
+                        self.scan_line(&rest[..end]);
+                    } else {
+                        self.line.extend_from_slice(&rest[..end]);
+                        let line = std::mem::take(&mut self.line);
+                        self.scan_line(&line);
+                        self.line = line;
+                        self.line.clear();
+                    }
+                    rest = &rest[end + 1..];
+                }
+                if self.line.len() + rest.len() <= USAGE_SCAN_LIMIT {
+                    self.line.extend_from_slice(rest);
+                } else {
+                    self.line.clear();
+                }
+            }
+        }
+    }
+
+    /// Reads one SSE line; only `data:` lines mentioning usage are parsed.
+    fn scan_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if !contains(data, b"\"usage\"") {
+            return;
+        }
+        if let Ok(event) = serde_json::from_slice::<serde_json::Value>(data) {
+            // Anthropic's message_start carries usage inside "message".
+            let usage = event
+                .get("usage")
+                .filter(|u| u.is_object())
+                .or_else(|| event.get("message").and_then(|m| m.get("usage")));
+            if let Some(usage) = usage {
+                self.take_usage(usage);
+            }
+        }
+    }
+
+    fn take_usage(&mut self, usage: &serde_json::Value) {
+        let field = |names: [&str; 2]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
+        if let Some(prompt) = field(["prompt_tokens", "input_tokens"]) {
+            self.prompt = Some(prompt);
+        }
+        if let Some(completion) = field(["completion_tokens", "output_tokens"]) {
+            self.completion = Some(completion);
+        }
+    }
+
+    fn finish(&mut self) -> (Option<u64>, Option<u64>) {
+        if self.format == UsageFormat::Json && !self.overflow && !self.chunks.is_empty() {
+            let whole: Vec<u8> = self.chunks.concat();
+            if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&whole) {
+                if let Some(usage) = answer.get("usage") {
+                    self.take_usage(usage);
+                }
+            }
+        }
+        (self.prompt, self.completion)
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(format: UsageFormat, pieces: &[&str]) -> (Option<u64>, Option<u64>) {
+        let mut reader = UsageReader::new(format);
+        for piece in pieces {
+            reader.feed(&Bytes::from(piece.to_string()));
+        }
+        reader.finish()
+    }
+
+    #[test]
+    fn openai_stream_usage_split_across_frames() {
+        let usage = read(
+            UsageFormat::EventStream,
+            &[
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"us",
+                "age\":{\"prompt_tokens\":7,\"completion_tokens\":11}}\n\ndata: [DONE]\n\n",
+            ],
+        );
+        assert_eq!(usage, (Some(7), Some(11)));
+    }
+
+    #[test]
+    fn anthropic_stream_usage() {
+        let usage = read(
+            UsageFormat::EventStream,
+            &[
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n",
+            ],
+        );
+        assert_eq!(usage, (Some(5), Some(42)));
+    }
+
+    #[test]
+    fn json_usage_both_vocabularies() {
+        assert_eq!(
+            read(
+                UsageFormat::Json,
+                &[
+                    "{\"usage\":{\"prompt_tokens\":3,",
+                    "\"completion_tokens\":4}}"
+                ]
+            ),
+            (Some(3), Some(4))
+        );
+        assert_eq!(
+            read(
+                UsageFormat::Json,
+                &["{\"usage\":{\"input_tokens\":8,\"output_tokens\":9}}"]
+            ),
+            (Some(8), Some(9))
+        );
+        assert_eq!(
+            read(UsageFormat::None, &["{\"usage\":{\"input_tokens\":8}}"]),
+            (None, None)
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! Both arms measured: /metrics and /admin/stats after real traffic, bounded
+//! label sets, and requests recorded however they end.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use abgate::assign::{assign, Variant};
+use abgate::body::Body;
+use abgate::mock::MockConfig;
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+
+async fn get(url: String) -> Answer {
+    send(Request::get(url).body(Body::empty()).unwrap()).await
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    let answer = get(format!("http://{admin}/metrics")).await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.header("content-type").starts_with("text/plain"));
+    answer.text()
+}
+
+/// The value of one exposition line, `name{labels} value`, if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls `check` until it holds: a request is recorded when its last byte
+/// has left, which can be a moment after the client has it.
+async fn eventually(admin: std::net::SocketAddr, check: impl Fn(&str) -> bool) -> String {
+    for _ in 0..100 {
+        let text = scrape(admin).await;
+        if check(&text) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "metrics never reached the expected state:\n{}",
+        scrape(admin).await
+    );
+}
+
+#[tokio::test]
+async fn both_arms_are_counted_with_latency_tokens_and_errors() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let url = gw.url();
+    let mut sent = [0u64; 2];
+    for i in 0..40 {
+        let user = format!("user-{i}");
+        let arm = usize::from(assign(user.as_bytes(), None, 0.5) == Variant::Treatment);
+        sent[arm] += 1;
+        let answer = match i % 4 {
+            0 => post(&url, "/v1/chat/completions", &[("x-user-id", &user)], CHAT).await,
+            1 => {
+                let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a b c"}]}"#;
+                post(&url, "/v1/chat/completions", &[("x-user-id", &user)], body).await
+            }
+            2 => {
+                let body = r#"{"model":"m","stream":true,"max_tokens":9,"messages":[{"role":"user","content":"a b"}]}"#;
+                post(&url, "/v1/messages", &[("x-user-id", &user)], body).await
+            }
+            _ => {
+                post(
+                    &url,
+                    "/v1/chat/completions",
+                    &[("x-user-id", &user), ("x-mock-status", "500")],
+                    CHAT,
+                )
+                .await
+            }
+        };
+        assert!(answer.status == 200 || answer.status == 500);
+    }
+    let (c, t) = (sent[0], sent[1]);
+    let total = |text: &str, variant: &str| -> f64 {
+        ["chat", "messages"]
+            .iter()
+            .flat_map(|route| ["2xx", "5xx"].map(move |class| (route, class)))
+            .filter_map(|(route, class)| {
+                sample(
+                    text,
+                    &format!(r#"abgate_requests_total{{experiment="test-exp",route="{route}",status_class="{class}",variant="{variant}"}}"#),
+                )
+            })
+            .sum()
+    };
+    let text = eventually(admin, |text| {
+        total(text, "control") == c as f64 && total(text, "treatment") == t as f64
+    })
+    .await;
+
+    for variant in ["control", "treatment"] {
+        let errors = sample(&text, &format!(r#"abgate_upstream_errors_total{{experiment="test-exp",kind="status_5xx",variant="{variant}"}}"#)).unwrap();
+        assert!(errors >= 1.0, "{variant} upstream 5xx counted");
+        let completion = sample(&text, &format!(r#"abgate_tokens_total{{experiment="test-exp",kind="completion",variant="{variant}"}}"#)).unwrap();
+        assert!(
+            completion > 0.0,
+            "{variant} tokens read from JSON and streams"
+        );
+        let streamed = sample(&text, &format!(r#"abgate_time_to_first_byte_seconds_count{{experiment="test-exp",route="messages",stream="true",variant="{variant}"}}"#)).unwrap();
+        assert!(streamed >= 1.0, "{variant} Anthropic stream TTFB recorded");
+    }
+    assert_eq!(
+        sample(&text, r#"abgate_treatment_fraction{experiment="test-exp"}"#),
+        Some(0.5)
+    );
+    assert_eq!(
+        sample(&text, r#"abgate_inflight_requests{variant="control"}"#),
+        Some(0.0)
+    );
+    assert!(sample(&text, r#"abgate_overhead_seconds_count{route="chat"}"#).unwrap() > 0.0);
+    assert!(text.contains(&format!(
+        r#"abgate_build_info{{version="{}"}} 1"#,
+        env!("CARGO_PKG_VERSION")
+    )));
+
+    let stats = get(format!("http://{admin}/admin/stats")).await.json();
+    assert_eq!(stats["variants"]["control"]["requests"], c);
+    assert_eq!(stats["variants"]["treatment"]["requests"], t);
+    let control_stats = &stats["variants"]["control"];
+    assert!(control_stats["errors"].as_u64().unwrap() >= 1);
+    assert!(control_stats["error_rate"].as_f64().unwrap() > 0.0);
+    let p95 = control_stats["latency_seconds"]["p95"].as_f64().unwrap();
+    let p50 = control_stats["latency_seconds"]["p50"].as_f64().unwrap();
+    assert!(p95 >= p50 && p50 > 0.0);
+    assert!(control_stats["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(control_stats["mean_response_bytes"].as_f64().unwrap() > 100.0);
+    assert_eq!(stats["variants"]["unassigned"]["requests"], 0);
+}
+
+#[tokio::test]
+async fn series_do_not_grow_with_users_and_never_name_them() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    for i in 0..20 {
+        post(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", &format!("warmup-{i}"))],
+            CHAT,
+        )
+        .await;
+    }
+    let before = series(&eventually(admin, |_| true).await);
+    // 2000 more distinct users, 16 at a time.
+    let mut batch = tokio::task::JoinSet::new();
+    let url = gw.url();
+    for i in 0..2000 {
+        let url = url.clone();
+        batch.spawn(async move {
+            post(
+                &url,
+                "/v1/chat/completions",
+                &[("x-user-id", &format!("distinct-user-{i}"))],
+                CHAT,
+            )
+            .await
+            .status
+        });
+        if batch.len() >= 16 {
+            assert_eq!(batch.join_next().await.unwrap().unwrap(), 200);
+        }
+    }
+    while let Some(status) = batch.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let text = eventually(admin, |text| {
+        let done: f64 = ["control", "treatment"]
+            .iter()
+            .filter_map(|v| sample(text, &format!(r#"abgate_requests_total{{experiment="test-exp",route="chat",status_class="2xx",variant="{v}"}}"#)))
+            .sum();
+        done == 2020.0
+    })
+    .await;
+    assert_eq!(
+        series(&text),
+        before,
+        "the series count is fixed by config, not by users"
+    );
+    assert!(!text.contains("distinct-user"), "no user ID in any label");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
+    let held = MockConfig {
+        hold_streams: true,
+        ..MockConfig::named("base")
+    };
+    let control = spawn_mock(held).await;
+    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
+        .header("content-type", "application/json")
+        .header("x-user-id", "leaver")
+        .body(Body::full(Bytes::from(body)))
+        .unwrap();
+    let client = client();
+    let response = bounded(client.request(request)).await.unwrap();
+    let mut body = response.into_body();
+    bounded(body.frame()).await.unwrap().unwrap();
+    assert_eq!(
+        sample(
+            &scrape(admin).await,
+            r#"abgate_inflight_requests{variant="control"}"#
+        ),
+        Some(1.0)
+    );
+    drop(body);
+    drop(client);
+    let text = eventually(admin, |text| {
+        sample(text, r#"abgate_upstream_errors_total{experiment="test-exp",kind="client_cancelled",variant="control"}"#) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, r#"abgate_inflight_requests{variant="control"}"#),
+        Some(0.0)
+    );
+    control.release_streams();
+}
