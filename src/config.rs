@@ -37,6 +37,9 @@ pub struct Config {
     pub variants: VariantsConfig,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Per-request JSON-lines events; none when absent.
+    #[serde(default)]
+    pub events: Option<crate::events::EventsConfig>,
 }
 
 /// `[server]`
@@ -324,6 +327,14 @@ impl Config {
         }
         if self.timeouts.first_byte_ms == 0 {
             report("timeouts.first_byte_ms", "must be greater than 0".into());
+        }
+        if let Some(events) = &self.events {
+            if events.path.is_empty() {
+                report("events.path", "must be a file path, or - for stdout".into());
+            }
+            if events.queue == 0 {
+                report("events.queue", "must be greater than 0".into());
+            }
         }
 
         let control = resolve_variant(

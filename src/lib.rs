@@ -11,6 +11,7 @@ pub mod assign;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod identity;
 pub mod metrics;
 pub mod mock;

@@ -230,3 +230,83 @@ async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
     );
     control.release_streams();
 }
+
+#[tokio::test]
+async fn every_request_becomes_one_event_line_joinable_by_request_id() {
+    let (control, treatment) = mocks().await;
+    let dir = std::env::temp_dir().join(format!("abgate-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("events.jsonl");
+    let extra = format!(
+        "[events]\npath = {:?}\nuser_id = \"hash\"",
+        path.display().to_string()
+    );
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, &extra)).await;
+    let url = gw.url();
+    let mut expected = Vec::new();
+    for (i, user) in ["alice", "bob", "carol"].iter().enumerate() {
+        let body = if i == 1 {
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#
+        } else {
+            CHAT
+        };
+        let answer = post(&url, "/v1/chat/completions", &[("x-user-id", user)], body).await;
+        expected.push((
+            answer.header("x-abgate-request-id").to_owned(),
+            user.to_string(),
+            answer.header("x-abgate-variant").to_owned(),
+        ));
+    }
+    let bad = post(&url, "/v1/chat/completions", &[], "{oops").await;
+    assert_eq!(bad.status, 400);
+
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (request_id, user, variant) in &expected {
+        let event = events
+            .iter()
+            .find(|e| e["request_id"] == request_id.as_str())
+            .expect("event for every request id");
+        assert_eq!(event["variant"], variant.as_str());
+        assert_eq!(event["experiment"], "test-exp");
+        assert_eq!(event["status"], 200);
+        assert!(event["completion_tokens"].as_u64().unwrap() > 0);
+        assert!(event["latency_ms"].as_f64().unwrap() > 0.0);
+        let model = if variant == "treatment" {
+            "ft:base-model:acme:v3"
+        } else {
+            "base-model"
+        };
+        assert_eq!(event["model"], model);
+        // Hashed: SHA-256 of the ID, never the ID itself.
+        let hashed = event["user_id"].as_str().unwrap();
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(user.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hashed, sha);
+        assert!(event["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(events.iter().filter(|e| e["stream"] == true).count(), 1);
+    let refused = events.iter().find(|e| e["status"] == 400).unwrap();
+    assert_eq!(refused["variant"], "unassigned");
+    assert!(refused["user_id"].is_null());
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("alice"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,12 +37,13 @@ use hyper::body::Incoming;
 use crate::assign::{self, Variant};
 use crate::body::Body;
 use crate::config::{Snapshot, Upstream};
+use crate::events::EventSink;
 use crate::identity::{self, IdentityRules};
 use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
 use client::HttpClient;
 use error::ProxyError;
 use json::BodyFields;
-use observe::{Observation, ObservedBody, UsageFormat};
+use observe::{EventDraft, Observation, ObservedBody, UsageFormat};
 use route::Route;
 
 /// Response header naming the arm that served the request.
@@ -59,6 +60,7 @@ pub const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-expe
 pub struct Gateway {
     live: ArcSwap<Live>,
     metrics: Arc<Metrics>,
+    events: Option<EventSink>,
     client: HttpClient,
 }
 
@@ -77,6 +79,8 @@ struct Decision {
     inflight: Option<InflightGuard>,
     /// Time spent waiting for the upstream's response headers.
     upstream_wait: Duration,
+    /// The user ID as events carry it (only when events are on).
+    event_user_id: Option<String>,
 }
 
 impl Gateway {
@@ -84,12 +88,20 @@ impl Gateway {
     pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Self, String> {
         let client = client::build(&snapshot)?;
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
+        let events = match &snapshot.config.events {
+            Some(config) => Some(
+                EventSink::start(config, metrics.clone())
+                    .map_err(|err| format!("events.path {:?}: {err}", config.path))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
                 metrics: bound,
             }),
             metrics,
+            events,
             client,
         })
     }
@@ -117,6 +129,7 @@ impl Gateway {
             stream: false,
             inflight: None,
             upstream_wait: Duration::ZERO,
+            event_user_id: None,
         };
         let (mut response, error) = match self.forward(&live, request, &mut decision).await {
             Ok(response) => (response, None),
@@ -139,7 +152,22 @@ impl Gateway {
             headers.insert(MODEL_HEADER, model);
         }
         headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
-        headers.insert(REQUEST_ID_HEADER, new_request_id());
+        let request_id = new_request_id();
+        let event = self.events.as_ref().map(|sink| {
+            let draft = EventDraft {
+                request_id: request_id.clone(),
+                experiment: config.experiment.clone(),
+                model: headers
+                    .get(MODEL_HEADER)
+                    .and_then(|m| m.to_str().ok())
+                    .map(str::to_owned),
+                user_id: decision.event_user_id.take(),
+            };
+            (sink.clone(), draft)
+        });
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
 
         // Requests refused before assignment belong to neither arm.
         let variant = decision.variant.unwrap_or(Variant::Unassigned);
@@ -158,6 +186,7 @@ impl Gateway {
             }),
             usage_format,
             inflight: decision.inflight.take(),
+            event,
         };
         response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
     }
@@ -191,7 +220,10 @@ impl Gateway {
             ClientBody::Stream(_) => None,
         };
         decision.stream = fields.is_some_and(|fields| fields.stream);
-        let variant = choose_variant(config, &parts, fields)?;
+        let (variant, user_id) = choose_variant(config, &parts, fields)?;
+        if let (Some(sink), Some(user_id)) = (&self.events, user_id) {
+            decision.event_user_id = sink.user_id_field(user_id);
+        }
         decision.variant = Some(variant);
         decision.inflight = Some(live.metrics.start(variant));
         let upstream = config.upstream(variant);
@@ -320,26 +352,29 @@ fn check_declared_length(parts: &Parts, limit: usize) -> Result<(), ProxyError> 
 }
 
 /// Finds the user ID and hashes it into an arm.
-fn choose_variant(
+fn choose_variant<'a>(
     config: &Snapshot,
-    parts: &Parts,
-    fields: Option<&BodyFields>,
-) -> Result<Variant, ProxyError> {
+    parts: &'a Parts,
+    fields: Option<&'a BodyFields>,
+) -> Result<(Variant, Option<&'a str>), ProxyError> {
     let rules = IdentityRules {
         header: &config.user_header,
         max_bytes: config.max_user_id_bytes,
     };
     let header = identity::from_header(&parts.headers, rules)?;
     match identity::resolve(header, fields, rules)? {
-        Some(user) => Ok(assign::assign(
-            user.id.as_bytes(),
-            config.salt.as_deref(),
-            config.treatment_fraction,
+        Some(user) => Ok((
+            assign::assign(
+                user.id.as_bytes(),
+                config.salt.as_deref(),
+                config.treatment_fraction,
+            ),
+            Some(user.id),
         )),
         None if config.require_user => Err(ProxyError::UserIdRequired {
             header: config.user_header.to_string(),
         }),
-        None => Ok(Variant::Unassigned),
+        None => Ok((Variant::Unassigned, None)),
     }
 }
 
@@ -419,7 +454,6 @@ fn truncate(text: &str, max: usize) -> String {
 }
 
 /// A fresh request id: `abg-` and 128 random bits in hex.
-fn new_request_id() -> HeaderValue {
-    let id = format!("abg-{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("abg-unknown"))
+fn new_request_id() -> String {
+    format!("abg-{:032x}", fastrand::u128(..))
 }

@@ -18,6 +18,7 @@ use http_body::{Frame, SizeHint};
 
 use crate::assign::Variant;
 use crate::body::Body;
+use crate::events::{Event, EventSink};
 use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
 use crate::proxy::route::Route;
 
@@ -48,6 +49,18 @@ pub struct Observation {
     pub error: Option<UpstreamErrorKind>,
     pub usage_format: UsageFormat,
     pub inflight: Option<InflightGuard>,
+    /// Where the request's event goes, with what only the gateway knew.
+    pub event: Option<(EventSink, EventDraft)>,
+}
+
+/// The parts of an event known when the response starts.
+#[derive(Debug)]
+pub struct EventDraft {
+    pub request_id: String,
+    pub experiment: String,
+    pub model: Option<String>,
+    /// Already in the form events carry (raw, hashed or none).
+    pub user_id: Option<String>,
 }
 
 /// A response body that records its request when it ends.
@@ -77,7 +90,7 @@ impl ObservedBody {
             return;
         };
         let (prompt_tokens, completion_tokens) = self.usage.finish();
-        observation.metrics.record(&RequestRecord {
+        let record = RequestRecord {
             variant: observation.variant,
             route: observation.route,
             stream: observation.stream,
@@ -89,7 +102,28 @@ impl ObservedBody {
             completion_tokens,
             error: observation.error.or(error),
             overhead: observation.overhead,
-        });
+        };
+        observation.metrics.record(&record);
+        if let Some((sink, draft)) = observation.event {
+            let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+            sink.emit(Event {
+                timestamp: crate::events::now_rfc3339(),
+                request_id: draft.request_id,
+                experiment: draft.experiment,
+                variant: record.variant.as_str(),
+                model: draft.model,
+                route: record.route.as_str(),
+                stream: record.stream,
+                status: record.status,
+                latency_ms: millis(record.duration),
+                time_to_first_byte_ms: record.time_to_first_byte.map(millis),
+                response_bytes: record.response_bytes,
+                prompt_tokens,
+                completion_tokens,
+                error_kind: record.error.map(UpstreamErrorKind::as_str),
+                user_id: draft.user_id,
+            });
+        }
     }
 }
 

@@ -1,0 +1,208 @@
+//! Per-request events: one JSON line per finished request, the analytics
+//! feed a warehouse joins on.
+//!
+//! The request path hands an event to a bounded queue with `try_send` and
+//! moves on; a writer task serialises and writes. If the writer falls
+//! behind (slow disk, blocked stdout) the queue fills and further events
+//! are dropped and counted (`abgate_events_dropped_total`), never waited on.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// How the user ID appears in events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UserIdMode {
+    /// As sent.
+    Raw,
+    /// SHA-256 hex of the UTF-8 ID, joinable without storing the ID itself.
+    #[default]
+    Hash,
+    /// Left out.
+    Omit,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// File to append JSON lines to; `-` for stdout.
+    pub path: String,
+    #[serde(default)]
+    pub user_id: UserIdMode,
+    /// Events held while the writer catches up; more are dropped.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_queue() -> usize {
+    8192
+}
+
+/// One finished request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub timestamp: String,
+    pub request_id: String,
+    pub experiment: String,
+    pub variant: &'static str,
+    pub model: Option<String>,
+    pub route: &'static str,
+    pub stream: bool,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub time_to_first_byte_ms: Option<f64>,
+    pub response_bytes: u64,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub error_kind: Option<&'static str>,
+    pub user_id: Option<String>,
+}
+
+/// The sending side, cheap to clone into every request's recorder.
+#[derive(Clone)]
+pub struct EventSink {
+    sender: mpsc::Sender<Event>,
+    user_id: UserIdMode,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink")
+            .field("user_id", &self.user_id)
+            .finish()
+    }
+}
+
+impl EventSink {
+    /// Opens the destination and starts the writer task.
+    pub fn start(config: &EventsConfig, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let writer: Box<dyn Write + Send> = if config.path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(PathBuf::from(&config.path))?,
+            )
+        };
+        let (sender, receiver) = mpsc::channel(config.queue.max(1));
+        // Writes are blocking I/O: they get a thread of their own, off the
+        // runtime the requests run on.
+        std::thread::Builder::new()
+            .name("abgate-events".into())
+            .spawn(move || write_events(receiver, writer))?;
+        Ok(Self {
+            sender,
+            user_id: config.user_id,
+            metrics,
+        })
+    }
+
+    /// How user IDs are written.
+    pub fn user_id_mode(&self) -> UserIdMode {
+        self.user_id
+    }
+
+    /// Queues an event; drops and counts it if the writer is behind.
+    pub fn emit(&self, event: Event) {
+        if self.sender.try_send(event).is_err() {
+            self.metrics.event_dropped();
+        }
+    }
+
+    /// The user ID as events carry it.
+    pub fn user_id_field(&self, user_id: &str) -> Option<String> {
+        match self.user_id {
+            UserIdMode::Raw => Some(user_id.to_owned()),
+            UserIdMode::Hash => Some(sha256_hex(user_id.as_bytes())),
+            UserIdMode::Omit => None,
+        }
+    }
+}
+
+fn write_events(mut receiver: mpsc::Receiver<Event>, writer: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(writer);
+    while let Some(event) = receiver.blocking_recv() {
+        let mut write_one = |event: &Event| -> std::io::Result<()> {
+            serde_json::to_writer(&mut out, event)?;
+            out.write_all(b"\n")
+        };
+        let mut ok = write_one(&event).is_ok();
+        // Drain what is queued, then flush once: one syscall per burst.
+        while let Ok(event) = receiver.try_recv() {
+            ok &= write_one(&event).is_ok();
+        }
+        if !(ok && out.flush().is_ok()) {
+            tracing::warn!("writing request events failed");
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Now as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_512), (2026, 2, 28));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn hashed_ids_are_sha256() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
