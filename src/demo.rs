@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::assign::Variant;
 use crate::body::Body;
 use crate::config::{Config, ProcessEnv};
+use crate::metrics::ExperimentMetrics;
 use crate::mock::{self, MockConfig};
 
 /// The config the demo runs, with placeholder upstreams.
@@ -119,8 +120,22 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             let _ = tokio::signal::ctrl_c().await;
         }
         Some(requests) => {
-            let summary = drive_traffic(&url, requests, args.concurrency.max(1)).await;
-            print!("{}", summary.table());
+            let run = drive_traffic(&url, requests, args.concurrency.max(1)).await;
+            // A request is recorded when its last byte has left; give the
+            // final few a moment to land before reading the stats.
+            let live = running.gateway.live();
+            let expected = (requests - run.failed) as u64;
+            for _ in 0..100 {
+                let seen: u64 = crate::metrics::VARIANTS
+                    .iter()
+                    .map(|v| live.metrics.arm_stats(*v).requests)
+                    .sum();
+                if seen >= expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            print!("{}", table(&live.metrics, &run));
         }
     }
     running.shutdown().await;
@@ -129,100 +144,76 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// What one arm saw from the client's side.
-#[derive(Debug, Default, Clone)]
-pub struct ArmSummary {
-    pub requests: usize,
-    pub errors: usize,
-    latencies: Vec<Duration>,
-    users: std::collections::BTreeSet<usize>,
-}
-
-/// Per-variant results of a traffic run.
+/// What the traffic run saw from the client's side: which users landed in
+/// which arm (the gateway counts requests, never users) and transport
+/// failures the gateway could not see.
 #[derive(Debug, Default)]
-pub struct TrafficSummary {
-    pub control: ArmSummary,
-    pub treatment: ArmSummary,
-    pub unassigned: ArmSummary,
-    /// Requests that got no answer at all (transport failure).
+pub struct TrafficRun {
+    pub users: [std::collections::BTreeSet<usize>; 3],
+    /// Requests that got no answer at all.
     pub failed: usize,
 }
 
-impl TrafficSummary {
-    fn arm(&mut self, variant: Variant) -> &mut ArmSummary {
-        match variant {
-            Variant::Control => &mut self.control,
-            Variant::Treatment => &mut self.treatment,
-            Variant::Unassigned => &mut self.unassigned,
-        }
-    }
-
-    /// The per-variant table `demo --traffic` prints.
-    pub fn table(&self) -> String {
-        let total: usize = [&self.control, &self.treatment, &self.unassigned]
-            .iter()
-            .map(|arm| arm.requests)
-            .sum();
-        let mut out = format!(
-            "\n{:<11} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9}\n",
-            "variant", "requests", "share", "errors", "users", "mean ms", "p50 ms", "p95 ms"
-        );
-        for (name, arm) in [
-            ("control", &self.control),
-            ("treatment", &self.treatment),
-            ("unassigned", &self.unassigned),
-        ] {
-            if arm.requests == 0 && name == "unassigned" {
-                continue;
-            }
-            let share = if total == 0 {
-                0.0
-            } else {
-                100.0 * arm.requests as f64 / total as f64
-            };
-            out.push_str(&format!(
-                "{:<11} {:>8} {:>6.1}% {:>7} {:>6} {:>9.1} {:>9.1} {:>9.1}\n",
-                name,
-                arm.requests,
-                share,
-                arm.errors,
-                arm.users.len(),
-                millis(arm.mean()),
-                millis(arm.percentile(0.50)),
-                millis(arm.percentile(0.95)),
-            ));
-        }
-        if self.failed > 0 {
-            out.push_str(&format!("{} request(s) got no answer\n", self.failed));
-        }
-        out
+fn arm_index(variant: Variant) -> usize {
+    match variant {
+        Variant::Control => 0,
+        Variant::Treatment => 1,
+        Variant::Unassigned => 2,
     }
 }
 
-impl ArmSummary {
-    fn mean(&self) -> Option<Duration> {
-        let count = u32::try_from(self.latencies.len())
-            .ok()
-            .filter(|n| *n > 0)?;
-        Some(self.latencies.iter().sum::<Duration>() / count)
+/// The per-variant table `demo --traffic` prints: the gateway's own stats
+/// (the numbers `/admin/stats` serves) beside the users each arm got.
+pub fn table(metrics: &ExperimentMetrics, run: &TrafficRun) -> String {
+    let stats = crate::metrics::VARIANTS.map(|variant| (variant, metrics.arm_stats(variant)));
+    let total: u64 = stats.iter().map(|(_, arm)| arm.requests).sum();
+    let ms = |seconds: Option<f64>| seconds.map_or(f64::NAN, |s| s * 1000.0);
+    let mut out = format!(
+        "\n{:<11} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>10} {:>11}\n",
+        "variant",
+        "requests",
+        "share",
+        "errors",
+        "users",
+        "mean ms",
+        "p50 ms",
+        "p95 ms",
+        "ttfb p95",
+        "out tokens"
+    );
+    for (variant, arm) in &stats {
+        if arm.requests == 0 && *variant == Variant::Unassigned {
+            continue;
+        }
+        let share = if total == 0 {
+            0.0
+        } else {
+            100.0 * arm.requests as f64 / total as f64
+        };
+        out.push_str(&format!(
+            "{:<11} {:>8} {:>6.1}% {:>7} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>11}\n",
+            variant.as_str(),
+            arm.requests,
+            share,
+            arm.errors,
+            run.users[arm_index(*variant)].len(),
+            ms(arm.latency_seconds.mean),
+            ms(arm.latency_seconds.p50),
+            ms(arm.latency_seconds.p95),
+            ms(arm.time_to_first_byte_seconds.p95),
+            arm.completion_tokens,
+        ));
     }
-
-    /// Nearest-rank percentile.
-    fn percentile(&self, quantile: f64) -> Option<Duration> {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        let rank = (quantile * sorted.len() as f64).ceil() as usize;
-        sorted.get(rank.saturating_sub(1)).copied()
+    if run.failed > 0 {
+        out.push_str(&format!("{} request(s) got no answer\n", run.failed));
     }
-}
-
-fn millis(duration: Option<Duration>) -> f64 {
-    duration.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    out.push_str("Latency quantiles are interpolated from the histogram buckets, as a dashboard shows them.\n");
+    out
 }
 
 /// Sends `requests` chat completions from `requests / 10` users (each user
 /// sends about ten, one in four streamed) with `concurrency` in flight.
-pub async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> TrafficSummary {
+pub async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> TrafficRun {
     let users = (requests / 10).max(1);
     let client: Client<_, Body> = Client::builder(TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
@@ -231,43 +222,26 @@ pub async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> Tr
     for _ in 0..concurrency.min(requests.max(1)) {
         let (client, next, url) = (client.clone(), next.clone(), url.to_owned());
         workers.spawn(async move {
-            let mut summary = TrafficSummary::default();
+            let mut run = TrafficRun::default();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= requests {
-                    break summary;
+                    break run;
                 }
                 let user = index % users;
-                let stream = index % 4 == 3;
-                let started = Instant::now();
-                match one_request(&client, &url, user, stream).await {
-                    Some((variant, ok)) => {
-                        let arm = summary.arm(variant);
-                        arm.requests += 1;
-                        arm.users.insert(user);
-                        if ok {
-                            arm.latencies.push(started.elapsed());
-                        } else {
-                            arm.errors += 1;
-                        }
+                match one_request(&client, &url, user, index % 4 == 3).await {
+                    Some(variant) => {
+                        run.users[arm_index(variant)].insert(user);
                     }
-                    None => summary.failed += 1,
+                    None => run.failed += 1,
                 }
             }
         });
     }
-    let mut total = TrafficSummary::default();
+    let mut total = TrafficRun::default();
     while let Some(Ok(part)) = workers.join_next().await {
-        for variant in [Variant::Control, Variant::Treatment, Variant::Unassigned] {
-            let (from, into) = match variant {
-                Variant::Control => (part.control.clone(), &mut total.control),
-                Variant::Treatment => (part.treatment.clone(), &mut total.treatment),
-                Variant::Unassigned => (part.unassigned.clone(), &mut total.unassigned),
-            };
-            into.requests += from.requests;
-            into.errors += from.errors;
-            into.latencies.extend(from.latencies);
-            into.users.extend(from.users);
+        for (into, from) in total.users.iter_mut().zip(part.users) {
+            into.extend(from);
         }
         total.failed += part.failed;
     }
@@ -276,14 +250,9 @@ pub async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> Tr
 
 type DemoClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
-/// One request through the gateway: the variant it reported and whether it
-/// succeeded (2xx and the whole body read).
-async fn one_request(
-    client: &DemoClient,
-    url: &str,
-    user: usize,
-    stream: bool,
-) -> Option<(Variant, bool)> {
+/// One request through the gateway, read to the end: the variant it
+/// reported, or `None` if no answer came.
+async fn one_request(client: &DemoClient, url: &str, user: usize, stream: bool) -> Option<Variant> {
     let body = format!(
         r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"Summarise my last support email, please."}}]}}"#
     );
@@ -302,7 +271,6 @@ async fn one_request(
         Some(b"control") => Variant::Control,
         _ => Variant::Unassigned,
     };
-    let ok = response.status().is_success();
-    let read = response.into_body().collect().await.is_ok();
-    Some((variant, ok && read))
+    response.into_body().collect().await.ok()?;
+    Some(variant)
 }

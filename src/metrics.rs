@@ -19,8 +19,11 @@ use crate::assign::Variant;
 use crate::proxy::route::Route;
 
 /// Request latency buckets: LLM calls take from milliseconds to minutes.
+/// About 1.5x apart, so an interpolated p95 is within a few percent: the
+/// guardrails compare arms on a +20% p95 threshold.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+    0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
 ];
 /// Gateway overhead buckets, from 10 µs.
 const OVERHEAD_BUCKETS: &[f64] = &[

@@ -10,7 +10,7 @@ fn rows(table: &str) -> Vec<(String, usize, usize, usize)> {
         .filter_map(|line| {
             let cells: Vec<&str> = line.split_whitespace().collect();
             match cells.first() {
-                Some(&("control" | "treatment" | "unassigned")) if cells.len() == 8 => Some((
+                Some(&("control" | "treatment" | "unassigned")) if cells.len() == 10 => Some((
                     cells[0].to_owned(),
                     cells[1].parse().ok()?,
                     cells[3].parse().ok()?,
@@ -40,6 +40,7 @@ fn demo_traffic_prints_a_per_variant_table_matching_the_split() {
     let total: usize = rows.iter().map(|r| r.1).sum();
     assert_eq!(total, 400, "{out}");
     assert!(rows.iter().all(|r| r.2 == 0), "no errors expected: {out}");
+    assert!(out.contains("out tokens"), "{out}");
 
     // 40 users, each sending ten requests: the users per arm must be
     // exactly what the reference assignment says.
