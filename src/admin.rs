@@ -64,12 +64,21 @@ impl Admin {
     pub fn stats(&self) -> serde_json::Value {
         let live = self.gateway.live();
         let mut variants = serde_json::Map::new();
+        let outcomes = &live.config.config.feedback.outcomes;
         for variant in crate::metrics::VARIANTS {
-            let stats = live.metrics.arm_stats(variant);
-            variants.insert(
-                variant.as_str().to_owned(),
-                serde_json::to_value(stats).unwrap_or(serde_json::Value::Null),
-            );
+            let mut stats = serde_json::to_value(live.metrics.arm_stats(variant))
+                .unwrap_or(serde_json::Value::Null);
+            let feedback =
+                self.gateway
+                    .metrics()
+                    .feedback_stats(&live.config.experiment, variant, outcomes);
+            if let Some(object) = stats.as_object_mut() {
+                object.insert(
+                    "feedback".into(),
+                    serde_json::to_value(feedback).unwrap_or(serde_json::Value::Null),
+                );
+            }
+            variants.insert(variant.as_str().to_owned(), stats);
         }
         serde_json::json!({
             "experiment": live.config.experiment,

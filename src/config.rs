@@ -40,6 +40,43 @@ pub struct Config {
     /// Per-request JSON-lines events; none when absent.
     #[serde(default)]
     pub events: Option<crate::events::EventsConfig>,
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
+}
+
+/// `[feedback]`: outcome reports quoting a request id.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackConfig {
+    /// Env var holding the key request ids are signed with. Every replica of
+    /// a fleet needs the same key to attribute each other's ids; without
+    /// one, a random key per process is used.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Accepted `outcome` values (a metric label, so a fixed set).
+    #[serde(default = "default_outcomes")]
+    pub outcomes: Vec<String>,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        Self {
+            key_env: None,
+            outcomes: default_outcomes(),
+        }
+    }
+}
+
+fn default_outcomes() -> Vec<String> {
+    [
+        "completed",
+        "abandoned",
+        "escalated",
+        "thumbs_up",
+        "thumbs_down",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// `[server]`
@@ -328,6 +365,37 @@ impl Config {
         if self.timeouts.first_byte_ms == 0 {
             report("timeouts.first_byte_ms", "must be greater than 0".into());
         }
+        let feedback_key = match &self.feedback.key_env {
+            None => None,
+            Some(name) => match env.var(name) {
+                Some(key) if key.len() >= 16 => Some(key.into_bytes()),
+                Some(_) => {
+                    report(
+                        "feedback.key_env",
+                        format!("environment variable {name} must hold at least 16 characters"),
+                    );
+                    None
+                }
+                None => {
+                    report(
+                        "feedback.key_env",
+                        format!("environment variable {name} is not set"),
+                    );
+                    None
+                }
+            },
+        };
+        if self.feedback.outcomes.is_empty() || self.feedback.outcomes.len() > 32 {
+            report("feedback.outcomes", "must list 1 to 32 outcomes".into());
+        }
+        for outcome in &self.feedback.outcomes {
+            if !is_label_safe(outcome) {
+                report(
+                    "feedback.outcomes",
+                    format!("{outcome:?} must be letters, digits, '.', '_' or '-' (it is a metric label)"),
+                );
+            }
+        }
         if let Some(events) = &self.events {
             if events.path.is_empty() {
                 report("events.path", "must be a file path, or - for stdout".into());
@@ -370,6 +438,7 @@ impl Config {
                     max_user_id_bytes: self.identity.max_user_id_bytes,
                     control,
                     treatment,
+                    feedback_key,
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     config: self.clone(),
@@ -593,6 +662,8 @@ pub struct Snapshot {
     pub max_user_id_bytes: usize,
     pub control: Upstream,
     pub treatment: Upstream,
+    /// Key request ids are signed with, from `feedback.key_env`.
+    pub feedback_key: Option<Vec<u8>>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     /// The config as written (secrets appear only as env var names).

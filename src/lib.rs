@@ -16,4 +16,5 @@ pub mod identity;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod request_id;
 pub mod server;

@@ -22,8 +22,8 @@ use crate::proxy::route::Route;
 /// About 1.5x apart, so an interpolated p95 is within a few percent: the
 /// guardrails compare arms on a +20% p95 threshold.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+    0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+    2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
 ];
 /// Gateway overhead buckets, from 10 µs.
 const OVERHEAD_BUCKETS: &[f64] = &[
@@ -154,6 +154,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     inflight: IntGaugeVec,
     events_dropped: IntCounter,
+    feedback: IntCounterVec,
+    feedback_rating: HistogramVec,
 }
 
 fn histogram(
@@ -236,6 +238,19 @@ impl Metrics {
             "abgate_events_dropped_total",
             "Per-request events dropped because the writer fell behind.",
         )?;
+        let feedback = IntCounterVec::new(
+            Opts::new(
+                "abgate_feedback_total",
+                "Outcome reports, by the arm that served the request.",
+            ),
+            &["experiment", "variant", "outcome"],
+        )?;
+        let feedback_rating = histogram(
+            "abgate_feedback_rating",
+            "User ratings (1 to 5), by the arm that served the request.",
+            &[1.0, 2.0, 3.0, 4.0, 5.0],
+            &["experiment", "variant"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "abgate_build_info",
@@ -258,6 +273,8 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(inflight.clone()),
             Box::new(events_dropped.clone()),
+            Box::new(feedback.clone()),
+            Box::new(feedback_rating.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -278,7 +295,50 @@ impl Metrics {
             config_reloads,
             inflight,
             events_dropped,
+            feedback,
+            feedback_rating,
         })
+    }
+
+    /// Counts an outcome report (and its rating) for the arm that served it.
+    /// Not on the proxy's hot path, so labels are looked up here.
+    pub fn feedback(&self, experiment: &str, variant: Variant, outcome: &str, rating: Option<u8>) {
+        self.feedback
+            .with_label_values(&[experiment, variant.as_str(), outcome])
+            .inc();
+        if let Some(rating) = rating {
+            self.feedback_rating
+                .with_label_values(&[experiment, variant.as_str()])
+                .observe(f64::from(rating));
+        }
+    }
+
+    /// Feedback counts by outcome and the mean rating, for one arm.
+    pub fn feedback_stats(
+        &self,
+        experiment: &str,
+        variant: Variant,
+        outcomes: &[String],
+    ) -> FeedbackStats {
+        let counts = outcomes
+            .iter()
+            .map(|outcome| {
+                let count = self
+                    .feedback
+                    .with_label_values(&[experiment, variant.as_str(), outcome])
+                    .get();
+                (outcome.clone(), count)
+            })
+            .collect();
+        let ratings = self
+            .feedback_rating
+            .with_label_values(&[experiment, variant.as_str()]);
+        let count = ratings.get_sample_count();
+        FeedbackStats {
+            outcomes: counts,
+            ratings: count,
+            mean_rating: (count > 0).then(|| ratings.get_sample_sum() / count as f64),
+        }
     }
 
     /// Resolves every child for one experiment, once, so the request path
@@ -510,6 +570,14 @@ impl Distribution {
             p99: quantile(0.99),
         }
     }
+}
+
+/// One arm's outcome reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedbackStats {
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    pub ratings: u64,
+    pub mean_rating: Option<f64>,
 }
 
 /// One arm's numbers since start.

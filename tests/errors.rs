@@ -22,7 +22,7 @@ fn assert_error(answer: &Answer, status: u16, code: &str, mentions: &str) {
         message.contains(mentions),
         "{message:?} should mention {mentions:?}"
     );
-    assert!(answer.header("x-abgate-request-id").starts_with("abg-"));
+    assert!(answer.header("x-abgate-request-id").starts_with("abg1_"));
 }
 
 #[tokio::test]

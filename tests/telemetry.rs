@@ -310,3 +310,137 @@ async fn every_request_becomes_one_event_line_joinable_by_request_id() {
     assert!(!std::fs::read_to_string(&path).unwrap().contains("alice"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn feedback_is_attributed_by_the_signed_request_id_on_any_replica() {
+    let (control, treatment) = mocks().await;
+    let extra = "[feedback]\nkey_env = \"FLEET_KEY\"";
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, extra);
+    let env = std::collections::BTreeMap::from([(
+        "FLEET_KEY".to_owned(),
+        "0123456789abcdef-fleet".to_owned(),
+    )]);
+    let first = gateway_with_env(&toml, env.clone()).await;
+    let second = gateway_with_env(&toml, env).await;
+    let (control_user, treatment_user) =
+        ["user-0", "user-1", "user-2", "user-3", "user-4", "user-5"]
+            .iter()
+            .fold((None, None), |(c, t), u| {
+                match assign(u.as_bytes(), None, 0.5) {
+                    Variant::Control => (c.or(Some(*u)), t),
+                    _ => (c, t.or(Some(*u))),
+                }
+            });
+    let id_of = |answer: &Answer| answer.header("x-abgate-request-id").to_owned();
+    let control_id = id_of(
+        &post(
+            &first.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", control_user.unwrap())],
+            CHAT,
+        )
+        .await,
+    );
+    let treatment_id = id_of(
+        &post(
+            &first.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", treatment_user.unwrap())],
+            CHAT,
+        )
+        .await,
+    );
+    assert!(treatment_id.starts_with("abg1_t_") && treatment_id.ends_with("_test-exp"));
+
+    // Reported to the other replica: no shared state, same attribution.
+    let report = |id: &str, outcome: &str, rating: &str| {
+        format!(r#"{{"request_id":"{id}","outcome":"{outcome}","rating":{rating}}}"#)
+    };
+    let answer = post(
+        &second.url(),
+        "/v1/feedback",
+        &[],
+        &report(&treatment_id, "completed", "4"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["variant"], "treatment");
+    let answer = post(
+        &second.url(),
+        "/v1/feedback",
+        &[],
+        &report(&control_id, "abandoned", "null"),
+    )
+    .await;
+    assert_eq!(answer.json()["variant"], "control");
+
+    // A client cannot move its report to the other arm, or invent labels.
+    let forged = treatment_id.replacen("abg1_t_", "abg1_c_", 1);
+    for (body, mentions) in [
+        (report(&forged, "completed", "5"), "request_id"),
+        (report("abg-123", "completed", "5"), "request_id"),
+        (report(&control_id, "delighted", "5"), "not one of"),
+        (report(&control_id, "completed", "7"), "1 to 5"),
+        ("{\"request_id\": 5}".to_owned(), "feedback must be"),
+    ] {
+        let answer = post(&second.url(), "/v1/feedback", &[], &body).await;
+        assert_eq!(answer.status, 400, "{body}");
+        assert_eq!(answer.json()["error"]["code"], "invalid_feedback");
+        assert!(
+            answer.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(mentions),
+            "{}",
+            answer.text()
+        );
+    }
+    let get = send(
+        Request::get(format!("{}/v1/feedback", second.url()))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(get.status, 405);
+    assert_eq!(
+        control.request_count() + treatment.request_count(),
+        2,
+        "feedback is never forwarded"
+    );
+
+    let text = scrape(second.admin_addr.unwrap()).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"abgate_feedback_total{experiment="test-exp",outcome="completed",variant="treatment"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"abgate_feedback_total{experiment="test-exp",outcome="abandoned",variant="control"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"abgate_feedback_rating_sum{experiment="test-exp",variant="treatment"}"#
+        ),
+        Some(4.0)
+    );
+    let stats = get_stats(second.admin_addr.unwrap()).await;
+    assert_eq!(
+        stats["variants"]["treatment"]["feedback"]["outcomes"]["completed"],
+        1
+    );
+    assert_eq!(
+        stats["variants"]["treatment"]["feedback"]["mean_rating"],
+        4.0
+    );
+}
+
+async fn get_stats(admin: std::net::SocketAddr) -> serde_json::Value {
+    get(format!("http://{admin}/admin/stats")).await.json()
+}

@@ -40,6 +40,13 @@ pub enum ProxyError {
     UpstreamTimeout { variant: Variant, timeout_ms: u128 },
     #[error("the {variant} upstream closed the connection before answering: {detail}")]
     UpstreamReset { variant: Variant, detail: String },
+    #[error("{0}")]
+    InvalidFeedback(String),
+    #[error("{path} takes {allowed}")]
+    MethodNotAllowed {
+        path: &'static str,
+        allowed: &'static str,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,7 +62,9 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::UserIdNotUtf8 { .. }
             | ProxyError::UserIdTooLong { .. }
-            | ProxyError::UserIdRequired { .. } => StatusCode::BAD_REQUEST,
+            | ProxyError::UserIdRequired { .. }
+            | ProxyError::InvalidFeedback(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NotFound { .. } => StatusCode::NOT_FOUND,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => {
@@ -79,6 +88,8 @@ impl ProxyError {
             ProxyError::UserIdTooLong { .. } => "invalid_user_id",
             ProxyError::UserIdRequired { .. } => "missing_user_id",
             ProxyError::NotFound { .. } => "not_found",
+            ProxyError::InvalidFeedback(_) => "invalid_feedback",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::UpstreamConnect { .. } => "connect",
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamReset { .. } => "reset",

@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod error;
+pub mod feedback;
 pub mod headers;
 pub mod json;
 pub mod observe;
@@ -40,6 +41,7 @@ use crate::config::{Snapshot, Upstream};
 use crate::events::EventSink;
 use crate::identity::{self, IdentityRules};
 use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
+use crate::request_id::RequestIds;
 use client::HttpClient;
 use error::ProxyError;
 use json::BodyFields;
@@ -64,10 +66,13 @@ pub struct Gateway {
     client: HttpClient,
 }
 
-/// A config and the metric children bound to it, swapped as one.
+/// A config and what is derived from it, swapped as one.
 pub struct Live {
     pub config: Snapshot,
+    /// Metric children bound to this config's experiment.
     pub metrics: Arc<ExperimentMetrics>,
+    /// Signs and verifies request ids.
+    pub request_ids: RequestIds,
 }
 
 /// What the gateway decided about a request, for headers and metrics.
@@ -95,10 +100,15 @@ impl Gateway {
             ),
             None => None,
         };
+        let request_ids = match &snapshot.feedback_key {
+            Some(key) => RequestIds::new(key.clone()),
+            None => RequestIds::with_random_key(),
+        };
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
                 metrics: bound,
+                request_ids,
             }),
             metrics,
             events,
@@ -121,6 +131,9 @@ impl Gateway {
         let started = Instant::now();
         // One config per request, start to finish, whatever swaps meanwhile.
         let live = self.live.load_full();
+        if request.uri().path() == feedback::PATH {
+            return self.feedback(&live, request).await;
+        }
         let config = &live.config;
         let mut decision = Decision {
             variant: None,
@@ -152,7 +165,10 @@ impl Gateway {
             headers.insert(MODEL_HEADER, model);
         }
         headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
-        let request_id = new_request_id();
+        let request_id = live.request_ids.issue(
+            decision.variant.unwrap_or(Variant::Unassigned),
+            &config.experiment,
+        );
         let event = self.events.as_ref().map(|sink| {
             let draft = EventDraft {
                 request_id: request_id.clone(),
@@ -189,6 +205,39 @@ impl Gateway {
             event,
         };
         response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
+    }
+
+    /// Answers `POST /v1/feedback`; never forwarded.
+    async fn feedback(&self, live: &Live, request: Request<Incoming>) -> Response<Body> {
+        let answer = async {
+            if request.method() != Method::POST {
+                return Err(ProxyError::MethodNotAllowed {
+                    path: feedback::PATH,
+                    allowed: "POST",
+                });
+            }
+            let (parts, body) = request.into_parts();
+            let body = read_body(body, &parts, feedback::MAX_BODY_BYTES).await?;
+            let outcomes = &live.config.config.feedback.outcomes;
+            let (attribution, outcome) =
+                feedback::record(&body, &live.request_ids, outcomes, &self.metrics)?;
+            Ok(serde_json::json!({
+                "recorded": true,
+                "experiment": attribution.experiment,
+                "variant": attribution.variant.as_str(),
+                "outcome": outcome,
+            }))
+        };
+        match answer.await {
+            Ok(json) => {
+                let mut response = Response::new(Body::full(json.to_string()));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response
+            }
+            Err(err) => err.to_response(),
+        }
     }
 
     async fn forward(
@@ -451,9 +500,4 @@ fn truncate(text: &str, max: usize) -> String {
         Some((at, _)) => format!("{}...", &text[..at]),
         None => text.to_owned(),
     }
-}
-
-/// A fresh request id: `abg-` and 128 random bits in hex.
-fn new_request_id() -> String {
-    format!("abg-{:032x}", fastrand::u128(..))
 }
