@@ -444,3 +444,83 @@ async fn feedback_is_attributed_by_the_signed_request_id_on_any_replica() {
 async fn get_stats(admin: std::net::SocketAddr) -> serde_json::Value {
     get(format!("http://{admin}/admin/stats")).await.json()
 }
+
+#[tokio::test]
+async fn a_2xx_answer_that_is_not_json_counts_as_invalid_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (control, _) = mocks().await;
+    // Answers 200 application/json with a body that is not JSON.
+    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken_url = format!("http://{}", broken.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = broken.accept().await {
+            let mut buffer = vec![0u8; 16 * 1024];
+            let _ = socket.read(&mut buffer).await;
+            let body = "{\"choices\": [tru";
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+        }
+    });
+    let gw = gateway(&config_toml(&control.url(), &broken_url, 1.0, "")).await;
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-user-id", "u")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(
+        answer.status, 200,
+        "the answer passes through as the upstream sent it"
+    );
+    assert_eq!(answer.text(), "{\"choices\": [tru");
+    eventually(gw.admin_addr.unwrap(), |text| {
+        sample(text, r#"abgate_upstream_errors_total{experiment="test-exp",kind="invalid_response",variant="treatment"}"#) == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_event_writer_drops_events_and_never_slows_requests() {
+    let (control, treatment) = mocks().await;
+    let dir = std::env::temp_dir().join(format!("abgate-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("events.pipe");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // A reader that opens the pipe and never reads: the writer fills the
+    // pipe's buffer, then blocks for good.
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || std::fs::File::open(reader_path).unwrap());
+    let extra = format!(
+        "[events]\npath = {:?}\nqueue = 4",
+        fifo.display().to_string()
+    );
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, &extra)).await;
+    let _reader = reader.join().unwrap();
+    // ~500 bytes an event: 600 of them are far beyond a 64 KiB pipe.
+    for i in 0..600 {
+        let answer = post(
+            &gw.url(),
+            "/v1/chat/completions",
+            &[("x-user-id", &format!("u{i}"))],
+            CHAT,
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    let text = eventually(gw.admin_addr.unwrap(), |text| {
+        sample(text, "abgate_events_dropped_total").is_some_and(|dropped| dropped > 0.0)
+    })
+    .await;
+    let dropped = sample(&text, "abgate_events_dropped_total").unwrap();
+    assert!(
+        dropped < 600.0,
+        "events were written until the pipe filled: {dropped}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

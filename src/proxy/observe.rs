@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 
 use crate::assign::Variant;
 use crate::body::Body;
@@ -89,7 +89,10 @@ impl ObservedBody {
         let Some(observation) = self.observation.take() else {
             return;
         };
-        let (prompt_tokens, completion_tokens) = self.usage.finish();
+        let (prompt_tokens, completion_tokens, valid) = self.usage.finish();
+        // A 2xx JSON answer that is not JSON is the upstream's fault even
+        // though its status says otherwise.
+        let error = error.or((!valid).then_some(UpstreamErrorKind::InvalidResponse));
         let record = RequestRecord {
             variant: observation.variant,
             route: observation.route,
@@ -138,9 +141,12 @@ impl std::fmt::Debug for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        // Dropped before the end: the client went away mid-answer.
         if self.observation.is_some() {
-            self.finish(Some(UpstreamErrorKind::ClientCancelled));
+            // A server that knows the length stops polling at the last byte
+            // and drops the body: that is a complete answer. Anything else
+            // dropped early means the client went away mid-answer.
+            let error = (!self.inner.is_end_stream()).then_some(UpstreamErrorKind::ClientCancelled);
+            self.finish(error);
         }
     }
 }
@@ -165,6 +171,9 @@ impl http_body::Body for ObservedBody {
                     }
                     this.bytes += data.len() as u64;
                     this.usage.feed(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(None);
                 }
             }
             Poll::Ready(Some(Err(_))) => this.finish(Some(UpstreamErrorKind::Reset)),
@@ -274,16 +283,21 @@ impl UsageReader {
         }
     }
 
-    fn finish(&mut self) -> (Option<u64>, Option<u64>) {
-        if self.format == UsageFormat::Json && !self.overflow && !self.chunks.is_empty() {
+    /// Token counts, and whether a JSON answer parsed (true when not read).
+    fn finish(&mut self) -> (Option<u64>, Option<u64>, bool) {
+        let mut valid = true;
+        if self.format == UsageFormat::Json && !self.overflow {
             let whole: Vec<u8> = self.chunks.concat();
-            if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&whole) {
-                if let Some(usage) = answer.get("usage") {
-                    self.take_usage(usage);
+            match serde_json::from_slice::<serde_json::Value>(&whole) {
+                Ok(answer) => {
+                    if let Some(usage) = answer.get("usage") {
+                        self.take_usage(usage);
+                    }
                 }
+                Err(_) => valid = false,
             }
         }
-        (self.prompt, self.completion)
+        (self.prompt, self.completion, valid)
     }
 }
 
@@ -302,7 +316,18 @@ mod tests {
         for piece in pieces {
             reader.feed(&Bytes::from(piece.to_string()));
         }
-        reader.finish()
+        let (prompt, completion, _) = reader.finish();
+        (prompt, completion)
+    }
+
+    #[test]
+    fn a_json_answer_that_does_not_parse_is_invalid() {
+        let mut reader = UsageReader::new(UsageFormat::Json);
+        reader.feed(&Bytes::from_static(b"{\"choices\": [tru"));
+        assert!(!reader.finish().2);
+        let mut reader = UsageReader::new(UsageFormat::EventStream);
+        reader.feed(&Bytes::from_static(b"data: not json\n\n"));
+        assert!(reader.finish().2, "SSE payloads are not judged");
     }
 
     #[test]
