@@ -1,0 +1,87 @@
+//! Per-request costs on the data path: assignment, body inspection and model
+//! rewrite, metric recording. Run with `cargo bench --bench hot_path`;
+//! results are recorded in loadtest/README.md, never asserted.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use abgate::assign::{self, Variant};
+use abgate::metrics::{Metrics, RequestRecord, UpstreamErrorKind};
+use abgate::proxy::json;
+use abgate::proxy::route::Route;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn chat_body(bytes: usize) -> Bytes {
+    let filler = "lorem ipsum dolor sit amet ".repeat(bytes / 27 + 1);
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","user":"user-123","temperature":0.2,"messages":[{{"role":"system","content":"You answer support emails."}},{{"role":"user","content":"{}"}}]}}"#,
+        &filler[..bytes.saturating_sub(160)]
+    );
+    Bytes::from(body)
+}
+
+fn assignment(c: &mut Criterion) {
+    c.bench_function("assign/bucket+variant", |b| {
+        b.iter(|| assign::assign(std::hint::black_box(b"user-1234567890"), None, 0.1))
+    });
+    c.bench_function("assign/salted", |b| {
+        b.iter(|| {
+            assign::assign(
+                std::hint::black_box(b"user-1234567890"),
+                Some("exp-42"),
+                0.1,
+            )
+        })
+    });
+}
+
+fn body(c: &mut Criterion) {
+    let model = serde_json::to_vec("ft:gpt-4o-mini:acme:support-email:abc123").unwrap();
+    let mut group = c.benchmark_group("body");
+    for size in [1024, 100 * 1024] {
+        let body = chat_body(size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("inspect", size), &body, |b, body| {
+            b.iter(|| json::inspect(body).unwrap())
+        });
+        group.bench_with_input(
+            BenchmarkId::new("inspect+rewrite", size),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    let fields = json::inspect(body).unwrap();
+                    json::rewrite_model(body, &fields.model_spans, &model)
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn metrics(c: &mut Criterion) {
+    let metrics = Metrics::new().unwrap();
+    let bound = metrics.bind("bench", 0.1);
+    let record = RequestRecord {
+        variant: Variant::Treatment,
+        route: Route::Chat,
+        stream: true,
+        status: 200,
+        duration: Duration::from_millis(850),
+        time_to_first_byte: Some(Duration::from_millis(120)),
+        response_bytes: 4096,
+        prompt_tokens: Some(120),
+        completion_tokens: Some(300),
+        error: None::<UpstreamErrorKind>,
+        overhead: Duration::from_micros(40),
+    };
+    c.bench_function("metrics/record_request", |b| {
+        b.iter(|| {
+            let _inflight = bound.start(Variant::Treatment);
+            bound.record(std::hint::black_box(&record));
+        })
+    });
+}
+
+criterion_group!(benches, assignment, body, metrics);
+criterion_main!(benches);
