@@ -51,7 +51,8 @@ impl Admin {
                 ),
             },
             (&Method::GET, "/admin/stats") => json(StatusCode::OK, self.stats()),
-            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/stats") => {
+            (&Method::GET, "/admin/rollout") => json(StatusCode::OK, self.rollout()),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/stats" | "/admin/rollout") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
             }
             (_, path) => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
@@ -84,6 +85,19 @@ impl Admin {
             "experiment": live.config.experiment,
             "treatment_fraction": live.config.treatment_fraction,
             "variants": variants,
+        })
+    }
+}
+
+impl Admin {
+    /// The running split and where it came from, for `GET /admin/rollout`.
+    pub fn rollout(&self) -> serde_json::Value {
+        let live = self.gateway.live();
+        serde_json::json!({
+            "experiment": live.config.experiment,
+            "treatment_fraction": live.config.treatment_fraction,
+            "source": "config",
+            "config": self.gateway.config_status(),
         })
     }
 }

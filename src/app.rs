@@ -47,6 +47,20 @@ impl Running {
     }
 }
 
+/// Loads `path`, serves it, and reloads it when it changes or on SIGHUP.
+pub async fn start_from_file(path: &std::path::Path) -> Result<Running, String> {
+    let snapshot = crate::config::load(path, &crate::config::ProcessEnv)
+        .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
+    let mut running = start(snapshot).await?;
+    let watcher = crate::reload::watch(
+        path.to_path_buf(),
+        running.gateway.clone(),
+        stop_signal(running.stop.subscribe()),
+    );
+    running.tasks.push(tokio::spawn(watcher));
+    Ok(running)
+}
+
 /// Binds the proxy and admin listeners of `snapshot` and serves them.
 pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
     let proxy_listener = server::bind(snapshot.listen)

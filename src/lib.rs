@@ -16,5 +16,6 @@ pub mod identity;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod reload;
 pub mod request_id;
 pub mod server;

@@ -127,9 +127,7 @@ fn run_async(job: impl std::future::Future<Output = Result<(), String>>) -> Exit
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {
-    let snapshot = config::load(&path, &ProcessEnv)
-        .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
-    let running = abgate::app::start(snapshot).await?;
+    let running = abgate::app::start_from_file(&path).await?;
     tracing::info!(proxy = %running.url(), admin = ?running.admin_addr, "abgate serving");
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");

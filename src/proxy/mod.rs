@@ -63,7 +63,10 @@ pub struct Gateway {
     live: ArcSwap<Live>,
     metrics: Arc<Metrics>,
     events: Option<EventSink>,
-    client: HttpClient,
+    /// Signs request ids when the config names no key; fixed for the
+    /// process so ids stay verifiable across reloads.
+    process_ids: RequestIds,
+    status: std::sync::Mutex<ConfigStatus>,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -73,6 +76,21 @@ pub struct Live {
     pub metrics: Arc<ExperimentMetrics>,
     /// Signs and verifies request ids.
     pub request_ids: RequestIds,
+    /// The upstream pool; kept across reloads that leave transport settings alone.
+    client: HttpClient,
+}
+
+/// When the running config was applied, and how the last reload went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigStatus {
+    /// Configs applied since start (1 = the one started with).
+    pub generation: u64,
+    pub applied_at: String,
+    pub last_reload_at: Option<String>,
+    /// Why the last reload was rejected; cleared by the next good one.
+    pub last_reload_error: Option<String>,
+    /// Changes in the applied config that only a restart applies.
+    pub pending_restart: Vec<String>,
 }
 
 /// What the gateway decided about a request, for headers and metrics.
@@ -92,6 +110,7 @@ impl Gateway {
     /// A gateway serving `snapshot`, recording into `metrics`.
     pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Self, String> {
         let client = client::build(&snapshot)?;
+        let process_ids = RequestIds::with_random_key();
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
         let events = match &snapshot.config.events {
             Some(config) => Some(
@@ -100,20 +119,94 @@ impl Gateway {
             ),
             None => None,
         };
-        let request_ids = match &snapshot.feedback_key {
-            Some(key) => RequestIds::new(key.clone()),
-            None => RequestIds::with_random_key(),
-        };
+        let request_ids = ids_for(&snapshot, &process_ids);
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
                 metrics: bound,
                 request_ids,
+                client,
             }),
             metrics,
             events,
-            client,
+            process_ids,
+            status: std::sync::Mutex::new(ConfigStatus {
+                generation: 1,
+                applied_at: crate::events::now_rfc3339(),
+                last_reload_at: None,
+                last_reload_error: None,
+                pending_restart: Vec::new(),
+            }),
         })
+    }
+
+    /// Swaps in a validated config. Requests already started finish on the
+    /// config they started with; new ones see this one. Listener addresses
+    /// and the event sink are bound at start: changes to them are reported
+    /// as waiting for a restart.
+    pub fn apply(&self, snapshot: Snapshot) -> Result<(), String> {
+        let previous = self.live.load_full();
+        let old = &previous.config;
+        let client = if transport(old) == transport(&snapshot) {
+            previous.client.clone()
+        } else {
+            client::build(&snapshot)?
+        };
+        let mut pending_restart = Vec::new();
+        if old.listen != snapshot.listen {
+            pending_restart.push("server.listen".to_owned());
+        }
+        if old.admin_listen != snapshot.admin_listen {
+            pending_restart.push("server.admin_listen".to_owned());
+        }
+        if old
+            .config
+            .events
+            .as_ref()
+            .map(|e| (&e.path, e.user_id, e.queue))
+            != snapshot
+                .config
+                .events
+                .as_ref()
+                .map(|e| (&e.path, e.user_id, e.queue))
+        {
+            pending_restart.push("events".to_owned());
+        }
+        let metrics = Arc::new(
+            self.metrics
+                .bind(&snapshot.experiment, snapshot.treatment_fraction),
+        );
+        let request_ids = ids_for(&snapshot, &self.process_ids);
+        self.live.store(Arc::new(Live {
+            config: snapshot,
+            metrics,
+            request_ids,
+            client,
+        }));
+        self.metrics.config_reloaded(true);
+        if let Ok(mut status) = self.status.lock() {
+            let now = crate::events::now_rfc3339();
+            status.generation += 1;
+            status.applied_at = now.clone();
+            status.last_reload_at = Some(now);
+            status.last_reload_error = None;
+            status.pending_restart = pending_restart;
+        }
+        Ok(())
+    }
+
+    /// Notes a rejected config: the running one stays.
+    pub fn reject(&self, error: &str) {
+        self.metrics.config_reloaded(false);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_reload_at = Some(crate::events::now_rfc3339());
+            status.last_reload_error = Some(error.to_owned());
+        }
+    }
+
+    /// When the running config was applied and how the last reload went.
+    pub fn config_status(&self) -> Option<ConfigStatus> {
+        self.status.lock().ok().map(|status| status.clone())
     }
 
     /// The config (and metric children) requests start on now.
@@ -303,7 +396,7 @@ impl Gateway {
         headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
 
         // Forward.
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = live.client.request(Request::from_parts(parts, body));
         let waiting = Instant::now();
         let response = tokio::time::timeout(config.first_byte_timeout, sent).await;
         decision.upstream_wait = waiting.elapsed();
@@ -332,6 +425,25 @@ impl crate::server::Handler for Gateway {
         _peer: SocketAddr,
     ) -> Response<Body> {
         self.proxy(request).await
+    }
+}
+
+/// Settings baked into the upstream client: a change rebuilds it.
+fn transport(config: &Snapshot) -> (std::time::Duration, [Option<&std::path::PathBuf>; 2]) {
+    (
+        config.connect_timeout,
+        [
+            config.control.ca_file.as_ref(),
+            config.treatment.ca_file.as_ref(),
+        ],
+    )
+}
+
+/// The config's signing key, or the process's own.
+fn ids_for(config: &Snapshot, process_ids: &RequestIds) -> RequestIds {
+    match &config.feedback_key {
+        Some(key) => RequestIds::new(key.clone()),
+        None => process_ids.clone(),
     }
 }
 

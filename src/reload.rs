@@ -1,0 +1,105 @@
+//! Hot reload: the config file is re-read when its bytes change (checked
+//! every 250 ms, so a change applies within a second) or on SIGHUP. A new
+//! config is parsed and validated whole, then swapped in; a bad one is
+//! rejected with its reasons, counted, shown by `GET /admin/rollout`, and
+//! the running config keeps serving.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{self, ProcessEnv};
+use crate::proxy::Gateway;
+
+/// How often the file is looked at.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Reads, validates and applies the file once; the error says why not.
+pub fn reload(path: &Path, gateway: &Gateway) -> Result<(), String> {
+    let result = config::load(path, &ProcessEnv)
+        .map_err(|err| format!("{} rejected:\n{err}", path.display()))
+        .and_then(|snapshot| gateway.apply(snapshot));
+    match &result {
+        Ok(()) => {
+            let live = gateway.live();
+            tracing::info!(
+                experiment = %live.config.experiment,
+                treatment_fraction = live.config.treatment_fraction,
+                "config reloaded"
+            );
+        }
+        Err(err) => {
+            tracing::error!("{err}; the running config keeps serving");
+            gateway.reject(err);
+        }
+    }
+    result
+}
+
+/// Watches `path` until `stop` resolves. The SIGHUP handler is installed
+/// now, before the returned future first runs, so a HUP sent once this
+/// returns is never taken for the default (terminate).
+pub fn watch(
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    stop: impl Future<Output = ()>,
+) -> impl Future<Output = ()> {
+    let hangup = hangup_signal();
+    let seen = std::fs::read(&path).ok();
+    watch_loop(path, gateway, stop, hangup, seen)
+}
+
+async fn watch_loop(
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    stop: impl Future<Output = ()>,
+    mut hangup: Hangup,
+    mut seen: Option<Vec<u8>>,
+) {
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            () = &mut stop => return,
+            _ = ticker.tick() => false,
+            () = next_hangup(&mut hangup) => true,
+        };
+        let current = std::fs::read(&path).ok();
+        if forced || (current.is_some() && current != seen) {
+            if forced {
+                tracing::info!("SIGHUP: reloading {}", path.display());
+            }
+            // Whatever the outcome, these bytes have been judged.
+            let _ = reload(&path, &gateway);
+            seen = current;
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {}
+
+#[cfg(unix)]
+async fn next_hangup(hangup: &mut Hangup) {
+    match hangup {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangup) {
+    std::future::pending().await
+}
