@@ -82,13 +82,7 @@ async fn bad_user_ids_get_400() {
     );
 
     let long = "u".repeat(513);
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", &long)],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), &long).await;
     assert_error(&answer, 400, "invalid_user_id", "513 bytes");
     let body = format!(r#"{{"model":"m","user":"{long}"}}"#);
     let answer = post(&gw.url(), "/v1/chat/completions", &[], &body).await;
@@ -145,13 +139,7 @@ async fn an_unreachable_upstream_gets_502_naming_the_variant() {
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let gw = gateway(&config_toml(&control.url(), &dead, 1.0, "")).await;
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "u").await;
     assert_error(&answer, 502, "connect", "treatment upstream");
     assert_eq!(answer.json()["error"]["variant"], "treatment");
     assert_eq!(answer.header("x-abgate-variant"), "treatment");
@@ -174,13 +162,7 @@ async fn an_upstream_that_resets_gets_502() {
         }
     });
     let gw = gateway(&config_toml(&control.url(), &rude_url, 1.0, "")).await;
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "u").await;
     assert_error(&answer, 502, "reset", "treatment upstream closed");
 }
 
@@ -203,13 +185,7 @@ async fn a_slow_upstream_gets_504_naming_the_variant() {
         "control upstream did not answer within 200 ms",
     );
     assert_eq!(answer.json()["error"]["type"], "timeout_error");
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "u").await;
     assert_eq!(answer.status, 200, "the next request is served normally");
 }
 

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use abgate::assign::{assign, Variant};
 use abgate::body::Body;
-use abgate::mock::MockConfig;
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -21,13 +20,7 @@ async fn users_are_routed_by_their_hash_and_the_model_is_rewritten() {
     let mut seen = BTreeMap::new();
     for i in 0..60 {
         let user = format!("user-{i}");
-        let answer = post(
-            &gw.url(),
-            "/v1/chat/completions",
-            &[("x-user-id", &user)],
-            CHAT,
-        )
-        .await;
+        let answer = chat(&gw.url(), &user).await;
         assert_eq!(answer.status, 200, "{}", answer.text());
         let expected = assign(user.as_bytes(), None, 0.5);
         assert_eq!(
@@ -62,21 +55,9 @@ async fn a_user_stays_in_the_same_arm() {
     let (control, treatment) = mocks().await;
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
     for user in ["alice", "bob", "ユーザー", "carol@example.com"] {
-        let first = post(
-            &gw.url(),
-            "/v1/chat/completions",
-            &[("x-user-id", user)],
-            CHAT,
-        )
-        .await;
+        let first = chat(&gw.url(), user).await;
         for _ in 0..5 {
-            let again = post(
-                &gw.url(),
-                "/v1/chat/completions",
-                &[("x-user-id", user)],
-                CHAT,
-            )
-            .await;
+            let again = chat(&gw.url(), user).await;
             assert_eq!(
                 again.header("x-abgate-variant"),
                 first.header("x-abgate-variant")
@@ -159,13 +140,7 @@ async fn without_a_user_id_control_serves_it_as_unassigned() {
     assert_eq!(answer.json()["model"], "base-model");
     assert_eq!((control.request_count(), treatment.request_count()), (1, 0));
     // An empty header is no ID either.
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "").await;
     assert_eq!(answer.header("x-abgate-variant"), "unassigned");
 }
 
@@ -174,13 +149,7 @@ async fn requiring_a_user_id_refuses_requests_without_one() {
     let (control, treatment) = mocks().await;
     let extra = "[identity]\nrequire = true\nheader = \"x-end-user\"";
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, extra)).await;
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "ignored")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "ignored").await;
     assert_eq!(answer.status, 400);
     let json = answer.json();
     assert_eq!(json["error"]["code"], "missing_user_id");
@@ -342,12 +311,7 @@ async fn upstream_errors_pass_through_unchanged() {
 
 #[tokio::test]
 async fn stream_chunks_reach_the_client_before_the_upstream_finishes() {
-    let held = MockConfig {
-        hold_streams: true,
-        ..MockConfig::named("base")
-    };
-    let control = spawn_mock(held).await;
-    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    let (control, treatment) = held_control_mocks().await;
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
     let body =
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;

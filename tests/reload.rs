@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abgate::body::Body;
-use abgate::mock::MockConfig;
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -171,13 +170,7 @@ async fn a_broken_file_is_rejected_whole_and_the_old_config_keeps_serving() {
         "the good part of a bad file is not applied either"
     );
     assert_eq!(state["config"]["generation"], 1);
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "u").await;
     assert_eq!(
         (answer.status.as_u16(), answer.header("x-abgate-variant")),
         (200, "treatment")
@@ -217,12 +210,7 @@ async fn a_broken_file_is_rejected_whole_and_the_old_config_keeps_serving() {
 
 #[tokio::test]
 async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
-    let control = spawn_mock(MockConfig {
-        hold_streams: true,
-        ..MockConfig::named("base")
-    })
-    .await;
-    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    let (control, treatment) = held_control_mocks().await;
     let path = temp_config(
         "inflight",
         &config_toml(&control.url(), &treatment.url(), 0.0, ""),
@@ -248,13 +236,7 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
         rollout(admin).await["treatment_fraction"] == 1.0
     })
     .await;
-    let after = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let after = chat(&gw.url(), "u").await;
     assert_eq!(
         after.header("x-abgate-variant"),
         "treatment",
@@ -269,31 +251,4 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
         "the old stream ran to its end: {rest}"
     );
     assert_eq!(control.streams_finished(), 1);
-}
-
-#[cfg(unix)]
-#[tokio::test]
-async fn sighup_reloads_the_file() {
-    let (control, treatment) = mocks().await;
-    let path = temp_config(
-        "sighup",
-        &config_toml(&control.url(), &treatment.url(), 0.25, ""),
-    );
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
-    let admin = gw.admin_addr.unwrap();
-    let before = rollout(admin).await["config"]["generation"]
-        .as_u64()
-        .unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    until("the SIGHUP reload", async || {
-        rollout(admin).await["config"]["generation"]
-            .as_u64()
-            .unwrap()
-            > before
-    })
-    .await;
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use abgate::assign::{assign, Variant};
 use abgate::body::Body;
-use abgate::mock::MockConfig;
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -193,12 +192,7 @@ async fn series_do_not_grow_with_users_and_never_name_them() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
-    let held = MockConfig {
-        hold_streams: true,
-        ..MockConfig::named("base")
-    };
-    let control = spawn_mock(held).await;
-    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    let (control, treatment) = held_control_mocks().await;
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
     let admin = gw.admin_addr.unwrap();
     let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
@@ -462,13 +456,7 @@ async fn a_2xx_answer_that_is_not_json_counts_as_invalid_response() {
         }
     });
     let gw = gateway(&config_toml(&control.url(), &broken_url, 1.0, "")).await;
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "u")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "u").await;
     assert_eq!(
         answer.status, 200,
         "the answer passes through as the upstream sent it"

@@ -79,13 +79,7 @@ async fn https_upstreams_with_a_private_ca_speak_http2() {
     );
     let gw = gateway(&toml).await;
     for user in ["a", "b", "c"] {
-        let answer = post(
-            &gw.url(),
-            "/v1/chat/completions",
-            &[("x-user-id", user)],
-            CHAT,
-        )
-        .await;
+        let answer = chat(&gw.url(), user).await;
         assert_eq!(answer.status, 200, "{}", answer.text());
         assert_eq!(answer.header("x-abgate-variant"), "treatment");
         assert_eq!(answer.json()["model"], "ft:base-model:acme:v3");
@@ -115,13 +109,7 @@ async fn an_untrusted_certificate_is_a_502_naming_the_variant() {
     let dir = temp_dir("tls-untrusted");
     let (url, _ca_file, _) = tls_front(treatment.addr, &dir).await;
     let gw = gateway(&config_toml(&control.url(), &url, 1.0, "")).await;
-    let answer = post(
-        &gw.url(),
-        "/v1/chat/completions",
-        &[("x-user-id", "a")],
-        CHAT,
-    )
-    .await;
+    let answer = chat(&gw.url(), "a").await;
     assert_eq!(answer.status, 502);
     let json = answer.json();
     assert_eq!(json["error"]["variant"], "treatment");

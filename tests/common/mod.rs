@@ -139,3 +139,20 @@ pub async fn post(base: &str, path: &str, headers: &[(&str, &str)], body: &str) 
 
 pub const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi there"}]}"#;
+
+/// A chat completion from `user` (the body is [`CHAT`]).
+pub async fn chat(base: &str, user: &str) -> Answer {
+    post(base, "/v1/chat/completions", &[("x-user-id", user)], CHAT).await
+}
+
+/// A control mock that holds its streams after the first event (until
+/// `release_streams`) and a plain treatment mock.
+pub async fn held_control_mocks() -> (MockHandle, MockHandle) {
+    let control = spawn_mock(MockConfig {
+        hold_streams: true,
+        ..MockConfig::named("base")
+    })
+    .await;
+    let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
+    (control, treatment)
+}
