@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::Body;
@@ -52,9 +53,11 @@ impl Admin {
             },
             (&Method::GET, "/admin/stats") => json(StatusCode::OK, self.stats()),
             (&Method::GET, "/admin/rollout") => json(StatusCode::OK, self.rollout()),
-            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/stats" | "/admin/rollout") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
-            }
+            (
+                _,
+                "/healthz" | "/readyz" | "/metrics" | "/admin/stats" | "/admin/rollout"
+                | "/admin/rollback",
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
             (_, path) => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
         }
     }
@@ -93,23 +96,171 @@ impl Admin {
     /// The running split and where it came from, for `GET /admin/rollout`.
     pub fn rollout(&self) -> serde_json::Value {
         let live = self.gateway.live();
+        let runtime = self.gateway.runtime_override();
         serde_json::json!({
             "experiment": live.config.experiment,
             "treatment_fraction": live.config.treatment_fraction,
-            "source": "config",
+            "config_fraction": live.config.config.experiment.treatment_fraction,
+            "source": runtime.as_ref().map_or("config", |o| o.source.as_str()),
+            "changed_at": runtime.as_ref().map(|o| o.at.clone()),
+            "reason": runtime.as_ref().map(|o| o.reason.clone()),
             "config": self.gateway.config_status(),
         })
     }
 }
 
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRollout {
+    treatment_fraction: f64,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    #[serde(default)]
+    reason: String,
+}
+
+impl Admin {
+    /// State changes: authorised by the bearer token, then applied.
+    async fn change(&self, request: Request<Incoming>) -> Response<Body> {
+        if let Err((status, message)) = self.authorize(request.headers()) {
+            return error(status, &message);
+        }
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let body = match http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(err) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot read the body: {err}"),
+                )
+            }
+        };
+        let result = match (method, path.as_str()) {
+            (Method::PUT, "/admin/rollout") => match serde_json::from_slice::<SetRollout>(&body) {
+                Ok(set) if !(0.0..=1.0).contains(&set.treatment_fraction) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "treatment_fraction {} must be from 0.0 to 1.0",
+                            set.treatment_fraction
+                        ),
+                    )
+                }
+                Ok(set) => self
+                    .gateway
+                    .set_fraction(set.treatment_fraction, "api", &set.reason),
+                Err(err) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                            "expected {{\"treatment_fraction\": 0.25, \"reason\": \"...\"}}: {err}"
+                        ),
+                    )
+                }
+            },
+            (Method::POST, "/admin/rollback") => {
+                let reason = if body.iter().all(u8::is_ascii_whitespace) {
+                    Reason::default()
+                } else {
+                    match serde_json::from_slice::<Reason>(&body) {
+                        Ok(reason) => reason,
+                        Err(err) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                &format!("expected {{\"reason\": \"...\"}}: {err}"),
+                            )
+                        }
+                    }
+                };
+                self.gateway.set_fraction(0.0, "api", &reason.reason)
+            }
+            (_, path) => {
+                return error(StatusCode::NOT_FOUND, &format!("no admin route for {path}"))
+            }
+        };
+        match result {
+            Ok(persisted) => {
+                let mut state = self.rollout();
+                if let Some(object) = state.as_object_mut() {
+                    object.insert("persisted".into(), persisted.into());
+                }
+                json(StatusCode::OK, state)
+            }
+            // Applied, but not written down: say so loudly.
+            Err(err) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("applied but not persisted: {err}"),
+            ),
+        }
+    }
+
+    /// Checks `Authorization: Bearer <token>` against the configured token
+    /// in constant time. Without a configured token nothing may change.
+    fn authorize(&self, headers: &http::HeaderMap) -> Result<(), (StatusCode, String)> {
+        let live = self.gateway.live();
+        let Some(expected) = &live.config.admin_token else {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "admin state changes are disabled: no token in {} (admin.token_env)",
+                    live.config.config.admin.token_env
+                ),
+            ));
+        };
+        let offered = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(offered.as_bytes(), expected.0.as_bytes()) {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".to_owned(),
+            ))
+        }
+    }
+}
+
+/// Compares digests, so neither the content nor the length of the token
+/// shows in how long a wrong guess takes.
+fn constant_time_eq(offered: &[u8], expected: &[u8]) -> bool {
+    use sha2::Digest;
+    let (a, b) = (
+        sha2::Sha256::digest(offered),
+        sha2::Sha256::digest(expected),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 impl crate::server::Handler for Admin {
-    fn handle(
+    async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
         _peer: SocketAddr,
-    ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
-        let response = self.answer(&request);
-        async move { response }
+    ) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
+            (&Method::PUT, "/admin/rollout") | (&Method::POST, "/admin/rollback") => {
+                self.change(request).await
+            }
+            _ => self.answer(&request),
+        }
     }
 }
 

@@ -51,7 +51,8 @@ impl Running {
 pub async fn start_from_file(path: &std::path::Path) -> Result<Running, String> {
     let snapshot = crate::config::load(path, &crate::config::ProcessEnv)
         .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
-    let mut running = start(snapshot).await?;
+    let runtime = crate::rollout::RuntimeState::beside(path);
+    let mut running = start_with(snapshot, runtime).await?;
     let watcher = crate::reload::watch(
         path.to_path_buf(),
         running.gateway.clone(),
@@ -61,8 +62,16 @@ pub async fn start_from_file(path: &std::path::Path) -> Result<Running, String> 
     Ok(running)
 }
 
-/// Binds the proxy and admin listeners of `snapshot` and serves them.
+/// Binds the proxy and admin listeners of `snapshot` and serves them;
+/// runtime changes are kept in memory only.
 pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
+    start_with(snapshot, crate::rollout::RuntimeState::in_memory()).await
+}
+
+async fn start_with(
+    snapshot: Snapshot,
+    runtime: crate::rollout::RuntimeState,
+) -> Result<Running, String> {
     let proxy_listener = server::bind(snapshot.listen)
         .await
         .map_err(|e| e.to_string())?;
@@ -76,7 +85,7 @@ pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
         None => None,
     };
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
-    let gateway = Arc::new(Gateway::new(snapshot, metrics)?);
+    let gateway = Arc::new(Gateway::new(snapshot, metrics, runtime)?);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(server::serve(
         proxy_listener,

@@ -42,6 +42,30 @@ pub struct Config {
     pub events: Option<crate::events::EventsConfig>,
     #[serde(default)]
     pub feedback: FeedbackConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Env var holding the bearer token that admin state changes need.
+    /// Without a token in it, state changes are refused.
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token_env: default_admin_token_env(),
+        }
+    }
+}
+
+fn default_admin_token_env() -> String {
+    "ABGATE_ADMIN_TOKEN".to_owned()
 }
 
 /// `[feedback]`: outcome reports quoting a request id.
@@ -368,7 +392,7 @@ impl Config {
         let feedback_key = match &self.feedback.key_env {
             None => None,
             Some(name) => match env.var(name) {
-                Some(key) if key.len() >= 16 => Some(key.into_bytes()),
+                Some(key) if key.len() >= 16 => Some(Secret(key.into_bytes())),
                 Some(_) => {
                     report(
                         "feedback.key_env",
@@ -393,6 +417,21 @@ impl Config {
                 report(
                     "feedback.outcomes",
                     format!("{outcome:?} must be letters, digits, '.', '_' or '-' (it is a metric label)"),
+                );
+            }
+        }
+        let admin_token = env
+            .var(&self.admin.token_env)
+            .map(|token| token.trim().to_owned())
+            .filter(|token| !token.is_empty());
+        if let Some(token) = &admin_token {
+            if token.len() < 16 {
+                report(
+                    "admin.token_env",
+                    format!(
+                        "the token in {} must be at least 16 characters",
+                        self.admin.token_env
+                    ),
                 );
             }
         }
@@ -439,6 +478,7 @@ impl Config {
                     control,
                     treatment,
                     feedback_key,
+                    admin_token: admin_token.map(Secret),
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     config: self.clone(),
@@ -646,9 +686,19 @@ pub fn read_pem_certs(
     }
 }
 
+/// A value that must not reach logs: `Debug` prints `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(pub T);
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The validated config the data path reads: everything parsed, every
 /// header value built, no further checks needed per request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
@@ -663,7 +713,9 @@ pub struct Snapshot {
     pub control: Upstream,
     pub treatment: Upstream,
     /// Key request ids are signed with, from `feedback.key_env`.
-    pub feedback_key: Option<Vec<u8>>,
+    pub feedback_key: Option<Secret<Vec<u8>>>,
+    /// Bearer token for admin state changes, from `admin.token_env`.
+    pub admin_token: Option<Secret<String>>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     /// The config as written (secrets appear only as env var names).
@@ -681,7 +733,7 @@ impl Snapshot {
 }
 
 /// One arm's resolved upstream.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -696,7 +748,7 @@ pub struct Upstream {
 }
 
 /// A model name prepared once for the body splice and the response header.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ModelRewrite {
     pub name: String,
     /// The name as a JSON string literal, quotes and escapes included.

@@ -18,4 +18,5 @@ pub mod mock;
 pub mod proxy;
 pub mod reload;
 pub mod request_id;
+pub mod rollout;
 pub mod server;

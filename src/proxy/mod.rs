@@ -42,6 +42,7 @@ use crate::events::EventSink;
 use crate::identity::{self, IdentityRules};
 use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
 use crate::request_id::RequestIds;
+use crate::rollout::RuntimeState;
 use client::HttpClient;
 use error::ProxyError;
 use json::BodyFields;
@@ -67,6 +68,10 @@ pub struct Gateway {
     /// process so ids stay verifiable across reloads.
     process_ids: RequestIds,
     status: std::sync::Mutex<ConfigStatus>,
+    /// Runtime changes to the split and where they are kept.
+    runtime: RuntimeState,
+    /// Serialises changes of the live config (reloads and API calls).
+    changing: std::sync::Mutex<()>,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -107,8 +112,16 @@ struct Decision {
 }
 
 impl Gateway {
-    /// A gateway serving `snapshot`, recording into `metrics`.
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Result<Self, String> {
+    /// A gateway serving `snapshot` (with any runtime change in `runtime`
+    /// that still applies), recording into `metrics`.
+    pub fn new(
+        mut snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        runtime: RuntimeState,
+    ) -> Result<Self, String> {
+        if let Some(state) = runtime.resolve(&snapshot) {
+            snapshot.treatment_fraction = state.treatment_fraction;
+        }
         let client = client::build(&snapshot)?;
         let process_ids = RequestIds::with_random_key();
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
@@ -137,14 +150,64 @@ impl Gateway {
                 last_reload_error: None,
                 pending_restart: Vec::new(),
             }),
+            runtime,
+            changing: std::sync::Mutex::new(()),
         })
+    }
+
+    /// The runtime change in force, if any.
+    pub fn runtime_override(&self) -> Option<crate::rollout::Override> {
+        self.runtime.current()
+    }
+
+    /// Sets the treatment fraction at run time (`source`: api, guardrail…):
+    /// applied at once, then persisted and audited. Returns whether the
+    /// change reached disk.
+    pub fn set_fraction(&self, fraction: f64, source: &str, reason: &str) -> Result<bool, String> {
+        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+            return Err(format!(
+                "treatment_fraction {fraction} must be from 0.0 to 1.0"
+            ));
+        }
+        let _changing = self
+            .changing
+            .lock()
+            .map_err(|_| "config lock poisoned".to_owned())?;
+        let previous = self.live.load_full();
+        let old = previous.config.treatment_fraction;
+        let mut config = previous.config.clone();
+        config.treatment_fraction = fraction;
+        let metrics = Arc::new(self.metrics.bind(&config.experiment, fraction));
+        let state = crate::rollout::Override {
+            experiment: config.experiment.clone(),
+            treatment_fraction: fraction,
+            config_fraction: config.config.experiment.treatment_fraction,
+            source: source.to_owned(),
+            reason: reason.to_owned(),
+            at: crate::events::now_rfc3339(),
+        };
+        // Serve the new split first: a rollback must not wait on a disk.
+        self.live.store(Arc::new(Live {
+            config,
+            metrics,
+            request_ids: previous.request_ids.clone(),
+            client: previous.client.clone(),
+        }));
+        self.runtime.record(state, old)
     }
 
     /// Swaps in a validated config. Requests already started finish on the
     /// config they started with; new ones see this one. Listener addresses
     /// and the event sink are bound at start: changes to them are reported
     /// as waiting for a restart.
-    pub fn apply(&self, snapshot: Snapshot) -> Result<(), String> {
+    pub fn apply(&self, mut snapshot: Snapshot) -> Result<(), String> {
+        let _changing = self
+            .changing
+            .lock()
+            .map_err(|_| "config lock poisoned".to_owned())?;
+        if let Some(state) = self.runtime.resolve(&snapshot) {
+            snapshot.treatment_fraction = state.treatment_fraction;
+        }
         let previous = self.live.load_full();
         let old = &previous.config;
         let client = if transport(old) == transport(&snapshot) {
@@ -442,7 +505,7 @@ fn transport(config: &Snapshot) -> (std::time::Duration, [Option<&std::path::Pat
 /// The config's signing key, or the process's own.
 fn ids_for(config: &Snapshot, process_ids: &RequestIds) -> RequestIds {
     match &config.feedback_key {
-        Some(key) => RequestIds::new(key.clone()),
+        Some(key) => RequestIds::new(key.0.clone()),
         None => process_ids.clone(),
     }
 }
