@@ -134,10 +134,10 @@ async fn paths_outside_v1_get_404() {
 #[tokio::test]
 async fn an_unreachable_upstream_gets_502_naming_the_variant() {
     let (control, _) = mocks().await;
-    // A port that was just free: nothing listens there.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    // Port 1 (tcpmux) on loopback: nothing listens there, so the connection
+    // is refused. (A port freed by the test could be reused by a parallel
+    // test's server.)
+    let dead = "http://127.0.0.1:1".to_owned();
     let gw = gateway(&config_toml(&control.url(), &dead, 1.0, "")).await;
     let answer = chat(&gw.url(), "u").await;
     assert_error(&answer, 502, "connect", "treatment upstream");
