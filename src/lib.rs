@@ -6,6 +6,7 @@
 //! as they arrive.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod assign;
 pub mod body;

@@ -60,6 +60,30 @@ enum Command {
     },
     /// Validate a config file and print every problem found.
     CheckConfig { file: PathBuf },
+    /// Show or change the running split through the admin API.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+        /// The gateway's admin address.
+        #[arg(long, default_value = "http://127.0.0.1:9090", global = true)]
+        admin_url: String,
+        /// Env var holding the admin token.
+        #[arg(long, default_value = "ABGATE_ADMIN_TOKEN", global = true)]
+        token_env: String,
+        /// Why: kept in the audit log.
+        #[arg(long, default_value = "", global = true)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Print the running split, its source and the reload status.
+    Status,
+    /// Set the treatment fraction, e.g. `set 0.25`.
+    Set { treatment_fraction: f64 },
+    /// Send every user to control at once.
+    Rollback,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +95,12 @@ fn main() -> ExitCode {
             ids,
         } => run_assign(fraction, salt.as_deref(), &ids),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Rollout {
+            action,
+            admin_url,
+            token_env,
+            reason,
+        } => run_async(rollout(action, admin_url, token_env, reason)),
         Command::Serve { config } => run_async(serve(config)),
         Command::Demo(args) => run_async(abgate::demo::run(args)),
         Command::Mock {
@@ -156,6 +186,44 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn rollout(
+    action: RolloutAction,
+    admin_url: String,
+    token_env: String,
+    reason: String,
+) -> Result<(), String> {
+    use http::Method;
+    let token = std::env::var(&token_env).ok();
+    let needs_token = !matches!(action, RolloutAction::Status);
+    if needs_token && token.is_none() {
+        return Err(format!("set {token_env} to the gateway's admin token"));
+    }
+    let (method, path, body) = match action {
+        RolloutAction::Status => (Method::GET, "/admin/rollout", None),
+        RolloutAction::Set { treatment_fraction } => (
+            Method::PUT,
+            "/admin/rollout",
+            Some(serde_json::json!({"treatment_fraction": treatment_fraction, "reason": reason})),
+        ),
+        RolloutAction::Rollback => (
+            Method::POST,
+            "/admin/rollback",
+            Some(serde_json::json!({"reason": reason})),
+        ),
+    };
+    let (status, json) =
+        abgate::admin_client::call(&admin_url, method, path, token.as_deref(), body).await?;
+    if !status.is_success() {
+        let message = json["error"]["message"].as_str().unwrap_or("no message");
+        return Err(format!("{status}: {message}"));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    Ok(())
 }
 
 fn run_assign(fraction: f64, salt: Option<&str>, ids: &[String]) -> ExitCode {

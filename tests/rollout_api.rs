@@ -216,3 +216,65 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     gw.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_rollout_cli_sets_rolls_back_and_shows_status() {
+    let (control, treatment) = mocks().await;
+    let toml = config_toml(
+        &control.url(),
+        &treatment.url(),
+        0.1,
+        "[admin]\ntoken_env = \"T\"",
+    );
+    let gw = gateway_with_env(&toml, BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])).await;
+    let admin_url = format!("http://{}", gw.admin_addr.unwrap());
+    let cli = |args: &[&str], token: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_abgate"));
+        command.arg("rollout").args(args).args([
+            "--admin-url",
+            &admin_url,
+            "--token-env",
+            "CLI_TOKEN",
+        ]);
+        command.env_remove("CLI_TOKEN").env("ABGATE_LOG", "error");
+        if let Some(token) = token {
+            command.env("CLI_TOKEN", token);
+        }
+        async move { bounded(command.output()).await.unwrap() }
+    };
+
+    let output = cli(&["set", "0.5", "--reason", "stage 3"], Some(TOKEN)).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (
+            state["treatment_fraction"].as_f64(),
+            state["reason"].as_str()
+        ),
+        (Some(0.5), Some("stage 3"))
+    );
+
+    let output = cli(&["rollback"], Some("wrong-token-wrong-token")).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
+    let output = cli(&["rollback"], None).await;
+    assert!(String::from_utf8_lossy(&output.stderr).contains("set CLI_TOKEN"));
+
+    let output = cli(&["rollback", "--reason", "latency"], Some(TOKEN)).await;
+    assert!(output.status.success());
+    let output = cli(&["status"], None).await;
+    assert!(output.status.success());
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (
+            state["treatment_fraction"].as_f64(),
+            state["source"].as_str()
+        ),
+        (Some(0.0), Some("api"))
+    );
+    assert_eq!(state["reason"], "latency");
+}
