@@ -37,7 +37,7 @@ impl Admin {
                     }),
                 )
             }
-            (&Method::GET, "/metrics") => match self.gateway.metrics().encode() {
+            (&Method::GET, "/metrics") => match self.encode_metrics() {
                 Ok(text) => {
                     let mut response = Response::new(Body::full(text));
                     response.headers_mut().insert(
@@ -87,12 +87,29 @@ impl Admin {
         serde_json::json!({
             "experiment": live.config.experiment,
             "treatment_fraction": live.config.treatment_fraction,
+            "sample_ratio": self.sample_ratio(),
             "variants": variants,
         })
     }
 }
 
 impl Admin {
+    /// The registry as Prometheus text, with the sample ratio test fresh.
+    fn encode_metrics(&self) -> Result<Vec<u8>, prometheus::Error> {
+        self.sample_ratio();
+        self.gateway.metrics().encode()
+    }
+
+    /// Tests the arms' counts against the split and publishes the result.
+    fn sample_ratio(&self) -> crate::srm::SampleRatio {
+        let live = self.gateway.live();
+        let result = live.arm_counts.check(live.config.treatment_fraction);
+        self.gateway
+            .metrics()
+            .set_sample_ratio(&live.config.experiment, &result);
+        result
+    }
+
     /// The running split and where it came from, for `GET /admin/rollout`.
     pub fn rollout(&self) -> serde_json::Value {
         let live = self.gateway.live();

@@ -21,3 +21,4 @@ pub mod reload;
 pub mod request_id;
 pub mod rollout;
 pub mod server;
+pub mod srm;

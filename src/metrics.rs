@@ -156,6 +156,8 @@ pub struct Metrics {
     events_dropped: IntCounter,
     feedback: IntCounterVec,
     feedback_rating: HistogramVec,
+    sample_ratio_p_value: GaugeVec,
+    sample_ratio_mismatch: IntGaugeVec,
 }
 
 fn histogram(
@@ -251,6 +253,20 @@ impl Metrics {
             &[1.0, 2.0, 3.0, 4.0, 5.0],
             &["experiment", "variant"],
         )?;
+        let sample_ratio_p_value = GaugeVec::new(
+            Opts::new(
+                "abgate_sample_ratio_p_value",
+                "Chi-square p-value of the per-arm request counts against the split, since the fraction last changed.",
+            ),
+            &["experiment"],
+        )?;
+        let sample_ratio_mismatch = IntGaugeVec::new(
+            Opts::new(
+                "abgate_sample_ratio_mismatch",
+                "1 when the arms' request counts do not fit the split (p < 0.001).",
+            ),
+            &["experiment"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "abgate_build_info",
@@ -275,6 +291,8 @@ impl Metrics {
             Box::new(events_dropped.clone()),
             Box::new(feedback.clone()),
             Box::new(feedback_rating.clone()),
+            Box::new(sample_ratio_p_value.clone()),
+            Box::new(sample_ratio_mismatch.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -297,7 +315,19 @@ impl Metrics {
             events_dropped,
             feedback,
             feedback_rating,
+            sample_ratio_p_value,
+            sample_ratio_mismatch,
         })
+    }
+
+    /// Publishes the latest sample ratio test for `experiment`.
+    pub fn set_sample_ratio(&self, experiment: &str, result: &crate::srm::SampleRatio) {
+        self.sample_ratio_p_value
+            .with_label_values(&[experiment])
+            .set(result.p_value);
+        self.sample_ratio_mismatch
+            .with_label_values(&[experiment])
+            .set(i64::from(result.mismatch));
     }
 
     /// Counts an outcome report (and its rating) for the arm that served it.

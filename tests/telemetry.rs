@@ -512,3 +512,56 @@ async fn a_stuck_event_writer_drops_events_and_never_slows_requests() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_sample_that_does_not_fit_the_split_is_flagged() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let stats = || async { get_stats(admin).await["sample_ratio"].clone() };
+
+    // 400 distinct users, as hashed: fits the 50% split.
+    for i in 0..400 {
+        chat(&gw.url(), &format!("srm-user-{i}")).await;
+    }
+    let fair = stats().await;
+    assert_eq!(
+        fair["control"].as_u64().unwrap() + fair["treatment"].as_u64().unwrap(),
+        400
+    );
+    assert_eq!(fair["expected_treatment_share"], 0.5);
+    assert_eq!(fair["mismatch"], false, "{fair}");
+
+    // Then 300 requests that all land in control, as when a client drops
+    // the treatment arm's traffic: the split no longer fits.
+    let control_users: Vec<String> = (0..)
+        .map(|i| format!("other-user-{i}"))
+        .filter(|u| assign(u.as_bytes(), None, 0.5) == Variant::Control)
+        .take(300)
+        .collect();
+    for user in &control_users {
+        chat(&gw.url(), user).await;
+    }
+    let skewed = stats().await;
+    assert_eq!(skewed["mismatch"], true, "{skewed}");
+    assert!(skewed["p_value"].as_f64().unwrap() < 0.001);
+    let text = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"abgate_sample_ratio_mismatch{experiment="test-exp"}"#
+        ),
+        Some(1.0)
+    );
+
+    // A new fraction is a new comparison: the counts start again.
+    gw.gateway
+        .set_fraction(0.25, "api", "stage change")
+        .unwrap();
+    let fresh = stats().await;
+    assert_eq!(
+        (fresh["control"].as_u64(), fresh["treatment"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(fresh["mismatch"], false);
+}

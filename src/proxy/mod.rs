@@ -83,6 +83,8 @@ pub struct Live {
     pub request_ids: RequestIds,
     /// The upstream pool; kept across reloads that leave transport settings alone.
     client: HttpClient,
+    /// Requests per arm since the treatment fraction last changed.
+    pub arm_counts: Arc<crate::srm::ArmCounts>,
 }
 
 /// When the running config was applied, and how the last reload went.
@@ -139,6 +141,7 @@ impl Gateway {
                 metrics: bound,
                 request_ids,
                 client,
+                arm_counts: Arc::default(),
             }),
             metrics,
             events,
@@ -187,11 +190,17 @@ impl Gateway {
             at: crate::events::now_rfc3339(),
         };
         // Serve the new split first: a rollback must not wait on a disk.
+        let arm_counts = if fraction == old {
+            previous.arm_counts.clone()
+        } else {
+            Arc::default()
+        };
         self.live.store(Arc::new(Live {
             config,
             metrics,
             request_ids: previous.request_ids.clone(),
             client: previous.client.clone(),
+            arm_counts,
         }));
         self.runtime.record(state, old)
     }
@@ -240,11 +249,21 @@ impl Gateway {
                 .bind(&snapshot.experiment, snapshot.treatment_fraction),
         );
         let request_ids = ids_for(&snapshot, &self.process_ids);
+        // The counts compare with one split: a new fraction starts them anew.
+        let arm_counts = if snapshot.treatment_fraction == old.treatment_fraction
+            && snapshot.experiment == old.experiment
+            && snapshot.salt == old.salt
+        {
+            previous.arm_counts.clone()
+        } else {
+            Arc::default()
+        };
         self.live.store(Arc::new(Live {
             config: snapshot,
             metrics,
             request_ids,
             client,
+            arm_counts,
         }));
         self.metrics.config_reloaded(true);
         if let Ok(mut status) = self.status.lock() {
@@ -431,6 +450,7 @@ impl Gateway {
         }
         decision.variant = Some(variant);
         decision.inflight = Some(live.metrics.start(variant));
+        live.arm_counts.count(variant);
         let upstream = config.upstream(variant);
 
         // Rewrite.
