@@ -36,6 +36,24 @@ async fn admin_call(
     .await
 }
 
+/// Two mocks and a gateway at `fraction` whose admin token is [`TOKEN`].
+async fn gateway_with_token(
+    fraction: f64,
+) -> (
+    (abgate::mock::MockHandle, abgate::mock::MockHandle),
+    abgate::app::Running,
+) {
+    let (control, treatment) = mocks().await;
+    let toml = config_toml(
+        &control.url(),
+        &treatment.url(),
+        fraction,
+        "[admin]\ntoken_env = \"T\"",
+    );
+    let gw = gateway_with_env(&toml, BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])).await;
+    ((control, treatment), gw)
+}
+
 async fn rollout(admin: std::net::SocketAddr) -> serde_json::Value {
     admin_call(admin, "GET", "/admin/rollout", None, "")
         .await
@@ -61,14 +79,7 @@ async fn without_a_configured_token_nothing_changes() {
 
 #[tokio::test]
 async fn the_token_is_required_and_changes_apply_at_once() {
-    let (control, treatment) = mocks().await;
-    let toml = config_toml(
-        &control.url(),
-        &treatment.url(),
-        0.1,
-        "[admin]\ntoken_env = \"T\"",
-    );
-    let gw = gateway_with_env(&toml, BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])).await;
+    let (_mocks, gw) = gateway_with_token(0.1).await;
     let admin = gw.admin_addr.unwrap();
     let set = r#"{"treatment_fraction": 1.0, "reason": "full rollout"}"#;
     for token in [None, Some("wrong-token-wrong-token"), Some("")] {
@@ -219,14 +230,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
 
 #[tokio::test]
 async fn the_rollout_cli_sets_rolls_back_and_shows_status() {
-    let (control, treatment) = mocks().await;
-    let toml = config_toml(
-        &control.url(),
-        &treatment.url(),
-        0.1,
-        "[admin]\ntoken_env = \"T\"",
-    );
-    let gw = gateway_with_env(&toml, BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])).await;
+    let (_mocks, gw) = gateway_with_token(0.1).await;
     let admin_url = format!("http://{}", gw.admin_addr.unwrap());
     let cli = |args: &[&str], token: Option<&str>| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_abgate"));
