@@ -441,20 +441,13 @@ async fn get_stats(admin: std::net::SocketAddr) -> serde_json::Value {
 
 #[tokio::test]
 async fn a_2xx_answer_that_is_not_json_counts_as_invalid_response() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (control, _) = mocks().await;
     // Answers 200 application/json with a body that is not JSON.
-    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broken_url = format!("http://{}", broken.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = broken.accept().await {
-            let mut buffer = vec![0u8; 16 * 1024];
-            let _ = socket.read(&mut buffer).await;
-            let body = "{\"choices\": [tru";
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
-            let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
-        }
-    });
+    let broken_url = raw_upstream(raw_answer(
+        "content-type: application/json\r\n",
+        b"{\"choices\": [tru",
+    ))
+    .await;
     let gw = gateway(&config_toml(&control.url(), &broken_url, 1.0, "")).await;
     let answer = chat(&gw.url(), "u").await;
     assert_eq!(
@@ -564,4 +557,44 @@ async fn a_sample_that_does_not_fit_the_split_is_flagged() {
         (Some(0), Some(0))
     );
     assert_eq!(fresh["mismatch"], false);
+}
+
+#[tokio::test]
+async fn tokens_are_read_from_gzip_answers_that_pass_through_compressed() {
+    use std::io::Write;
+    let (control, _) = mocks().await;
+    let json = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":21,"completion_tokens":55}}"#;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(json).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let upstream = raw_upstream(raw_answer(
+        "content-type: application/json\r\ncontent-encoding: gzip\r\n",
+        &compressed,
+    ))
+    .await;
+    let gw = gateway(&config_toml(&control.url(), &upstream, 1.0, "")).await;
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[("x-user-id", "u"), ("accept-encoding", "gzip")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(answer.header("content-encoding"), "gzip");
+    assert_eq!(
+        answer.body.as_ref(),
+        compressed.as_slice(),
+        "the client gets the bytes as sent"
+    );
+    eventually(gw.admin_addr.unwrap(), |text| {
+        sample(
+            text,
+            r#"abgate_tokens_total{experiment="test-exp",kind="completion",variant="treatment"}"#,
+        ) == Some(55.0)
+            && sample(
+                text,
+                r#"abgate_tokens_total{experiment="test-exp",kind="prompt",variant="treatment"}"#,
+            ) == Some(21.0)
+    })
+    .await;
 }

@@ -530,16 +530,28 @@ fn ids_for(config: &Snapshot, process_ids: &RequestIds) -> RequestIds {
     }
 }
 
-/// How to read token usage from a response: only successful, uncompressed
-/// JSON or SSE answers are read.
+/// How to read token usage from a response: successful JSON (plain or
+/// gzip, as providers send it when clients accept it) or plain SSE answers.
 fn usage_format(response: &Response<Body>) -> UsageFormat {
     let headers = response.headers();
-    if !response.status().is_success() || headers.contains_key(http::header::CONTENT_ENCODING) {
+    if !response.status().is_success() {
         return UsageFormat::None;
     }
-    match headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        Some(media) if media.starts_with("text/event-stream") => UsageFormat::EventStream,
-        Some(media) if media.starts_with("application/json") => UsageFormat::Json,
+    let encoding = headers
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let media = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    match (media, encoding.as_deref()) {
+        (Some(media), None | Some("identity")) if media.starts_with("text/event-stream") => {
+            UsageFormat::EventStream
+        }
+        (Some(media), None | Some("identity")) if media.starts_with("application/json") => {
+            UsageFormat::Json
+        }
+        (Some(media), Some("gzip")) if media.starts_with("application/json") => {
+            UsageFormat::GzipJson
+        }
         _ => UsageFormat::None,
     }
 }

@@ -33,7 +33,10 @@ pub enum UsageFormat {
     EventStream,
     /// One JSON document.
     Json,
-    /// Not read (errors, compressed or other content).
+    /// One gzip-compressed JSON document: a copy is inflated at the end,
+    /// the client gets the bytes as sent.
+    GzipJson,
+    /// Not read (errors, other encodings or content).
     None,
 }
 
@@ -221,7 +224,7 @@ impl UsageReader {
     fn feed(&mut self, data: &Bytes) {
         match self.format {
             UsageFormat::None => {}
-            UsageFormat::Json => {
+            UsageFormat::Json | UsageFormat::GzipJson => {
                 self.kept += data.len();
                 if self.kept > USAGE_SCAN_LIMIT {
                     self.overflow = true;
@@ -286,8 +289,15 @@ impl UsageReader {
     /// Token counts, and whether a JSON answer parsed (true when not read).
     fn finish(&mut self) -> (Option<u64>, Option<u64>, bool) {
         let mut valid = true;
-        if self.format == UsageFormat::Json && !self.overflow {
-            let whole: Vec<u8> = self.chunks.concat();
+        let json = matches!(self.format, UsageFormat::Json | UsageFormat::GzipJson);
+        if json && !self.overflow {
+            let mut whole: Vec<u8> = self.chunks.concat();
+            if self.format == UsageFormat::GzipJson {
+                whole = match inflate(&whole) {
+                    Some(inflated) => inflated,
+                    None => return (self.prompt, self.completion, false),
+                };
+            }
             match serde_json::from_slice::<serde_json::Value>(&whole) {
                 Ok(answer) => {
                     if let Some(usage) = answer.get("usage") {
@@ -299,6 +309,19 @@ impl UsageReader {
         }
         (self.prompt, self.completion, valid)
     }
+}
+
+/// Inflates a gzip body, up to the scan limit (a bomb is not read, not
+/// judged either).
+fn inflate(compressed: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut inflated = Vec::new();
+    let limit = USAGE_SCAN_LIMIT as u64 * 8;
+    flate2::read::GzDecoder::new(compressed)
+        .take(limit)
+        .read_to_end(&mut inflated)
+        .ok()?;
+    Some(inflated)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -318,6 +341,24 @@ mod tests {
         }
         let (prompt, completion, _) = reader.finish();
         (prompt, completion)
+    }
+
+    #[test]
+    fn gzip_json_usage_is_read_from_a_side_copy() {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder
+            .write_all(b"{\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}")
+            .unwrap();
+        let compressed = encoder.finish().unwrap();
+        let mut reader = UsageReader::new(UsageFormat::GzipJson);
+        let (first, second) = compressed.split_at(compressed.len() / 2);
+        reader.feed(&Bytes::copy_from_slice(first));
+        reader.feed(&Bytes::copy_from_slice(second));
+        assert_eq!(reader.finish(), (Some(12), Some(34), true));
+        let mut corrupt = UsageReader::new(UsageFormat::GzipJson);
+        corrupt.feed(&Bytes::from_static(b"not gzip"));
+        assert!(!corrupt.finish().2);
     }
 
     #[test]

@@ -156,3 +156,31 @@ pub async fn held_control_mocks() -> (MockHandle, MockHandle) {
     let treatment = spawn_mock(MockConfig::named("fine-tuned")).await;
     (control, treatment)
 }
+
+/// An upstream that reads each request and answers every one with the same
+/// bytes (status line, headers, body), then closes: for answers the mock
+/// does not give.
+pub async fn raw_upstream(answer: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buffer = vec![0u8; 16 * 1024];
+            let _ = socket.read(&mut buffer).await;
+            let _ = socket.write_all(&answer).await;
+        }
+    });
+    url
+}
+
+/// A 200 answer with these headers and body, `connection: close`.
+pub fn raw_answer(headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(body);
+    answer
+}
