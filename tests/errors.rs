@@ -191,8 +191,7 @@ async fn a_slow_upstream_gets_504_naming_the_variant() {
 
 #[tokio::test]
 async fn check_config_prints_every_problem() {
-    let dir = std::env::temp_dir().join(format!("abgate-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("check");
     let file = dir.join("bad.toml");
     let text = config_toml("ftp://nowhere", "http://127.0.0.1:1", 2.0, "")
         .replace("name = \"test-exp\"", "name = \"has spaces\"");

@@ -109,9 +109,7 @@ async fn dashboard_and_alerts_work_against_a_real_prometheus() {
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
     let admin = gw.admin_addr.unwrap();
 
-    let dir = std::env::temp_dir().join(format!("abgate-prometheus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("prometheus");
     std::fs::write(
         dir.join("prometheus.yml"),
         format!(

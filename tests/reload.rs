@@ -5,25 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abgate::body::Body;
-use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::BodyExt;
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("abgate-reload-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("abgate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// Replaces the file the way deploy tools do: write aside, then rename.
 fn replace(path: &Path, text: &str) {
@@ -216,12 +206,7 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
         &config_toml(&control.url(), &treatment.url(), 0.0, ""),
     );
     let gw = abgate::app::start_from_file(&path).await.unwrap();
-    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
-    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
-        .header("content-type", "application/json")
-        .header("x-user-id", "u")
-        .body(Body::full(Bytes::from(body)))
-        .unwrap();
+    let request = chat_stream_request(&gw.url(), "u");
     let response = bounded(client().request(request)).await.unwrap();
     assert_eq!(response.headers()["x-abgate-variant"], "control");
     let mut stream = response.into_body();

@@ -159,9 +159,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     // config::load reads the process environment for the token.
     std::env::set_var("ABGATE_TEST_ROLLOUT_TOKEN", TOKEN);
     let (control, treatment) = mocks().await;
-    let dir = std::env::temp_dir().join(format!("abgate-rollout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("rollout");
     let path = dir.join("abgate.toml");
     let extra = "[admin]\ntoken_env = \"ABGATE_TEST_ROLLOUT_TOKEN\"";
     std::fs::write(

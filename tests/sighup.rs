@@ -10,15 +10,6 @@ use abgate::body::Body;
 use common::*;
 use http::Request;
 
-fn temp_config(text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("abgate-sighup-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("abgate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 async fn generation(admin: std::net::SocketAddr) -> u64 {
     let state = send(
         Request::get(format!("http://{admin}/admin/rollout"))
@@ -34,7 +25,10 @@ async fn generation(admin: std::net::SocketAddr) -> u64 {
 #[tokio::test]
 async fn sighup_reloads_the_file() {
     let (control, treatment) = mocks().await;
-    let path = temp_config(&config_toml(&control.url(), &treatment.url(), 0.25, ""));
+    let path = temp_config(
+        "sighup",
+        &config_toml(&control.url(), &treatment.url(), 0.25, ""),
+    );
     let gw = abgate::app::start_from_file(&path).await.unwrap();
     let admin = gw.admin_addr.unwrap();
     let before = generation(admin).await;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use abgate::assign::{assign, Variant};
 use abgate::body::Body;
-use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::BodyExt;
@@ -195,12 +194,7 @@ async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
     let (control, treatment) = held_control_mocks().await;
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
     let admin = gw.admin_addr.unwrap();
-    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
-    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
-        .header("content-type", "application/json")
-        .header("x-user-id", "leaver")
-        .body(Body::full(Bytes::from(body)))
-        .unwrap();
+    let request = chat_stream_request(&gw.url(), "leaver");
     let client = client();
     let response = bounded(client.request(request)).await.unwrap();
     let mut body = response.into_body();
@@ -228,8 +222,7 @@ async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
 #[tokio::test]
 async fn every_request_becomes_one_event_line_joinable_by_request_id() {
     let (control, treatment) = mocks().await;
-    let dir = std::env::temp_dir().join(format!("abgate-events-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("events");
     let path = dir.join("events.jsonl");
     let extra = format!(
         "[events]\npath = {:?}\nuser_id = \"hash\"",
@@ -464,9 +457,7 @@ async fn a_2xx_answer_that_is_not_json_counts_as_invalid_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_event_writer_drops_events_and_never_slows_requests() {
     let (control, treatment) = mocks().await;
-    let dir = std::env::temp_dir().join(format!("abgate-fifo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("fifo");
     let fifo = dir.join("events.pipe");
     assert!(std::process::Command::new("mkfifo")
         .arg(&fifo)

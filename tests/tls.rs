@@ -59,16 +59,10 @@ async fn tls_front(
     (format!("https://localhost:{port}"), ca_file, protocols)
 }
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("abgate-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test]
 async fn https_upstreams_with_a_private_ca_speak_http2() {
     let (control, treatment) = mocks().await;
-    let dir = temp_dir("tls-ok");
+    let dir = fresh_dir("tls-ok");
     let (url, ca_file, protocols) = tls_front(treatment.addr, &dir).await;
     let toml = config_toml(&control.url(), &url, 1.0, "").replace(
         "model = \"ft:base-model:acme:v3\"",
@@ -106,7 +100,7 @@ async fn https_upstreams_with_a_private_ca_speak_http2() {
 #[tokio::test]
 async fn an_untrusted_certificate_is_a_502_naming_the_variant() {
     let (control, treatment) = mocks().await;
-    let dir = temp_dir("tls-untrusted");
+    let dir = fresh_dir("tls-untrusted");
     let (url, _ca_file, _) = tls_front(treatment.addr, &dir).await;
     let gw = gateway(&config_toml(&control.url(), &url, 1.0, "")).await;
     let answer = chat(&gw.url(), "a").await;

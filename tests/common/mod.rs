@@ -184,3 +184,28 @@ pub fn raw_answer(headers: &str, body: &[u8]) -> Vec<u8> {
     answer.extend_from_slice(body);
     answer
 }
+
+/// An empty directory for one test, named after it and this process.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("abgate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A config file `abgate.toml` holding `text`, in a fresh directory.
+pub fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path = fresh_dir(name).join("abgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A streamed chat completion request from `user`.
+pub fn chat_stream_request(base: &str, user: &str) -> Request<Body> {
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    Request::post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-user-id", user)
+        .body(Body::full(Bytes::from(body)))
+        .unwrap()
+}
