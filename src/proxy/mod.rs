@@ -180,7 +180,6 @@ impl Gateway {
         let old = previous.config.treatment_fraction;
         let mut config = previous.config.clone();
         config.treatment_fraction = fraction;
-        let metrics = Arc::new(self.metrics.bind(&config.experiment, fraction));
         let state = crate::rollout::Override {
             experiment: config.experiment.clone(),
             treatment_fraction: fraction,
@@ -190,18 +189,13 @@ impl Gateway {
             at: crate::events::now_rfc3339(),
         };
         // Serve the new split first: a rollback must not wait on a disk.
-        let arm_counts = if fraction == old {
-            previous.arm_counts.clone()
-        } else {
-            Arc::default()
-        };
-        self.live.store(Arc::new(Live {
+        let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
+        self.live.store(Arc::new(self.next_live(
+            &previous,
             config,
-            metrics,
-            request_ids: previous.request_ids.clone(),
-            client: previous.client.clone(),
-            arm_counts,
-        }));
+            request_ids,
+            client,
+        )));
         self.runtime.record(state, old)
     }
 
@@ -244,27 +238,13 @@ impl Gateway {
         {
             pending_restart.push("events".to_owned());
         }
-        let metrics = Arc::new(
-            self.metrics
-                .bind(&snapshot.experiment, snapshot.treatment_fraction),
-        );
         let request_ids = ids_for(&snapshot, &self.process_ids);
-        // The counts compare with one split: a new fraction starts them anew.
-        let arm_counts = if snapshot.treatment_fraction == old.treatment_fraction
-            && snapshot.experiment == old.experiment
-            && snapshot.salt == old.salt
-        {
-            previous.arm_counts.clone()
-        } else {
-            Arc::default()
-        };
-        self.live.store(Arc::new(Live {
-            config: snapshot,
-            metrics,
+        self.live.store(Arc::new(self.next_live(
+            &previous,
+            snapshot,
             request_ids,
             client,
-            arm_counts,
-        }));
+        )));
         self.metrics.config_reloaded(true);
         if let Ok(mut status) = self.status.lock() {
             let now = crate::events::now_rfc3339();
@@ -275,6 +255,37 @@ impl Gateway {
             status.pending_restart = pending_restart;
         }
         Ok(())
+    }
+
+    /// The `Live` that follows `previous` for `config`: metric children
+    /// bound to it, and the per-arm counts kept only while the split is the
+    /// same one (same experiment, salt and fraction); a new split starts
+    /// them anew.
+    fn next_live(
+        &self,
+        previous: &Live,
+        config: Snapshot,
+        request_ids: RequestIds,
+        client: HttpClient,
+    ) -> Live {
+        let old = &previous.config;
+        let same_split = config.treatment_fraction == old.treatment_fraction
+            && config.experiment == old.experiment
+            && config.salt == old.salt;
+        Live {
+            metrics: Arc::new(
+                self.metrics
+                    .bind(&config.experiment, config.treatment_fraction),
+            ),
+            arm_counts: if same_split {
+                previous.arm_counts.clone()
+            } else {
+                Arc::default()
+            },
+            config,
+            request_ids,
+            client,
+        }
     }
 
     /// Notes a rejected config: the running one stays.
