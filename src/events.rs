@@ -150,8 +150,7 @@ fn write_events(mut receiver: mpsc::Receiver<Event>, writer: Box<dyn Write + Sen
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&sha2::Sha256::digest(bytes))
 }
 
 /// Now as RFC 3339 UTC with milliseconds.

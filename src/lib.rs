@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod hex;
 pub mod identity;
 pub mod metrics;
 pub mod mock;

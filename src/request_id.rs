@@ -91,7 +91,7 @@ impl RequestIds {
             Ok(mut hmac) => {
                 hmac.update(message(code, random, experiment).as_bytes());
                 let bytes = hmac.finalize().into_bytes();
-                bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+                crate::hex::encode(&bytes[..8])
             }
             // HMAC takes keys of any length; this branch cannot be reached.
             Err(_) => "0".repeat(16),
