@@ -44,6 +44,10 @@ pub struct Config {
     pub feedback: FeedbackConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub rollout: crate::rollout::RolloutConfig,
+    #[serde(default)]
+    pub guardrails: crate::guardrails::GuardrailsConfig,
 }
 
 /// `[admin]`
@@ -444,6 +448,12 @@ impl Config {
             }
         }
 
+        let schedule = self
+            .rollout
+            .validate(experiment.treatment_fraction, &mut report);
+        self.guardrails
+            .validate(&self.feedback.outcomes, &mut report);
+
         let control = resolve_variant(
             "variants.control",
             &self.variants.control,
@@ -481,6 +491,7 @@ impl Config {
                     admin_token: admin_token.map(Secret),
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
+                    schedule,
                     config: self.clone(),
                 })
             }
@@ -718,6 +729,9 @@ pub struct Snapshot {
     pub admin_token: Option<Secret<String>>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
+    /// The file's split over time: `treatment_fraction`, then any
+    /// `[[rollout.scheduled]]` entries.
+    pub schedule: crate::rollout::FileSchedule,
     /// The config as written (secrets appear only as env var names).
     pub config: Config,
 }

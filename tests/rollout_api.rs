@@ -168,7 +168,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     )
     .unwrap();
 
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let answer = admin_call(
         gw.admin_addr.unwrap(),
         "POST",
@@ -182,7 +182,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     gw.shutdown().await;
 
     // Restarted with the file still saying 10%: the rollback holds.
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let admin = gw.admin_addr.unwrap();
     let state = rollout(admin).await;
     assert_eq!(state["treatment_fraction"], 0.0, "{state}");
