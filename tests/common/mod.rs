@@ -209,3 +209,82 @@ pub fn chat_stream_request(base: &str, user: &str) -> Request<Body> {
         .body(Body::full(Bytes::from(body)))
         .unwrap()
 }
+
+/// The admin token test gateways are given (as env var `T`).
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// The env that gives a gateway configured with `token_env = "T"` [`TOKEN`].
+pub fn token_env() -> BTreeMap<String, String> {
+    BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])
+}
+
+/// One admin API call, with a bearer token if given.
+pub async fn admin_call(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    send(
+        request
+            .body(Body::full(Bytes::from(body.to_owned())))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Sends `count` chat completions from users `{prefix}0..{users}` in turn,
+/// `concurrency` at a time; returns how many answered 2xx.
+pub async fn traffic(
+    base: &str,
+    prefix: &str,
+    users: usize,
+    count: usize,
+    concurrency: usize,
+) -> usize {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (base, prefix, next) = (base.to_owned(), prefix.to_owned(), next.clone());
+        workers.spawn(async move {
+            let mut ok = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return ok;
+                }
+                let answer = chat(&base, &format!("{prefix}{}", i % users)).await;
+                ok += usize::from(answer.status.is_success());
+            }
+        });
+    }
+    let mut ok = 0;
+    while let Some(done) = workers.join_next().await {
+        ok += done.unwrap();
+    }
+    ok
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
