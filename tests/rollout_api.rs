@@ -8,10 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use abgate::body::Body;
-use bytes::Bytes;
 use common::*;
-use http::Request;
 
 /// Two mocks and a gateway at `fraction` whose admin token is [`TOKEN`].
 async fn gateway_with_token(
