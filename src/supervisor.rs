@@ -194,7 +194,13 @@ impl Supervisor {
                 Ok((control, treatment, span))
             }
             Source::Prometheus => {
-                let span = window.min(Duration::from_secs_f64(epoch.age_seconds()));
+                // The fleet's numbers reach back the whole window unless
+                // this replica saw the split change; then not before it.
+                let span = if epoch.at_start {
+                    window
+                } else {
+                    window.min(Duration::from_secs_f64(epoch.age_seconds()))
+                };
                 let base = config
                     .prometheus_url
                     .as_deref()

@@ -137,7 +137,7 @@ impl Gateway {
             None => None,
         };
         let request_ids = ids_for(&snapshot, &process_ids);
-        let epoch = Arc::new(SplitEpoch::begin(reading(&metrics, &bound, &snapshot)));
+        let epoch = Arc::new(SplitEpoch::begin(reading(&metrics, &bound, &snapshot), true));
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
@@ -333,7 +333,10 @@ impl Gateway {
             epoch: if same_split {
                 previous.epoch.clone()
             } else {
-                Arc::new(SplitEpoch::begin(reading(&self.metrics, &metrics, &config)))
+                Arc::new(SplitEpoch::begin(
+                    reading(&self.metrics, &metrics, &config),
+                    false,
+                ))
             },
             metrics,
             config,

@@ -17,16 +17,21 @@ pub struct SplitEpoch {
     pub counts: ArmCounts,
     /// Cumulative metrics when the split began.
     pub baseline: Reading,
+    /// The split was in force when this process started (not changed while
+    /// it ran): a fleet's numbers from before are still this split's.
+    pub at_start: bool,
 }
 
 impl SplitEpoch {
-    /// A split beginning now, from `baseline`.
-    pub fn begin(baseline: Reading) -> Self {
+    /// A split beginning now, from `baseline`; `at_start` when it is the
+    /// one the process started with.
+    pub fn begin(baseline: Reading, at_start: bool) -> Self {
         Self {
             since: baseline.at,
             since_wall: SystemTime::now(),
             counts: ArmCounts::default(),
             baseline,
+            at_start,
         }
     }
 
