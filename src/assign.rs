@@ -77,7 +77,12 @@ pub fn is_treatment(bucket: u32, treatment_fraction: f64) -> bool {
 
 /// The arm for an assigned user: control or treatment, never unassigned.
 pub fn assign(user_id: &[u8], salt: Option<&str>, treatment_fraction: f64) -> Variant {
-    if is_treatment(bucket(user_id, salt), treatment_fraction) {
+    variant_of(bucket(user_id, salt), treatment_fraction)
+}
+
+/// The arm of a bucket at `treatment_fraction`.
+pub fn variant_of(bucket: u32, treatment_fraction: f64) -> Variant {
+    if is_treatment(bucket, treatment_fraction) {
         Variant::Treatment
     } else {
         Variant::Control

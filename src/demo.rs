@@ -61,7 +61,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let fine_tuned = mock::spawn(
         loopback(0),
         MockConfig {
-            latency: Duration::from_millis(30),
+            latency: Duration::from_millis(22),
             ..MockConfig::named("fine-tuned")
         },
     )

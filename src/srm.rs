@@ -9,9 +9,14 @@
 //! share: the fraction of the 1000 buckets in treatment. Mismatch is flagged
 //! at p < 0.001.
 //!
-//! The unit randomised is the user, while the unit counted is the request.
-//! A few very heavy users can therefore push p down on their own. The
-//! threshold is strict for that reason, and a flag means "look", not "proof".
+//! The unit randomised is the user, while the unit counted is the request:
+//! a user who sends ten requests moves ten counts to one arm at once, so
+//! requests are over-dispersed and a plain chi-square would cry wolf on
+//! ordinary traffic. The counts are therefore also kept per bucket (the
+//! buckets are the clusters the hash randomises), the over-dispersion is
+//! estimated from how much bucket counts vary within each arm (the
+//! quasi-Poisson dispersion, at least 1), and the statistic is divided by
+//! it before p is read. With one request per user this is the plain test.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,30 +26,77 @@ use crate::stats::erfc;
 /// p-value below which the split is flagged.
 pub const MISMATCH_P: f64 = 0.001;
 
-/// Per-arm request counts for one treatment fraction.
-#[derive(Debug, Default)]
+/// Per-arm and per-bucket request counts for one treatment fraction.
+#[derive(Debug)]
 pub struct ArmCounts {
     control: AtomicU64,
     treatment: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Default for ArmCounts {
+    fn default() -> Self {
+        Self {
+            control: AtomicU64::new(0),
+            treatment: AtomicU64::new(0),
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl ArmCounts {
-    /// Counts one assigned request.
-    pub fn count(&self, variant: Variant) {
+    /// Counts one request of an assigned user in `bucket`.
+    pub fn count(&self, variant: Variant, bucket: u32) {
         match variant {
             Variant::Control => self.control.fetch_add(1, Ordering::Relaxed),
             Variant::Treatment => self.treatment.fetch_add(1, Ordering::Relaxed),
-            Variant::Unassigned => 0,
+            Variant::Unassigned => return,
         };
+        if let Some(count) = self.buckets.get(bucket as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The test result for these counts at `treatment_fraction`.
     pub fn check(&self, treatment_fraction: f64) -> SampleRatio {
-        SampleRatio::test(
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        SampleRatio::test_dispersed(
             self.control.load(Ordering::Relaxed),
             self.treatment.load(Ordering::Relaxed),
             treatment_fraction,
+            dispersion(&counts, treatment_fraction),
         )
+    }
+}
+
+/// Quasi-Poisson dispersion of per-bucket counts: the pooled within-arm
+/// variance over the mean, at least 1 (Poisson), 1 without data.
+pub fn dispersion(bucket_counts: &[u64], treatment_fraction: f64) -> f64 {
+    let mut sums = [(0.0f64, 0.0f64, 0usize); 2];
+    for (bucket, count) in bucket_counts.iter().enumerate() {
+        let arm = usize::from(is_treatment(bucket as u32, treatment_fraction));
+        let value = *count as f64;
+        sums[arm].0 += value;
+        sums[arm].1 += value * value;
+        sums[arm].2 += 1;
+    }
+    let (mut squares, mut totals) = (0.0, 0.0);
+    for (sum, sum_of_squares, n) in sums {
+        if n < 2 {
+            continue;
+        }
+        let mean = sum / n as f64;
+        squares += sum_of_squares - n as f64 * mean * mean;
+        totals += (n - 1) as f64 * mean;
+    }
+    if totals > 0.0 {
+        (squares / totals).max(1.0)
+    } else {
+        1.0
     }
 }
 
@@ -55,14 +107,29 @@ pub struct SampleRatio {
     pub treatment: u64,
     /// Share of buckets in treatment: what the split promises.
     pub expected_treatment_share: f64,
+    /// The plain statistic, before the dispersion is divided out.
     pub chi_square: f64,
+    /// Over-dispersion of requests (1 = one request per user, Poisson).
+    pub dispersion: f64,
     pub p_value: f64,
     pub mismatch: bool,
 }
 
 impl SampleRatio {
-    /// Tests observed counts against the split at `treatment_fraction`.
+    /// Tests observed counts against the split at `treatment_fraction`,
+    /// as if each request came from its own user.
     pub fn test(control: u64, treatment: u64, treatment_fraction: f64) -> Self {
+        Self::test_dispersed(control, treatment, treatment_fraction, 1.0)
+    }
+
+    /// Tests observed counts against the split, with the statistic divided
+    /// by the requests' over-dispersion.
+    pub fn test_dispersed(
+        control: u64,
+        treatment: u64,
+        treatment_fraction: f64,
+        dispersion: f64,
+    ) -> Self {
         let treated_buckets = (0..BUCKETS)
             .filter(|bucket| is_treatment(*bucket, treatment_fraction))
             .count();
@@ -84,13 +151,14 @@ impl SampleRatio {
             let chi = (treatment as f64 - expected_treatment).powi(2) / expected_treatment
                 + (control as f64 - expected_control).powi(2) / expected_control;
             // Chi-square with one degree of freedom: p = erfc(sqrt(x / 2)).
-            (chi, erfc((chi / 2.0).sqrt()))
+            (chi, erfc((chi / dispersion.max(1.0) / 2.0).sqrt()))
         };
         Self {
             control,
             treatment,
             expected_treatment_share: share,
             chi_square,
+            dispersion: dispersion.max(1.0),
             p_value,
             mismatch: p_value < MISMATCH_P,
         }
@@ -125,5 +193,41 @@ mod tests {
         assert!(SampleRatio::test(10, 1, 0.0).mismatch);
         assert!(!SampleRatio::test(10, 0, 0.0).mismatch);
         assert!(!SampleRatio::test(0, 0, 0.3).mismatch);
+    }
+
+    #[test]
+    fn repeat_requests_are_not_taken_for_a_broken_split() {
+        use crate::assign::bucket;
+        // 600 users, five requests each, at 5%: the users' own binomial
+        // noise, multiplied by five, must not read as a mismatch.
+        let counts = ArmCounts::default();
+        for user in 0..600 {
+            let id = format!("user-{user}");
+            let b = bucket(id.as_bytes(), None);
+            let variant = crate::assign::variant_of(b, 0.05);
+            for _ in 0..5 {
+                counts.count(variant, b);
+            }
+        }
+        let result = counts.check(0.05);
+        assert!(result.dispersion > 3.0, "{result:?}");
+        assert!(!result.mismatch, "{result:?}");
+        // The plain test on the same counts flags it: the reason for the correction.
+        assert!(SampleRatio::test(result.control, result.treatment, 0.05).p_value < result.p_value);
+
+        // One request per user, and control users sending twice as many as
+        // they should: flagged.
+        let skewed = ArmCounts::default();
+        for user in 0..4000 {
+            let id = format!("u{user}");
+            let b = bucket(id.as_bytes(), None);
+            let variant = crate::assign::variant_of(b, 0.5);
+            let times = if variant == Variant::Control { 2 } else { 1 };
+            for _ in 0..times {
+                skewed.count(variant, b);
+            }
+        }
+        let result = skewed.check(0.5);
+        assert!(result.mismatch, "{result:?}");
     }
 }

@@ -286,10 +286,16 @@ async fn dashboard_and_alerts_work_against_a_real_prometheus() {
         if report["treatment_fraction"] == 0.0 {
             break report;
         }
-        assert!(Instant::now() < deadline, "no fleet-wide rollback: {report:#}");
+        assert!(
+            Instant::now() < deadline,
+            "no fleet-wide rollback: {report:#}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(report["guardrails"]["last_evaluation"]["source"], "prometheus");
+    assert_eq!(
+        report["guardrails"]["last_evaluation"]["source"],
+        "prometheus"
+    );
     // It trips on what the treatment really does wrong (errors, latency),
     // never on what it does not (length, feedback).
     let tripped = report["last_trip"]["checks"].as_array().unwrap();

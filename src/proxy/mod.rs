@@ -137,7 +137,10 @@ impl Gateway {
             None => None,
         };
         let request_ids = ids_for(&snapshot, &process_ids);
-        let epoch = Arc::new(SplitEpoch::begin(reading(&metrics, &bound, &snapshot), true));
+        let epoch = Arc::new(SplitEpoch::begin(
+            reading(&metrics, &bound, &snapshot),
+            true,
+        ));
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
@@ -513,13 +516,15 @@ impl Gateway {
             ClientBody::Stream(_) => None,
         };
         decision.stream = fields.is_some_and(|fields| fields.stream);
-        let (variant, user_id) = choose_variant(config, &parts, fields)?;
+        let (variant, bucket, user_id) = choose_variant(config, &parts, fields)?;
         if let (Some(sink), Some(user_id)) = (&self.events, user_id) {
             decision.event_user_id = sink.user_id_field(user_id);
         }
         decision.variant = Some(variant);
         decision.inflight = Some(live.metrics.start(variant));
-        live.epoch.counts.count(variant);
+        if let Some(bucket) = bucket {
+            live.epoch.counts.count(variant, bucket);
+        }
         let upstream = config.upstream(variant);
 
         // Rewrite.
@@ -681,25 +686,22 @@ fn choose_variant<'a>(
     config: &Snapshot,
     parts: &'a Parts,
     fields: Option<&'a BodyFields>,
-) -> Result<(Variant, Option<&'a str>), ProxyError> {
+) -> Result<(Variant, Option<u32>, Option<&'a str>), ProxyError> {
     let rules = IdentityRules {
         header: &config.user_header,
         max_bytes: config.max_user_id_bytes,
     };
     let header = identity::from_header(&parts.headers, rules)?;
     match identity::resolve(header, fields, rules)? {
-        Some(user) => Ok((
-            assign::assign(
-                user.id.as_bytes(),
-                config.salt.as_deref(),
-                config.treatment_fraction,
-            ),
-            Some(user.id),
-        )),
+        Some(user) => {
+            let bucket = assign::bucket(user.id.as_bytes(), config.salt.as_deref());
+            let variant = assign::variant_of(bucket, config.treatment_fraction);
+            Ok((variant, Some(bucket), Some(user.id)))
+        }
         None if config.require_user => Err(ProxyError::UserIdRequired {
             header: config.user_header.to_string(),
         }),
-        None => Ok((Variant::Unassigned, None)),
+        None => Ok((Variant::Unassigned, None, None)),
     }
 }
 
