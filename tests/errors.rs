@@ -163,3 +163,41 @@ async fn check_config_prints_every_problem() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn zero_timeouts_and_limits_are_refused_with_their_keys() {
+    let extra = "[timeouts]\nidle_ms = 0\ntotal_ms = 0\n[limits]\nmax_inflight = 0\nmax_inflight_per_variant = 0\nmax_header_bytes = 10";
+    let text = config_toml("http://127.0.0.1:1", "http://127.0.0.1:2", 0.1, extra);
+    let err = abgate::config::Config::parse(&text)
+        .unwrap()
+        .validate(
+            &std::collections::BTreeMap::new(),
+            std::path::Path::new("."),
+        )
+        .unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "timeouts.idle_ms",
+            "timeouts.total_ms",
+            "limits.max_inflight",
+            "limits.max_inflight_per_variant",
+            "limits.max_header_bytes"
+        ]
+    );
+    let defaults =
+        abgate::config::Config::parse(&config_toml("http://a", "http://b", 0.1, "")).unwrap();
+    assert_eq!(
+        (defaults.timeouts.idle_ms, defaults.timeouts.total_ms),
+        (60_000, 900_000)
+    );
+    assert_eq!(
+        (
+            defaults.limits.max_inflight,
+            defaults.limits.max_header_bytes
+        ),
+        (2048, 65_536)
+    );
+    assert_eq!(defaults.limits.max_inflight_per_variant, None);
+}
