@@ -31,6 +31,36 @@ async fn gateway_to(treatment: &str, extra: &str) -> (Running, abgate::mock::Moc
     (gw, control)
 }
 
+/// An upstream whose first connection gets `fault`; every later one is
+/// answered with a chat completion, as by an upstream that recovered.
+async fn failing_once<F, Fut>(fault: F) -> String
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let fault = Arc::new(fault);
+    scripted_upstream(move |n, mut socket| {
+        let fault = fault.clone();
+        async move {
+            if n == 0 {
+                fault(socket).await;
+            } else {
+                let _ = socket.write_all(&chat_answer()).await;
+            }
+        }
+    })
+    .await
+}
+
+/// A (non-streamed) chat completion from `user`, its body left unread.
+async fn chat_response(gw: &Running, user: &str) -> http::Response<hyper::body::Incoming> {
+    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
+        .header("x-user-id", user)
+        .body(Body::full(Bytes::from(CHAT)))
+        .unwrap();
+    bounded(client().request(request)).await.unwrap()
+}
+
 /// The next request from a user is answered 200 by the treatment upstream.
 async fn next_is_served(gw: &Running) {
     let answer = chat(&gw.url(), "next-user").await;
@@ -133,13 +163,9 @@ async fn a_connect_that_hangs_gets_504_connect_timeout() {
 
 #[tokio::test]
 async fn an_upstream_that_hangs_before_its_headers_gets_504_first_byte_timeout() {
-    let upstream = scripted_upstream(|n, mut socket| async move {
-        if n == 0 {
-            // Holds the connection, says nothing.
-            let _ = socket.read(&mut [0u8; 1]).await;
-        } else {
-            let _ = socket.write_all(&chat_answer()).await;
-        }
+    // Holds the connection, says nothing.
+    let upstream = failing_once(|mut socket| async move {
+        let _ = socket.read(&mut [0u8; 1]).await;
     })
     .await;
     let (gw, _control) = gateway_to(&upstream, "[timeouts]\nfirst_byte_ms = 200").await;
@@ -175,14 +201,7 @@ async fn a_total_shorter_than_first_byte_ends_the_wait_as_total_timeout() {
 
 #[tokio::test]
 async fn an_upstream_that_closes_before_answering_gets_502_reset() {
-    let upstream = scripted_upstream(|n, mut socket| async move {
-        if n == 0 {
-            drop(socket);
-        } else {
-            let _ = socket.write_all(&chat_answer()).await;
-        }
-    })
-    .await;
+    let upstream = failing_once(|socket| async move { drop(socket) }).await;
     let (gw, _control) = gateway_to(&upstream, "").await;
     let answer = chat(&gw.url(), "u").await;
     assert_error(&answer, 502, "reset", "treatment upstream closed");
@@ -192,21 +211,14 @@ async fn an_upstream_that_closes_before_answering_gets_502_reset() {
 
 #[tokio::test]
 async fn a_stream_reset_midway_ends_with_an_sse_error_event() {
-    let upstream = scripted_upstream(|n, mut socket| async move {
-        if n == 0 {
-            let _ = socket.write_all(SSE_HEAD).await;
-            let _ = socket
-                .write_all(&chunk(
-                    b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
-                ))
-                .await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            // A reset (RST), not a clean close.
-            socket.set_zero_linger().unwrap();
-            drop(socket);
-        } else {
-            let _ = socket.write_all(&chat_answer()).await;
-        }
+    let upstream = failing_once(|mut socket| async move {
+        let _ = socket.write_all(SSE_HEAD).await;
+        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+        let _ = socket.write_all(&chunk(event)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A reset (RST), not a clean close.
+        socket.set_zero_linger().unwrap();
+        drop(socket);
     })
     .await;
     let (gw, _control) = gateway_to(&upstream, "").await;
@@ -222,11 +234,7 @@ async fn a_stream_reset_midway_ends_with_an_sse_error_event() {
 
 /// An SSE upstream that sends one event, then `piece` every `every`.
 async fn dripping_upstream(piece: &'static [u8], every: Duration) -> String {
-    scripted_upstream(move |n, mut socket| async move {
-        if n > 0 {
-            let _ = socket.write_all(&chat_answer()).await;
-            return;
-        }
+    failing_once(move |mut socket| async move {
         let _ = socket.write_all(SSE_HEAD).await;
         let _ = socket.write_all(&chunk(b"data: {\"n\":1}\n\n")).await;
         loop {
@@ -257,41 +265,39 @@ async fn a_stream_that_drips_one_byte_a_second_ends_with_an_idle_timeout_event()
     next_is_served(&gw).await;
 }
 
-#[tokio::test]
-async fn a_stream_that_never_pauses_still_ends_at_the_total_timeout() {
-    // An event every 20 ms never trips idle_ms, but the total runs out.
-    let upstream = dripping_upstream(b"data: {}\n\n", Duration::from_millis(20)).await;
+/// Streams from an upstream that sends `piece` every 20 ms, which never
+/// trips idle_ms, until a 400 ms total runs out: what the client read, and
+/// how the stream ended. The total timeout is counted either way.
+async fn stream_past_the_total(piece: &'static [u8]) -> (Running, String, Result<(), String>) {
+    let upstream = dripping_upstream(piece, Duration::from_millis(20)).await;
     let extra = "[timeouts]\nidle_ms = 1000\ntotal_ms = 400";
     let (gw, _control) = gateway_to(&upstream, extra).await;
     let (text, ended) = stream_to_end(&gw, "u").await;
+    counted(gw.admin_addr.unwrap(), "treatment", "total_timeout", 1.0).await;
+    next_is_served(&gw).await;
+    (gw, text, ended)
+}
+
+#[tokio::test]
+async fn a_stream_that_never_pauses_still_ends_at_the_total_timeout() {
+    let (_gw, text, ended) = stream_past_the_total(b"data: {}\n\n").await;
     assert_eq!(ended, Ok(()));
     let error = final_error_event(&text);
     assert_eq!(error["error"]["code"], "total_timeout");
-    counted(gw.admin_addr.unwrap(), "treatment", "total_timeout", 1.0).await;
-    next_is_served(&gw).await;
 }
 
 #[tokio::test]
 async fn a_stream_cut_inside_an_event_is_aborted_rather_than_mended() {
     // Bytes of an event that never ends: an error event added now would be
     // read as the rest of it, so the stream is aborted instead.
-    let upstream = dripping_upstream(b"d", Duration::from_millis(20)).await;
-    let extra = "[timeouts]\nidle_ms = 1000\ntotal_ms = 400";
-    let (gw, _control) = gateway_to(&upstream, extra).await;
-    let (text, ended) = stream_to_end(&gw, "u").await;
+    let (_gw, text, ended) = stream_past_the_total(b"d").await;
     assert!(ended.is_err(), "aborted: {text:?}");
     assert!(!text.contains("event: error"), "{text}");
-    counted(gw.admin_addr.unwrap(), "treatment", "total_timeout", 1.0).await;
-    next_is_served(&gw).await;
 }
 
 #[tokio::test]
 async fn a_json_answer_that_stalls_midway_is_aborted() {
-    let upstream = scripted_upstream(|n, mut socket| async move {
-        if n > 0 {
-            let _ = socket.write_all(&chat_answer()).await;
-            return;
-        }
+    let upstream = failing_once(|mut socket| async move {
         let head =
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
         let _ = socket.write_all(head.as_bytes()).await;
@@ -301,16 +307,7 @@ async fn a_json_answer_that_stalls_midway_is_aborted() {
     })
     .await;
     let (gw, _control) = gateway_to(&upstream, "[timeouts]\nidle_ms = 300").await;
-    let response = bounded(
-        client().request(
-            Request::post(format!("{}/v1/chat/completions", gw.url()))
-                .header("x-user-id", "u")
-                .body(Body::full(Bytes::from(CHAT)))
-                .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
+    let response = chat_response(&gw, "u").await;
     assert_eq!(response.status(), 200, "the headers had gone out already");
     let read = bounded(response.into_body().collect()).await;
     assert!(
@@ -323,13 +320,9 @@ async fn a_json_answer_that_stalls_midway_is_aborted() {
 
 #[tokio::test]
 async fn a_2xx_answer_that_is_not_json_passes_through_and_counts_as_invalid_response() {
-    let upstream = scripted_upstream(|n, mut socket| async move {
-        let answer = if n == 0 {
-            raw_answer("content-type: application/json\r\n", b"{\"choices\": [tru")
-        } else {
-            chat_answer()
-        };
-        let _ = socket.write_all(&answer).await;
+    let upstream = failing_once(|mut socket| async move {
+        let broken = raw_answer("content-type: application/json\r\n", b"{\"choices\": [tru");
+        let _ = socket.write_all(&broken).await;
     })
     .await;
     let (gw, _control) = gateway_to(&upstream, "").await;
@@ -378,13 +371,9 @@ async fn a_client_that_reads_slowly_holds_the_upstream_back() {
     const TOTAL: u64 = 128 * 1024 * 1024;
     let written = Arc::new(AtomicU64::new(0));
     let progress = written.clone();
-    let upstream = scripted_upstream(move |n, mut socket| {
+    let upstream = failing_once(move |mut socket| {
         let written = progress.clone();
         async move {
-            if n > 0 {
-                let _ = socket.write_all(&chat_answer()).await;
-                return;
-            }
             let head = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {TOTAL}\r\n\r\n"
             );
@@ -400,16 +389,7 @@ async fn a_client_that_reads_slowly_holds_the_upstream_back() {
     })
     .await;
     let (gw, _control) = gateway_to(&upstream, "").await;
-    let response = bounded(
-        client().request(
-            Request::post(format!("{}/v1/chat/completions", gw.url()))
-                .header("x-user-id", "slow-reader")
-                .body(Body::full(Bytes::from(CHAT)))
-                .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
+    let response = chat_response(&gw, "slow-reader").await;
     assert_eq!(response.status(), 200);
 
     // The client reads nothing: the upstream's writes stop once the
@@ -443,13 +423,9 @@ async fn a_client_that_reads_slowly_holds_the_upstream_back() {
 /// An SSE upstream that sends an event every 20 ms and reports on
 /// `closed` when the gateway closes the connection.
 async fn streaming_upstream(closed: mpsc::Sender<()>) -> String {
-    scripted_upstream(move |n, mut socket| {
+    failing_once(move |mut socket| {
         let closed = closed.clone();
         async move {
-            if n > 0 {
-                let _ = socket.write_all(&chat_answer()).await;
-                return;
-            }
             let _ = socket.write_all(SSE_HEAD).await;
             let mut byte = [0u8; 1];
             loop {
@@ -470,6 +446,19 @@ async fn streaming_upstream(closed: mpsc::Sender<()>) -> String {
     .await
 }
 
+/// Waits for the upstream to see its connection closed and the request to
+/// be counted as client_cancelled; returns the metrics then.
+async fn closed_and_counted(
+    upstream_closed: &mut mpsc::Receiver<()>,
+    admin: std::net::SocketAddr,
+) -> String {
+    bounded(upstream_closed.recv())
+        .await
+        .expect("the upstream saw its connection closed");
+    counted(admin, "treatment", "client_cancelled", 1.0).await;
+    scrape(admin).await
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_closes_the_upstream_stream() {
     let (closed, mut upstream_closed) = mpsc::channel(1);
@@ -484,11 +473,7 @@ async fn a_client_that_leaves_mid_stream_closes_the_upstream_stream() {
     bounded(body.frame()).await.unwrap().unwrap();
     drop(body);
     drop(client);
-    bounded(upstream_closed.recv())
-        .await
-        .expect("the upstream saw its connection closed");
-    counted(admin, "treatment", "client_cancelled", 1.0).await;
-    let text = scrape(admin).await;
+    let text = closed_and_counted(&mut upstream_closed, admin).await;
     assert_eq!(
         sample(&text, r#"abgate_inflight_requests{variant="treatment"}"#),
         Some(0.0)
@@ -500,13 +485,9 @@ async fn a_client_that_leaves_mid_stream_closes_the_upstream_stream() {
 async fn a_client_that_leaves_before_the_headers_closes_the_upstream_call() {
     let (received, mut upstream_received) = mpsc::channel(1);
     let (closed, mut upstream_closed) = mpsc::channel(1);
-    let upstream = scripted_upstream(move |n, mut socket| {
+    let upstream = failing_once(move |mut socket| {
         let (received, closed) = (received.clone(), closed.clone());
         async move {
-            if n > 0 {
-                let _ = socket.write_all(&chat_answer()).await;
-                return;
-            }
             let _ = received.send(()).await;
             // Never answers; returns when the gateway closes the connection.
             let _ = socket.read(&mut [0u8; 1]).await;
@@ -521,11 +502,7 @@ async fn a_client_that_leaves_before_the_headers_closes_the_upstream_call() {
         tokio::spawn(async move { client().request(chat_stream_request(&url, "u")).await });
     bounded(upstream_received.recv()).await.unwrap();
     request.abort();
-    bounded(upstream_closed.recv())
-        .await
-        .expect("the upstream saw its connection closed");
-    counted(admin, "treatment", "client_cancelled", 1.0).await;
-    let text = scrape(admin).await;
+    let text = closed_and_counted(&mut upstream_closed, admin).await;
     assert_eq!(
         sample(
             &text,
