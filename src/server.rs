@@ -5,10 +5,11 @@
 //! in flight, and the future returned completes.
 //!
 //! The HTTP layer bounds what a client can make it hold before a handler
-//! runs: the request head (line and headers) within [`ConnectionLimits`],
-//! at most 100 header fields over HTTP/1.1, and the head within
-//! [`HEADER_READ_TIMEOUT`]. Past those it answers by itself (431 or 400
-//! with an empty body) and closes the connection.
+//! runs: the request head (line and headers) within [`ConnectionLimits`]
+//! and at most 100 header fields over HTTP/1.1 (past either: a 431 with an
+//! empty body), a head that is not HTTP (a 400 with an empty body), and a
+//! head sent within [`HEADER_READ_TIMEOUT`] (past it: the connection is
+//! closed). Each of these closes the connection.
 
 use std::convert::Infallible;
 use std::future::Future;
