@@ -11,16 +11,21 @@ use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::proxy::Gateway;
+use crate::supervisor::{PromoteError, Supervisor};
 
 /// Answers admin requests about one gateway.
 pub struct Admin {
     gateway: Arc<Gateway>,
+    supervisor: Arc<Supervisor>,
 }
 
 impl Admin {
-    /// An admin API for `gateway`.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    /// An admin API for `gateway`, whose rollout `supervisor` runs.
+    pub fn new(gateway: Arc<Gateway>, supervisor: Arc<Supervisor>) -> Self {
+        Self {
+            gateway,
+            supervisor,
+        }
     }
 
     fn answer(&self, request: &Request<Incoming>) -> Response<Body> {
@@ -53,11 +58,17 @@ impl Admin {
             },
             (&Method::GET, "/admin/stats") => json(StatusCode::OK, self.stats()),
             (&Method::GET, "/admin/rollout") => json(StatusCode::OK, self.rollout()),
-            (
-                _,
-                "/healthz" | "/readyz" | "/metrics" | "/admin/stats" | "/admin/rollout"
-                | "/admin/rollback",
-            ) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+            (&Method::GET, "/admin/report") => json(StatusCode::OK, self.supervisor.report()),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/stats" | "/admin/report") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+            }
+            (_, "/admin/rollout") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET, or PUT to change it",
+            ),
+            (_, "/admin/rollback" | "/admin/promote" | "/admin/pause" | "/admin/resume") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+            }
             (_, path) => error(StatusCode::NOT_FOUND, &format!("no admin route for {path}")),
         }
     }
@@ -103,7 +114,7 @@ impl Admin {
     /// Tests the arms' counts against the split and publishes the result.
     fn sample_ratio(&self) -> crate::srm::SampleRatio {
         let live = self.gateway.live();
-        let result = live.arm_counts.check(live.config.treatment_fraction);
+        let result = live.epoch.counts.check(live.config.treatment_fraction);
         self.gateway
             .metrics()
             .set_sample_ratio(&live.config.experiment, &result);
@@ -114,13 +125,23 @@ impl Admin {
     pub fn rollout(&self) -> serde_json::Value {
         let live = self.gateway.live();
         let runtime = self.gateway.runtime_override();
+        let rollout = &live.config.config.rollout;
+        let fraction = live.config.treatment_fraction;
         serde_json::json!({
             "experiment": live.config.experiment,
-            "treatment_fraction": live.config.treatment_fraction,
-            "config_fraction": live.config.config.experiment.treatment_fraction,
-            "source": runtime.as_ref().map_or("config", |o| o.source.as_str()),
-            "changed_at": runtime.as_ref().map(|o| o.at.clone()),
+            "treatment_fraction": fraction,
+            "stage": rollout.stage_number(fraction),
+            "stages": rollout.stages,
+            "next_stage": rollout.next_stage(fraction),
+            "config_fraction": live.file_fraction.0,
+            "source": runtime.as_ref().map_or(live.file_fraction.1, |o| o.source.as_str()),
+            "changed_at": runtime.as_ref().map_or_else(
+                || crate::clock::format_rfc3339(live.epoch.since_wall),
+                |o| o.at.clone(),
+            ),
             "reason": runtime.as_ref().map(|o| o.reason.clone()),
+            "paused": self.gateway.runtime().paused(),
+            "pending": self.gateway.runtime().pending(),
             "config": self.gateway.config_status(),
         })
     }
@@ -135,6 +156,19 @@ struct SetRollout {
     treatment_fraction: f64,
     #[serde(default)]
     reason: String,
+    /// RFC 3339: apply at this instant rather than now.
+    #[serde(default)]
+    effective_at: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Promote {
+    #[serde(default)]
+    reason: String,
+    /// Promote even though the stage is not ready (the reasons are audited).
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -165,43 +199,73 @@ impl Admin {
             }
         };
         let result = match (method, path.as_str()) {
-            (Method::PUT, "/admin/rollout") => match serde_json::from_slice::<SetRollout>(&body) {
-                Ok(set) if !(0.0..=1.0).contains(&set.treatment_fraction) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!(
-                            "treatment_fraction {} must be from 0.0 to 1.0",
-                            set.treatment_fraction
-                        ),
-                    )
-                }
-                Ok(set) => self
-                    .gateway
-                    .set_fraction(set.treatment_fraction, "api", &set.reason),
-                Err(err) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        &format!(
-                            "expected {{\"treatment_fraction\": 0.25, \"reason\": \"...\"}}: {err}"
-                        ),
-                    )
-                }
+            (Method::PUT, "/admin/rollout") => match parse::<SetRollout>(
+                &body,
+                r#"{"treatment_fraction": 0.25, "reason": "...", "effective_at": "2026-12-01T09:00:00Z"}"#,
+            ) {
+                Ok(set) => match self.set(set) {
+                    Ok(result) => result,
+                    Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+                },
+                Err(response) => return *response,
             },
             (Method::POST, "/admin/rollback") => {
-                let reason = if body.iter().all(u8::is_ascii_whitespace) {
-                    Reason::default()
-                } else {
-                    match serde_json::from_slice::<Reason>(&body) {
-                        Ok(reason) => reason,
-                        Err(err) => {
-                            return error(
-                                StatusCode::BAD_REQUEST,
-                                &format!("expected {{\"reason\": \"...\"}}: {err}"),
-                            )
+                match parse::<Reason>(&body, r#"{"reason": "..."}"#) {
+                    Ok(reason) => {
+                        // A rollback also cancels any change waiting for its time.
+                        self.cancel_pending();
+                        self.gateway.set_fraction(0.0, "api", &reason.reason)
+                    }
+                    Err(response) => return *response,
+                }
+            }
+            (Method::POST, "/admin/promote") => {
+                match parse::<Promote>(&body, r#"{"reason": "...", "force": false}"#) {
+                    Ok(promote) => {
+                        match self
+                            .supervisor
+                            .promote("api", &promote.reason, promote.force)
+                        {
+                            Ok((_, persisted)) => Ok(persisted),
+                            Err(PromoteError::NotPersisted(err)) => Err(err),
+                            Err(PromoteError::Blocked(blockers)) => {
+                                return json(
+                                    StatusCode::CONFLICT,
+                                    serde_json::json!({
+                                        "error": {
+                                            "message": format!("not promoted: {}", blockers.join("; ")),
+                                            "type": "conflict",
+                                            "param": null,
+                                            "code": 409,
+                                        },
+                                        "blocked_by": blockers,
+                                    }),
+                                );
+                            }
                         }
                     }
-                };
-                self.gateway.set_fraction(0.0, "api", &reason.reason)
+                    Err(response) => return *response,
+                }
+            }
+            (Method::POST, action @ ("/admin/pause" | "/admin/resume")) => {
+                match parse::<Reason>(&body, r#"{"reason": "..."}"#) {
+                    Ok(reason) => {
+                        let live = self.gateway.live();
+                        let pause = (action == "/admin/pause").then(|| crate::rollout::Pause {
+                            source: "api".to_owned(),
+                            reason: reason.reason.clone(),
+                            at: crate::clock::now_rfc3339(),
+                        });
+                        self.gateway.runtime().set_paused(
+                            pause,
+                            &live.config.experiment,
+                            live.config.treatment_fraction,
+                            "api",
+                            &reason.reason,
+                        )
+                    }
+                    Err(response) => return *response,
+                }
             }
             (_, path) => {
                 return error(StatusCode::NOT_FOUND, &format!("no admin route for {path}"))
@@ -252,6 +316,68 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `PUT /admin/rollout`: now, or at `effective_at`. The outer error is
+    /// a bad request; the inner result is whether the change reached disk.
+    fn set(&self, set: SetRollout) -> Result<Result<bool, String>, String> {
+        let fraction = set.treatment_fraction;
+        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+            return Err(format!(
+                "treatment_fraction {fraction} must be from 0.0 to 1.0"
+            ));
+        }
+        let runtime = self.gateway.runtime();
+        let live = self.gateway.live();
+        if let Some(text) = set.effective_at {
+            let at = crate::clock::parse_rfc3339(&text)?;
+            if at > std::time::SystemTime::now() {
+                let pending = crate::rollout::PendingChange {
+                    experiment: live.config.experiment.clone(),
+                    treatment_fraction: fraction,
+                    effective_at: text,
+                    reason: set.reason,
+                    requested_at: crate::clock::now_rfc3339(),
+                };
+                let persisted = runtime.set_pending(Some(pending), live.config.treatment_fraction);
+                self.supervisor.notify();
+                return Ok(persisted);
+            }
+        }
+        self.cancel_pending();
+        Ok(self.gateway.set_fraction(fraction, "api", &set.reason))
+    }
+
+    /// Drops a change waiting for its instant: a newer one replaces it.
+    fn cancel_pending(&self) {
+        let runtime = self.gateway.runtime();
+        if runtime.pending().is_some() {
+            let fraction = self.gateway.live().config.treatment_fraction;
+            if let Err(err) = runtime.set_pending(None, fraction) {
+                tracing::error!("{err}");
+            }
+        }
+    }
+}
+
+/// Reads a JSON request body (empty means `{}`), or the 400 answer saying
+/// what was expected.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, Box<Response<Body>>> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|err| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!("expected {expected}: {err}"),
+        ))
+    })
+}
+
 /// Compares digests, so neither the content nor the length of the token
 /// shows in how long a wrong guess takes.
 fn constant_time_eq(offered: &[u8], expected: &[u8]) -> bool {
@@ -273,9 +399,11 @@ impl crate::server::Handler for Admin {
         _peer: SocketAddr,
     ) -> Response<Body> {
         match (request.method(), request.uri().path()) {
-            (&Method::PUT, "/admin/rollout") | (&Method::POST, "/admin/rollback") => {
-                self.change(request).await
-            }
+            (&Method::PUT, "/admin/rollout")
+            | (
+                &Method::POST,
+                "/admin/rollback" | "/admin/promote" | "/admin/pause" | "/admin/resume",
+            ) => self.change(request).await,
             _ => self.answer(&request),
         }
     }

@@ -11,6 +11,7 @@ use crate::config::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::server;
+use crate::supervisor::Supervisor;
 
 /// A gateway serving in background tasks.
 pub struct Running {
@@ -20,6 +21,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The gateway itself.
     pub gateway: Arc<Gateway>,
+    /// Its rollout supervisor (guardrails, schedule).
+    pub supervisor: Arc<Supervisor>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -48,10 +51,14 @@ impl Running {
 }
 
 /// Loads `path`, serves it, and reloads it when it changes or on SIGHUP.
-pub async fn start_from_file(path: &std::path::Path) -> Result<Running, String> {
+/// Runtime changes are kept beside the file, or in `state_dir`.
+pub async fn start_from_file(
+    path: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Running, String> {
     let snapshot = crate::config::load(path, &crate::config::ProcessEnv)
         .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
-    let runtime = crate::rollout::RuntimeState::beside(path);
+    let runtime = crate::rollout::RuntimeState::beside(path, state_dir);
     let mut running = start_with(snapshot, runtime).await?;
     let watcher = crate::reload::watch(
         path.to_path_buf(),
@@ -89,14 +96,18 @@ async fn start_with(
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
     let gateway = Arc::new(Gateway::new(snapshot, metrics, runtime)?);
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(server::serve_with(
-        proxy_listener,
-        gateway.clone(),
-        stop_signal(stopped.clone()),
-        limits,
-    ))];
+    let supervisor = Supervisor::new(gateway.clone());
+    let mut tasks = vec![
+        tokio::spawn(server::serve_with(
+            proxy_listener,
+            gateway.clone(),
+            stop_signal(stopped.clone()),
+            limits,
+        )),
+        tokio::spawn(supervisor.clone().run(stop_signal(stopped.clone()))),
+    ];
     if let Some(listener) = admin_listener {
-        let admin = Arc::new(Admin::new(gateway.clone()));
+        let admin = Arc::new(Admin::new(gateway.clone(), supervisor.clone()));
         tasks.push(tokio::spawn(server::serve(
             listener,
             admin,
@@ -107,6 +118,7 @@ async fn start_with(
         proxy_addr,
         admin_addr,
         gateway,
+        supervisor,
         stop,
         tasks,
     })

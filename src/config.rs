@@ -50,6 +50,10 @@ pub struct Config {
     pub feedback: FeedbackConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub rollout: crate::rollout::RolloutConfig,
+    #[serde(default)]
+    pub guardrails: crate::guardrails::GuardrailsConfig,
 }
 
 /// `[admin]`
@@ -524,6 +528,12 @@ impl Config {
             }
         }
 
+        let schedule = self
+            .rollout
+            .validate(experiment.treatment_fraction, &mut report);
+        self.guardrails
+            .validate(&self.feedback.outcomes, &mut report);
+
         let control = resolve_variant(
             "variants.control",
             &self.variants.control,
@@ -563,6 +573,7 @@ impl Config {
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
                     total_timeout: Duration::from_millis(self.timeouts.total_ms),
+                    schedule,
                     config: self.clone(),
                 })
             }
@@ -804,6 +815,9 @@ pub struct Snapshot {
     pub idle_timeout: Duration,
     /// Request start to the answer's last byte.
     pub total_timeout: Duration,
+    /// The file's split over time: `treatment_fraction`, then any
+    /// `[[rollout.scheduled]]` entries.
+    pub schedule: crate::rollout::FileSchedule,
     /// The config as written (secrets appear only as env var names).
     pub config: Config,
 }

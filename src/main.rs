@@ -30,6 +30,10 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Where runtime changes (state file, audit log) are kept; beside
+        /// the config when absent. Use it when the config is read-only.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Run the gateway on an embedded default: two mock model upstreams on
     /// loopback and the gateway in front of them at a 10% treatment fraction.
@@ -82,8 +86,20 @@ enum RolloutAction {
     Status,
     /// Set the treatment fraction, e.g. `set 0.25`.
     Set { treatment_fraction: f64 },
-    /// Send every user to control at once.
+    /// Send every user to control at once (and cancel a pending change).
     Rollback,
+    /// Move to the next stage, if the current one is ready.
+    Promote {
+        /// Promote even though the stage is not ready (audited).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Hold automatic promotion.
+    Pause,
+    /// Let automatic promotion go on.
+    Resume,
+    /// Print the comparison of the arms: stage, sample ratio, guardrails.
+    Report,
 }
 
 fn main() -> ExitCode {
@@ -101,7 +117,7 @@ fn main() -> ExitCode {
             token_env,
             reason,
         } => run_async(rollout(action, admin_url, token_env, reason)),
-        Command::Serve { config } => run_async(serve(config)),
+        Command::Serve { config, state_dir } => run_async(serve(config, state_dir)),
         Command::Demo(args) => run_async(abgate::demo::run(args)),
         Command::Mock {
             listen,
@@ -156,8 +172,8 @@ fn run_async(job: impl std::future::Future<Output = Result<(), String>>) -> Exit
     }
 }
 
-async fn serve(path: PathBuf) -> Result<(), String> {
-    let running = abgate::app::start_from_file(&path).await?;
+async fn serve(path: PathBuf, state_dir: Option<PathBuf>) -> Result<(), String> {
+    let running = abgate::app::start_from_file(&path, state_dir.as_deref()).await?;
     tracing::info!(proxy = %running.url(), admin = ?running.admin_addr, "abgate serving");
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
@@ -196,7 +212,7 @@ async fn rollout(
 ) -> Result<(), String> {
     use http::Method;
     let token = std::env::var(&token_env).ok();
-    let needs_token = !matches!(action, RolloutAction::Status);
+    let needs_token = !matches!(action, RolloutAction::Status | RolloutAction::Report);
     if needs_token && token.is_none() {
         return Err(format!("set {token_env} to the gateway's admin token"));
     }
@@ -212,6 +228,22 @@ async fn rollout(
             "/admin/rollback",
             Some(serde_json::json!({"reason": reason})),
         ),
+        RolloutAction::Promote { force } => (
+            Method::POST,
+            "/admin/promote",
+            Some(serde_json::json!({"reason": reason, "force": force})),
+        ),
+        RolloutAction::Pause => (
+            Method::POST,
+            "/admin/pause",
+            Some(serde_json::json!({"reason": reason})),
+        ),
+        RolloutAction::Resume => (
+            Method::POST,
+            "/admin/resume",
+            Some(serde_json::json!({"reason": reason})),
+        ),
+        RolloutAction::Report => (Method::GET, "/admin/report", None),
     };
     let (status, json) =
         abgate::admin_client::call(&admin_url, method, path, token.as_deref(), body).await?;

@@ -167,6 +167,7 @@ pub struct Metrics {
     feedback_rating: HistogramVec,
     sample_ratio_p_value: GaugeVec,
     sample_ratio_mismatch: IntGaugeVec,
+    guardrail_trips: IntCounterVec,
 }
 
 fn histogram(
@@ -276,6 +277,16 @@ impl Metrics {
             ),
             &["experiment"],
         )?;
+        let guardrail_trips = IntCounterVec::new(
+            Opts::new(
+                "abgate_guardrail_trips_total",
+                "Automatic rollbacks by the guardrails, by the check that tripped.",
+            ),
+            &["check"],
+        )?;
+        for check in crate::guardrails::Check::ALL {
+            guardrail_trips.with_label_values(&[check.as_str()]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "abgate_build_info",
@@ -302,6 +313,7 @@ impl Metrics {
             Box::new(feedback_rating.clone()),
             Box::new(sample_ratio_p_value.clone()),
             Box::new(sample_ratio_mismatch.clone()),
+            Box::new(guardrail_trips.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -326,7 +338,53 @@ impl Metrics {
             feedback_rating,
             sample_ratio_p_value,
             sample_ratio_mismatch,
+            guardrail_trips,
         })
+    }
+
+    /// Counts a guardrail trip.
+    pub fn guardrail_tripped(&self, check: crate::guardrails::Check) {
+        self.guardrail_trips
+            .with_label_values(&[check.as_str()])
+            .inc();
+    }
+
+    /// Trips counted for `check` since start.
+    pub fn guardrail_trips(&self, check: crate::guardrails::Check) -> u64 {
+        self.guardrail_trips
+            .with_label_values(&[check.as_str()])
+            .get()
+    }
+
+    /// Cumulative feedback of one arm: reports, reports with
+    /// `completion_outcome`, and ratings by value (1 to 5).
+    pub fn feedback_totals(
+        &self,
+        experiment: &str,
+        variant: Variant,
+        outcomes: &[String],
+        completion_outcome: &str,
+    ) -> FeedbackTotals {
+        let mut totals = FeedbackTotals::default();
+        for outcome in outcomes {
+            let count = self
+                .feedback
+                .with_label_values(&[experiment, variant.as_str(), outcome])
+                .get();
+            totals.reports += count;
+            if outcome == completion_outcome {
+                totals.completed += count;
+            }
+        }
+        let ratings = Buckets::of([&self
+            .feedback_rating
+            .with_label_values(&[experiment, variant.as_str()])]);
+        let mut below = 0;
+        for (value, cumulative) in ratings.cumulative.iter().take(5).enumerate() {
+            totals.ratings[value] = cumulative - below;
+            below = *cumulative;
+        }
+        totals
     }
 
     /// Publishes the latest sample ratio test for `experiment`.
@@ -561,54 +619,120 @@ impl Distribution {
     /// quantiles interpolate linearly inside a bucket, as PromQL's
     /// `histogram_quantile` does, so they agree with the dashboards.
     fn of<'a>(histograms: impl IntoIterator<Item = &'a Histogram>) -> Self {
+        Buckets::of(histograms).summary()
+    }
+}
+
+/// Merged cumulative bucket counts of histograms that share bounds: what
+/// quantiles are computed from, and what windows are differences of.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets {
+    pub bounds: Vec<f64>,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Buckets {
+    /// The histograms' buckets, added up.
+    pub fn of<'a>(histograms: impl IntoIterator<Item = &'a Histogram>) -> Self {
         use prometheus::core::Metric as _;
-        let mut bounds: Vec<f64> = Vec::new();
-        let mut cumulative: Vec<u64> = Vec::new();
-        let (mut count, mut sum) = (0u64, 0.0f64);
+        let mut merged = Self::default();
         for histogram in histograms {
             let metric = histogram.metric();
             let data = metric.get_histogram();
-            count += data.get_sample_count();
-            sum += data.get_sample_sum();
+            merged.count += data.get_sample_count();
+            merged.sum += data.get_sample_sum();
             for (i, bucket) in data.get_bucket().iter().enumerate() {
-                if bounds.len() <= i {
-                    bounds.push(bucket.upper_bound());
-                    cumulative.push(0);
+                if merged.bounds.len() <= i {
+                    merged.bounds.push(bucket.upper_bound());
+                    merged.cumulative.push(0);
                 }
-                cumulative[i] += bucket.cumulative_count();
+                merged.cumulative[i] += bucket.cumulative_count();
             }
         }
-        let quantile = |q: f64| -> Option<f64> {
-            if count == 0 {
-                return None;
-            }
-            let rank = q * count as f64;
-            let mut lower_bound = 0.0;
-            let mut lower_count = 0u64;
-            for (bound, cumulative) in bounds.iter().zip(&cumulative) {
-                if *cumulative as f64 >= rank {
-                    let in_bucket = (*cumulative - lower_count) as f64;
-                    let fraction = if in_bucket > 0.0 {
-                        (rank - lower_count as f64) / in_bucket
-                    } else {
-                        0.0
-                    };
-                    return Some(lower_bound + (bound - lower_bound) * fraction);
-                }
-                lower_bound = *bound;
-                lower_count = *cumulative;
-            }
-            // Beyond the last bucket: the largest finite bound is all we know.
-            Some(lower_bound)
-        };
+        merged
+    }
+
+    /// What was observed since `earlier` (an older reading of the same
+    /// histograms).
+    pub fn since(&self, earlier: &Self) -> Self {
         Self {
-            count,
-            mean: (count > 0).then(|| sum / count as f64),
-            p50: quantile(0.50),
-            p95: quantile(0.95),
-            p99: quantile(0.99),
+            bounds: self.bounds.clone(),
+            cumulative: self
+                .cumulative
+                .iter()
+                .enumerate()
+                .map(|(i, now)| now.saturating_sub(earlier.cumulative.get(i).copied().unwrap_or(0)))
+                .collect(),
+            count: self.count.saturating_sub(earlier.count),
+            sum: self.sum - earlier.sum,
         }
     }
+
+    /// The `q` quantile, interpolated linearly inside its bucket as
+    /// PromQL's `histogram_quantile` does, so it agrees with dashboards.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q * self.count as f64;
+        let mut lower_bound = 0.0;
+        let mut lower_count = 0u64;
+        for (bound, cumulative) in self.bounds.iter().zip(&self.cumulative) {
+            if *cumulative as f64 >= rank {
+                let in_bucket = (*cumulative - lower_count) as f64;
+                let fraction = if in_bucket > 0.0 {
+                    (rank - lower_count as f64) / in_bucket
+                } else {
+                    0.0
+                };
+                return Some(lower_bound + (bound - lower_bound) * fraction);
+            }
+            lower_bound = *bound;
+            lower_count = *cumulative;
+        }
+        // Beyond the last bucket: the largest finite bound is all we know.
+        Some(lower_bound)
+    }
+
+    /// Mean of the observations, if any.
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// Count, mean and quantiles.
+    pub fn summary(&self) -> Distribution {
+        Distribution {
+            count: self.count,
+            mean: self.mean(),
+            p50: self.quantile(0.50),
+            p95: self.quantile(0.95),
+            p99: self.quantile(0.99),
+        }
+    }
+}
+
+/// One arm's feedback, cumulative.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FeedbackTotals {
+    pub reports: u64,
+    pub completed: u64,
+    /// Ratings of 1, 2, 3, 4 and 5.
+    pub ratings: [u64; 5],
+}
+
+/// One arm's request-side numbers, cumulative: guardrail windows are
+/// differences of two readings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArmTotals {
+    pub requests: u64,
+    /// 5xx answers plus upstream 429s, as in [`ArmStats`].
+    pub errors: u64,
+    pub latency: Buckets,
+    /// Time to first byte of streamed answers: time to first token.
+    pub stream_first_byte: Buckets,
+    pub response_bytes: Buckets,
 }
 
 /// One arm's outcome reports.
@@ -636,21 +760,35 @@ pub struct ArmStats {
 }
 
 impl ExperimentMetrics {
-    /// The numbers of one arm since the gateway started.
-    pub fn arm_stats(&self, variant: Variant) -> ArmStats {
+    /// One arm's cumulative numbers for the guardrails.
+    pub fn arm_totals(&self, variant: Variant) -> ArmTotals {
         let arm = &self.arms[variant_index(variant)];
         let requests: u64 = arm.requests.iter().flatten().map(IntCounter::get).sum();
         let server_errors: u64 = arm.requests.iter().map(|classes| classes[2].get()).sum();
         let rate_limited = arm.upstream_errors[UpstreamErrorKind::Status429.index()].get();
-        let errors = server_errors + rate_limited;
-        let bytes = Distribution::of(arm.response_bytes.iter());
+        ArmTotals {
+            requests,
+            errors: server_errors + rate_limited,
+            latency: Buckets::of(arm.duration.iter().flatten()),
+            stream_first_byte: Buckets::of(
+                arm.time_to_first_byte.iter().map(|by_stream| &by_stream[1]),
+            ),
+            response_bytes: Buckets::of(arm.response_bytes.iter()),
+        }
+    }
+
+    /// The numbers of one arm since the gateway started.
+    pub fn arm_stats(&self, variant: Variant) -> ArmStats {
+        let arm = &self.arms[variant_index(variant)];
+        let totals = self.arm_totals(variant);
+        let (requests, errors) = (totals.requests, totals.errors);
         ArmStats {
             requests,
             errors,
             error_rate: (requests > 0).then(|| errors as f64 / requests as f64),
-            latency_seconds: Distribution::of(arm.duration.iter().flatten()),
+            latency_seconds: totals.latency.summary(),
             time_to_first_byte_seconds: Distribution::of(arm.time_to_first_byte.iter().flatten()),
-            mean_response_bytes: bytes.mean,
+            mean_response_bytes: totals.response_bytes.mean(),
             prompt_tokens: arm.prompt_tokens.get(),
             completion_tokens: arm.completion_tokens.get(),
             upstream_errors: UpstreamErrorKind::ALL

@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::assign::{is_treatment, Variant, BUCKETS};
+use crate::stats::erfc;
 
 /// p-value below which the split is flagged.
 pub const MISMATCH_P: f64 = 0.001;
@@ -96,47 +97,9 @@ impl SampleRatio {
     }
 }
 
-/// Complementary error function, relative error below 1.2e-7
-/// (Numerical Recipes' Chebyshev fit), ample for a 0.001 threshold.
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let value = t * poly.exp();
-    if x >= 0.0 {
-        value
-    } else {
-        2.0 - value
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn erfc_matches_known_values() {
-        // scipy.special.erfc
-        for (x, expected) in [
-            (0.0, 1.0),
-            (0.5, 0.479_500_122),
-            (1.0, 0.157_299_207),
-            (2.0, 0.004_677_735),
-            (3.0, 2.209_049_7e-5),
-        ] {
-            assert!(
-                (erfc(x) - expected).abs() < 1e-7 * expected.max(1e-3),
-                "erfc({x})"
-            );
-        }
-    }
 
     #[test]
     fn chi_square_p_values() {

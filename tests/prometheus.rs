@@ -268,6 +268,53 @@ async fn dashboard_and_alerts_work_against_a_real_prometheus() {
         "{raised:?}"
     );
 
+    // A second replica of the same experiment, serving nothing itself,
+    // guards on the fleet's numbers from Prometheus and rolls back on them.
+    let replica = gateway(&config_toml(
+        &control.url(),
+        &treatment.url(),
+        0.5,
+        &format!(
+            "[guardrails]\nsource = \"prometheus\"\nprometheus_url = \"{prometheus}\"\ninterval_seconds = 0.5\nwindow_seconds = 120\nconsecutive_breaches = 2\nmin_requests_per_arm = 20"
+        ),
+    ))
+    .await;
+    let replica_admin = replica.admin_addr.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let report = loop {
+        let report = admin_get(replica_admin, "/admin/report").await;
+        if report["treatment_fraction"] == 0.0 {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fleet-wide rollback: {report:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        report["guardrails"]["last_evaluation"]["source"],
+        "prometheus"
+    );
+    // It trips on what the treatment really does wrong (errors, latency),
+    // never on what it does not (length, feedback).
+    let tripped = report["last_trip"]["checks"].as_array().unwrap();
+    assert!(!tripped.is_empty(), "{report:#}");
+    for check in tripped {
+        assert!(
+            ["error_rate", "latency_p95", "ttft_p95"].contains(&check.as_str().unwrap()),
+            "{check} tripped: {report:#}"
+        );
+    }
+    let fleet_treatment = report["guardrails"]["last_evaluation"]["treatment"]["requests"]
+        .as_f64()
+        .unwrap();
+    assert!(fleet_treatment >= 20.0, "{report:#}");
+
     server.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Value {
+    admin_call(admin, "GET", path, None, "").await.json()
 }

@@ -50,7 +50,7 @@ async fn a_new_fraction_applies_within_a_second_and_no_request_fails() {
         "steady",
         &config_toml(&control.url(), &treatment.url(), 0.0, ""),
     );
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let url = gw.url();
 
     // Steady traffic from 50 users until told to stop.
@@ -140,7 +140,7 @@ async fn a_broken_file_is_rejected_whole_and_the_old_config_keeps_serving() {
     let (control, treatment) = mocks().await;
     let good = config_toml(&control.url(), &treatment.url(), 1.0, "");
     let path = temp_config("broken", &good);
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let admin = gw.admin_addr.unwrap();
 
     // Valid TOML with one bad value next to a good change: nothing applies.
@@ -205,7 +205,7 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
         "inflight",
         &config_toml(&control.url(), &treatment.url(), 0.0, ""),
     );
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let request = chat_stream_request(&gw.url(), "u");
     let response = bounded(client().request(request)).await.unwrap();
     assert_eq!(response.headers()["x-abgate-variant"], "control");

@@ -8,33 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use abgate::body::Body;
-use bytes::Bytes;
 use common::*;
-use http::Request;
-
-const TOKEN: &str = "test-admin-token-0123456789";
-
-async fn admin_call(
-    admin: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> Answer {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(format!("http://{admin}{path}"));
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    send(
-        request
-            .body(Body::full(Bytes::from(body.to_owned())))
-            .unwrap(),
-    )
-    .await
-}
 
 /// Two mocks and a gateway at `fraction` whose admin token is [`TOKEN`].
 async fn gateway_with_token(
@@ -168,7 +142,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     )
     .unwrap();
 
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let answer = admin_call(
         gw.admin_addr.unwrap(),
         "POST",
@@ -182,7 +156,7 @@ async fn a_rollback_survives_a_restart_until_the_config_file_changes() {
     gw.shutdown().await;
 
     // Restarted with the file still saying 10%: the rollback holds.
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let admin = gw.admin_addr.unwrap();
     let state = rollout(admin).await;
     assert_eq!(state["treatment_fraction"], 0.0, "{state}");
@@ -279,4 +253,38 @@ async fn the_rollout_cli_sets_rolls_back_and_shows_status() {
         (Some(0.0), Some("api"))
     );
     assert_eq!(state["reason"], "latency");
+
+    // From 0 the first stage needs no evidence; pause and resume are audited.
+    let output = cli(&["promote", "--reason", "start"], Some(TOKEN)).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (
+            state["treatment_fraction"].as_f64(),
+            state["stage"].as_u64()
+        ),
+        (Some(0.05), Some(1))
+    );
+    let output = cli(&["promote"], Some(TOKEN)).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("409") && stderr.contains("min_stage_seconds"),
+        "{stderr}"
+    );
+    let output = cli(&["pause", "--reason", "weekend"], Some(TOKEN)).await;
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(state["paused"]["reason"], "weekend");
+    let output = cli(&["resume"], Some(TOKEN)).await;
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(state["paused"], serde_json::Value::Null);
+    let output = cli(&["report"], None).await;
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["stage"]["current"], 1);
+    assert_eq!(report["stage"]["promotable"], false);
 }

@@ -29,7 +29,7 @@ async fn sighup_reloads_the_file() {
         "sighup",
         &config_toml(&control.url(), &treatment.url(), 0.25, ""),
     );
-    let gw = abgate::app::start_from_file(&path).await.unwrap();
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
     let admin = gw.admin_addr.unwrap();
     let before = generation(admin).await;
     let status = std::process::Command::new("kill")

@@ -58,7 +58,7 @@ async fn both_arms_are_counted_with_latency_tokens_and_errors() {
             })
             .sum()
     };
-    let text = eventually(admin, |text| {
+    let text = metrics_until(admin, |text| {
         total(text, "control") == c as f64 && total(text, "treatment") == t as f64
     })
     .await;
@@ -117,7 +117,7 @@ async fn series_do_not_grow_with_users_and_never_name_them() {
         )
         .await;
     }
-    let before = series(&eventually(admin, |_| true).await);
+    let before = series(&metrics_until(admin, |_| true).await);
     // 2000 more distinct users, 16 at a time.
     let mut batch = tokio::task::JoinSet::new();
     let url = gw.url();
@@ -140,7 +140,7 @@ async fn series_do_not_grow_with_users_and_never_name_them() {
     while let Some(status) = batch.join_next().await {
         assert_eq!(status.unwrap(), 200);
     }
-    let text = eventually(admin, |text| {
+    let text = metrics_until(admin, |text| {
         let done: f64 = ["control", "treatment"]
             .iter()
             .filter_map(|v| sample(text, &format!(r#"abgate_requests_total{{experiment="test-exp",route="chat",status_class="2xx",variant="{v}"}}"#)))
@@ -175,7 +175,7 @@ async fn a_client_that_leaves_mid_stream_is_counted_as_cancelled() {
     );
     drop(body);
     drop(client);
-    let text = eventually(admin, |text| {
+    let text = metrics_until(admin, |text| {
         sample(text, r#"abgate_upstream_errors_total{experiment="test-exp",kind="client_cancelled",variant="control"}"#) == Some(1.0)
     })
     .await;
@@ -430,7 +430,7 @@ async fn a_stuck_event_writer_drops_events_and_never_slows_requests() {
         .await;
         assert_eq!(answer.status, 200);
     }
-    let text = eventually(gw.admin_addr.unwrap(), |text| {
+    let text = metrics_until(gw.admin_addr.unwrap(), |text| {
         sample(text, "abgate_events_dropped_total").is_some_and(|dropped| dropped > 0.0)
     })
     .await;
@@ -522,7 +522,7 @@ async fn tokens_are_read_from_gzip_answers_that_pass_through_compressed() {
         compressed.as_slice(),
         "the client gets the bytes as sent"
     );
-    eventually(gw.admin_addr.unwrap(), |text| {
+    metrics_until(gw.admin_addr.unwrap(), |text| {
         sample(
             text,
             r#"abgate_tokens_total{experiment="test-exp",kind="completion",variant="treatment"}"#,

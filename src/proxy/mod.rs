@@ -52,7 +52,7 @@ use crate::events::EventSink;
 use crate::identity::{self, IdentityRules};
 use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
 use crate::request_id::RequestIds;
-use crate::rollout::RuntimeState;
+use crate::rollout::{RuntimeState, SplitEpoch};
 use admission::{Inflight, Places};
 use client::HttpClient;
 use deadline::Deadlines;
@@ -97,8 +97,12 @@ pub struct Live {
     pub request_ids: RequestIds,
     /// The upstream pool; kept across reloads that leave transport settings alone.
     client: HttpClient,
-    /// Requests per arm since the treatment fraction last changed.
-    pub arm_counts: Arc<crate::srm::ArmCounts>,
+    /// The current split since it began: stage age, per-arm counts, and
+    /// the guardrails' baseline.
+    pub epoch: Arc<SplitEpoch>,
+    /// What the config file says now (its fraction, or a scheduled entry's)
+    /// and which of the two (`config` or `schedule`).
+    pub file_fraction: (f64, &'static str),
 }
 
 /// When the running config was applied, and how the last reload went.
@@ -188,9 +192,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         runtime: RuntimeState,
     ) -> Result<Self, String> {
-        if let Some(state) = runtime.resolve(&snapshot) {
-            snapshot.treatment_fraction = state.treatment_fraction;
-        }
+        let file_fraction = in_force(&runtime, &mut snapshot);
         let client = client::build(&snapshot)?;
         let process_ids = RequestIds::with_random_key();
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
@@ -202,20 +204,25 @@ impl Gateway {
             None => None,
         };
         let request_ids = ids_for(&snapshot, &process_ids);
+        let epoch = Arc::new(SplitEpoch::begin(
+            reading(&metrics, &bound, &snapshot),
+            true,
+        ));
         Ok(Self {
             live: ArcSwap::from_pointee(Live {
                 config: snapshot,
                 metrics: bound,
                 request_ids,
                 client,
-                arm_counts: Arc::default(),
+                epoch,
+                file_fraction,
             }),
             metrics,
             events,
             process_ids,
             status: std::sync::Mutex::new(ConfigStatus {
                 generation: 1,
-                applied_at: crate::events::now_rfc3339(),
+                applied_at: crate::clock::now_rfc3339(),
                 last_reload_at: None,
                 last_reload_error: None,
                 pending_restart: Vec::new(),
@@ -251,10 +258,10 @@ impl Gateway {
         let state = crate::rollout::Override {
             experiment: config.experiment.clone(),
             treatment_fraction: fraction,
-            config_fraction: config.config.experiment.treatment_fraction,
+            config_fraction: previous.file_fraction.0,
             source: source.to_owned(),
             reason: reason.to_owned(),
-            at: crate::events::now_rfc3339(),
+            at: crate::clock::now_rfc3339(),
         };
         // Serve the new split first: a rollback must not wait on a disk.
         let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
@@ -263,8 +270,57 @@ impl Gateway {
             config,
             request_ids,
             client,
+            previous.file_fraction,
         )));
         self.runtime.record(state, old)
+    }
+
+    /// Follows the file's `[[rollout.scheduled]]` entries: when the file's
+    /// fraction at this instant differs from the one in force, it applies
+    /// (dropping any older runtime change) and the change is audited.
+    /// Returns whether the split changed.
+    pub fn follow_file_schedule(&self) -> Result<bool, String> {
+        let _changing = self
+            .changing
+            .lock()
+            .map_err(|_| "config lock poisoned".to_owned())?;
+        let previous = self.live.load_full();
+        let mut config = previous.config.clone();
+        let (now_fraction, _) = config.schedule.fraction_at(std::time::SystemTime::now());
+        if now_fraction == previous.file_fraction.0 {
+            return Ok(false);
+        }
+        let file_fraction = in_force(&self.runtime, &mut config);
+        let old = previous.config.treatment_fraction;
+        let new = config.treatment_fraction;
+        let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
+        self.live.store(Arc::new(self.next_live(
+            &previous,
+            config,
+            request_ids,
+            client,
+            file_fraction,
+        )));
+        self.runtime.audit(&crate::rollout::AuditEntry {
+            time: crate::clock::now_rfc3339(),
+            experiment: &previous.config.experiment,
+            action: "set",
+            source: "schedule",
+            old,
+            new,
+            reason: "a [[rollout.scheduled]] entry in the config file came due",
+        });
+        Ok(old != new)
+    }
+
+    /// Runtime rollout state: pauses and pending changes.
+    pub fn runtime(&self) -> &RuntimeState {
+        &self.runtime
+    }
+
+    /// The upstream connection pool (also used to query Prometheus).
+    pub fn http_client(&self) -> HttpClient {
+        self.live.load().client.clone()
     }
 
     /// Swaps in a validated config. Requests already started finish on the
@@ -276,9 +332,7 @@ impl Gateway {
             .changing
             .lock()
             .map_err(|_| "config lock poisoned".to_owned())?;
-        if let Some(state) = self.runtime.resolve(&snapshot) {
-            snapshot.treatment_fraction = state.treatment_fraction;
-        }
+        let file_fraction = in_force(&self.runtime, &mut snapshot);
         let previous = self.live.load_full();
         let old = &previous.config;
         let client = if transport(old) == transport(&snapshot) {
@@ -315,10 +369,11 @@ impl Gateway {
             snapshot,
             request_ids,
             client,
+            file_fraction,
         )));
         self.metrics.config_reloaded(true);
         if let Ok(mut status) = self.status.lock() {
-            let now = crate::events::now_rfc3339();
+            let now = crate::clock::now_rfc3339();
             status.generation += 1;
             status.applied_at = now.clone();
             status.last_reload_at = Some(now);
@@ -338,24 +393,30 @@ impl Gateway {
         config: Snapshot,
         request_ids: RequestIds,
         client: HttpClient,
+        file_fraction: (f64, &'static str),
     ) -> Live {
         let old = &previous.config;
         let same_split = config.treatment_fraction == old.treatment_fraction
             && config.experiment == old.experiment
             && config.salt == old.salt;
+        let metrics = Arc::new(
+            self.metrics
+                .bind(&config.experiment, config.treatment_fraction),
+        );
         Live {
-            metrics: Arc::new(
-                self.metrics
-                    .bind(&config.experiment, config.treatment_fraction),
-            ),
-            arm_counts: if same_split {
-                previous.arm_counts.clone()
+            epoch: if same_split {
+                previous.epoch.clone()
             } else {
-                Arc::default()
+                Arc::new(SplitEpoch::begin(
+                    reading(&self.metrics, &metrics, &config),
+                    false,
+                ))
             },
+            metrics,
             config,
             request_ids,
             client,
+            file_fraction,
         }
     }
 
@@ -363,7 +424,7 @@ impl Gateway {
     pub fn reject(&self, error: &str) {
         self.metrics.config_reloaded(false);
         if let Ok(mut status) = self.status.lock() {
-            status.last_reload_at = Some(crate::events::now_rfc3339());
+            status.last_reload_at = Some(crate::clock::now_rfc3339());
             status.last_reload_error = Some(error.to_owned());
         }
     }
@@ -579,7 +640,7 @@ impl Gateway {
             decision.event_user_id = sink.user_id_field(user_id);
         }
         decision.variant = Some(variant);
-        live.arm_counts.count(variant);
+        live.epoch.counts.count(variant);
         if let Some(max) = limits.max_inflight_per_variant {
             decision.places.upstream = Some(self.inflight.admit_to(variant, max).ok_or(
                 ProxyError::Shed {
@@ -886,6 +947,33 @@ fn has_io_kind(err: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind
         source = err.source();
     }
     false
+}
+
+/// Sets `snapshot`'s fraction in force: the file's at this instant, unless
+/// a runtime change made against that same file fraction still applies.
+/// Returns the file's fraction and where it comes from.
+fn in_force(runtime: &RuntimeState, snapshot: &mut Snapshot) -> (f64, &'static str) {
+    let (file_fraction, file_source) = snapshot.schedule.fraction_at(std::time::SystemTime::now());
+    snapshot.treatment_fraction = file_fraction;
+    if let Some(state) = runtime.resolve(&snapshot.experiment, file_fraction, file_source) {
+        snapshot.treatment_fraction = state.treatment_fraction;
+    }
+    (file_fraction, file_source)
+}
+
+/// The guardrails' reading of `config`'s experiment now.
+fn reading(
+    metrics: &Metrics,
+    bound: &ExperimentMetrics,
+    config: &Snapshot,
+) -> crate::guardrails::local::Reading {
+    crate::guardrails::local::Reading::take(
+        metrics,
+        bound,
+        &config.experiment,
+        &config.config.feedback.outcomes,
+        &config.config.guardrails.completion_outcome,
+    )
 }
 
 /// "outer: inner: innermost", the way operators want to read an error.

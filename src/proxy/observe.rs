@@ -198,7 +198,7 @@ impl ObservedBody {
         if let Some((sink, draft)) = observation.event {
             let millis = |d: Duration| d.as_secs_f64() * 1000.0;
             sink.emit(Event {
-                timestamp: crate::events::now_rfc3339(),
+                timestamp: crate::clock::now_rfc3339(),
                 request_id: draft.request_id,
                 experiment: draft.experiment,
                 variant: record.variant.as_str(),

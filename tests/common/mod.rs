@@ -244,9 +244,9 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Polls `check` until it holds: a request is recorded when its last byte
-/// has left, which can be a moment after the client has it.
-pub async fn eventually(admin: std::net::SocketAddr, check: impl Fn(&str) -> bool) -> String {
+/// Polls /metrics until `check` holds: a request is recorded when its last
+/// byte has left, which can be a moment after the client has it.
+pub async fn metrics_until(admin: std::net::SocketAddr, check: impl Fn(&str) -> bool) -> String {
     for _ in 0..100 {
         let text = scrape(admin).await;
         if check(&text) {
@@ -270,7 +270,7 @@ pub fn upstream_errors(variant: &str, kind: &str) -> String {
 /// Waits until `variant` has `count` upstream errors of `kind`.
 pub async fn counted(admin: std::net::SocketAddr, variant: &str, kind: &str, count: f64) {
     let series = upstream_errors(variant, kind);
-    eventually(admin, |text| sample(text, &series) == Some(count)).await;
+    metrics_until(admin, |text| sample(text, &series) == Some(count)).await;
 }
 
 /// Reads one HTTP/1.1 request, head and `content-length` body; `None` when
@@ -359,4 +359,83 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The admin token test gateways are given (as env var `T`).
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// The env that gives a gateway configured with `token_env = "T"` [`TOKEN`].
+pub fn token_env() -> BTreeMap<String, String> {
+    BTreeMap::from([("T".to_owned(), TOKEN.to_owned())])
+}
+
+/// One admin API call, with a bearer token if given.
+pub async fn admin_call(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    send(
+        request
+            .body(Body::full(Bytes::from(body.to_owned())))
+            .unwrap(),
+    )
+    .await
+}
+
+/// Sends `count` chat completions from users `{prefix}0..{users}` in turn,
+/// `concurrency` at a time; returns how many answered 2xx.
+pub async fn traffic(
+    base: &str,
+    prefix: &str,
+    users: usize,
+    count: usize,
+    concurrency: usize,
+) -> usize {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (base, prefix, next) = (base.to_owned(), prefix.to_owned(), next.clone());
+        workers.spawn(async move {
+            let mut ok = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return ok;
+                }
+                let answer = chat(&base, &format!("{prefix}{}", i % users)).await;
+                ok += usize::from(answer.status.is_success());
+            }
+        });
+    }
+    let mut ok = 0;
+    while let Some(done) = workers.join_next().await {
+        ok += done.unwrap();
+    }
+    ok
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,0 +1,295 @@
+//! `[guardrails]`: which checks run, on what numbers, how often, and what
+//! happens when one trips.
+
+use serde::{Deserialize, Serialize};
+
+/// One guardrail check (a metric label, so a fixed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Error rate above control beyond noise (one-sided two-proportion test).
+    ErrorRate,
+    /// p95 latency more than `max_latency_p95_increase` above control.
+    LatencyP95,
+    /// p95 time to first token (first byte of a stream) likewise.
+    TtftP95,
+    /// Mean response length shifted more than `max_response_length_change`.
+    ResponseLength,
+    /// Completion rate of feedback reports lower than control, by more than
+    /// `max_completion_rate_decrease` (relative) and beyond noise.
+    CompletionRate,
+    /// Mean rating lower than control beyond noise.
+    Rating,
+}
+
+impl Check {
+    /// Every check, in report order.
+    pub const ALL: [Check; 6] = [
+        Check::ErrorRate,
+        Check::LatencyP95,
+        Check::TtftP95,
+        Check::ResponseLength,
+        Check::CompletionRate,
+        Check::Rating,
+    ];
+
+    /// The label value and config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::ErrorRate => "error_rate",
+            Check::LatencyP95 => "latency_p95",
+            Check::TtftP95 => "ttft_p95",
+            Check::ResponseLength => "response_length",
+            Check::CompletionRate => "completion_rate",
+            Check::Rating => "rating",
+        }
+    }
+}
+
+/// Where the numbers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// This replica's own metrics.
+    #[default]
+    Local,
+    /// A Prometheus server scraping every replica: the fleet's numbers.
+    Prometheus,
+}
+
+/// What a trip does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBreach {
+    /// Treatment fraction to 0 at once.
+    #[default]
+    Rollback,
+    /// Back to the stage below the current fraction (0 below the first).
+    PreviousStage,
+}
+
+/// `[guardrails]` as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailsConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub source: Source,
+    /// Base URL of the Prometheus server (`source = "prometheus"`).
+    #[serde(default)]
+    pub prometheus_url: Option<String>,
+    #[serde(default = "default_interval_seconds")]
+    pub interval_seconds: f64,
+    /// Numbers compared: the last window, never from before the split
+    /// last changed.
+    #[serde(default = "default_window_seconds")]
+    pub window_seconds: f64,
+    /// Checks in a row a breach must hold for before it trips.
+    #[serde(default = "default_consecutive_breaches")]
+    pub consecutive_breaches: u32,
+    /// Requests each arm needs in the window before a check judges.
+    #[serde(default = "default_min_requests_per_arm")]
+    pub min_requests_per_arm: u64,
+    /// Feedback reports (or ratings) each arm needs likewise.
+    #[serde(default = "default_min_feedback_per_arm")]
+    pub min_feedback_per_arm: u64,
+    /// One-sided significance level of the statistical checks.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub on_breach: OnBreach,
+    #[serde(default = "default_checks")]
+    pub checks: Vec<Check>,
+    #[serde(default = "default_twenty_percent")]
+    pub max_latency_p95_increase: f64,
+    #[serde(default = "default_twenty_percent")]
+    pub max_ttft_p95_increase: f64,
+    #[serde(default = "default_thirty_percent")]
+    pub max_response_length_change: f64,
+    #[serde(default = "default_five_percent")]
+    pub max_completion_rate_decrease: f64,
+    /// The feedback outcome that counts as a completion.
+    #[serde(default = "default_completion_outcome")]
+    pub completion_outcome: String,
+}
+
+impl Default for GuardrailsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            source: Source::Local,
+            prometheus_url: None,
+            interval_seconds: default_interval_seconds(),
+            window_seconds: default_window_seconds(),
+            consecutive_breaches: default_consecutive_breaches(),
+            min_requests_per_arm: default_min_requests_per_arm(),
+            min_feedback_per_arm: default_min_feedback_per_arm(),
+            alpha: default_alpha(),
+            on_breach: OnBreach::Rollback,
+            checks: default_checks(),
+            max_latency_p95_increase: default_twenty_percent(),
+            max_ttft_p95_increase: default_twenty_percent(),
+            max_response_length_change: default_thirty_percent(),
+            max_completion_rate_decrease: default_five_percent(),
+            completion_outcome: default_completion_outcome(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_interval_seconds() -> f64 {
+    30.0
+}
+fn default_window_seconds() -> f64 {
+    900.0
+}
+fn default_consecutive_breaches() -> u32 {
+    3
+}
+fn default_min_requests_per_arm() -> u64 {
+    500
+}
+fn default_min_feedback_per_arm() -> u64 {
+    100
+}
+fn default_alpha() -> f64 {
+    0.001
+}
+fn default_checks() -> Vec<Check> {
+    Check::ALL.to_vec()
+}
+fn default_twenty_percent() -> f64 {
+    0.20
+}
+fn default_thirty_percent() -> f64 {
+    0.30
+}
+fn default_five_percent() -> f64 {
+    0.05
+}
+fn default_completion_outcome() -> String {
+    "completed".to_owned()
+}
+
+impl GuardrailsConfig {
+    /// Checks the section against the feedback outcomes it refers to.
+    pub fn validate(&self, outcomes: &[String], report: &mut dyn FnMut(&str, String)) {
+        let positive = |value: f64| value.is_finite() && value > 0.0;
+        if !positive(self.interval_seconds) {
+            report("guardrails.interval_seconds", "must be above 0".into());
+        }
+        if !(positive(self.window_seconds) && self.window_seconds >= self.interval_seconds) {
+            report(
+                "guardrails.window_seconds",
+                "must be at least interval_seconds".into(),
+            );
+        }
+        if self.consecutive_breaches == 0 {
+            report(
+                "guardrails.consecutive_breaches",
+                "must be at least 1".into(),
+            );
+        }
+        if self.min_requests_per_arm == 0 {
+            report(
+                "guardrails.min_requests_per_arm",
+                "must be at least 1".into(),
+            );
+        }
+        if self.min_feedback_per_arm < 2 {
+            report(
+                "guardrails.min_feedback_per_arm",
+                "must be at least 2".into(),
+            );
+        }
+        if !(self.alpha > 0.0 && self.alpha < 0.5) {
+            report("guardrails.alpha", "must be between 0 and 0.5".into());
+        }
+        for (key, value) in [
+            ("max_latency_p95_increase", self.max_latency_p95_increase),
+            ("max_ttft_p95_increase", self.max_ttft_p95_increase),
+            (
+                "max_response_length_change",
+                self.max_response_length_change,
+            ),
+        ] {
+            if !positive(value) {
+                report(
+                    &format!("guardrails.{key}"),
+                    "must be above 0 (0.2 = 20%)".into(),
+                );
+            }
+        }
+        if !(positive(self.max_completion_rate_decrease) && self.max_completion_rate_decrease < 1.0)
+        {
+            report(
+                "guardrails.max_completion_rate_decrease",
+                "must be between 0 and 1 (0.05 = 5%)".into(),
+            );
+        }
+        if self.checks.contains(&Check::CompletionRate)
+            && !outcomes.contains(&self.completion_outcome)
+        {
+            report(
+                "guardrails.completion_outcome",
+                format!(
+                    "{:?} is not one of feedback.outcomes {:?}",
+                    self.completion_outcome, outcomes
+                ),
+            );
+        }
+        match (self.source, &self.prometheus_url) {
+            (Source::Prometheus, None) => report(
+                "guardrails.prometheus_url",
+                "is required with source = \"prometheus\"".into(),
+            ),
+            (_, Some(url)) => {
+                if let Err(message) = super::prometheus::parse_base_url(url) {
+                    report("guardrails.prometheus_url", message);
+                }
+            }
+            (Source::Local, None) => {}
+        }
+    }
+
+    /// Whether `check` runs.
+    pub fn runs(&self, check: Check) -> bool {
+        self.enabled && self.checks.contains(&check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_problems_are_named() {
+        let outcomes = vec!["completed".to_owned()];
+        let mut found = Vec::new();
+        GuardrailsConfig::default()
+            .validate(&outcomes, &mut |p, m| found.push(format!("{p}: {m}")));
+        assert!(found.is_empty(), "{found:?}");
+        let config = GuardrailsConfig {
+            source: Source::Prometheus,
+            alpha: 0.7,
+            window_seconds: 1.0,
+            completion_outcome: "done".into(),
+            ..GuardrailsConfig::default()
+        };
+        config.validate(&outcomes, &mut |p, m| found.push(format!("{p}: {m}")));
+        for expected in [
+            "guardrails.prometheus_url: is required",
+            "guardrails.alpha:",
+            "guardrails.window_seconds:",
+            "guardrails.completion_outcome: \"done\" is not one of",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected} in {found:#?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Runtime changes to the rollout, made through the admin API or by the
+//! gateway itself, and the rule that decides between them and the config
+//! file.
+//!
+//! The rule: **the newest intention wins.** A change through the API is
+//! written atomically (write, fsync, rename) to a state file beside the
+//! config (`abgate.toml` → `abgate.state.json`, or in `--state-dir`) and
+//! survives restarts and crash loops, even though the file still says
+//! otherwise. It records the file's fraction at the time; when the file's
+//! fraction later changes (an edit, or a `[[rollout.scheduled]]` entry
+//! coming due), that is the newer intention and the runtime value is
+//! dropped. Every change is appended to an audit log beside the state file
+//! (`abgate.audit.jsonl`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// A split set at run time, in force over the config file's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    pub experiment: String,
+    pub treatment_fraction: f64,
+    /// The config file's fraction when the change was made.
+    pub config_fraction: f64,
+    /// `api`, `schedule` (automatic promotion) or `guardrail`.
+    pub source: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// The automatic schedule is held: no automatic promotion until resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pause {
+    /// `api` or `guardrail`.
+    pub source: String,
+    pub reason: String,
+    pub at: String,
+}
+
+/// A change requested for a later instant (`effective_at`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub experiment: String,
+    pub treatment_fraction: f64,
+    /// RFC 3339, as requested.
+    pub effective_at: String,
+    pub reason: String,
+    pub requested_at: String,
+}
+
+/// Everything kept in the state file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Persisted {
+    #[serde(default, rename = "override")]
+    pub fraction: Option<Override>,
+    #[serde(default)]
+    pub paused: Option<Pause>,
+    #[serde(default)]
+    pub pending: Option<PendingChange>,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry<'a> {
+    pub time: String,
+    pub experiment: &'a str,
+    /// `set`, `pause`, `resume`, `pending`, `cancel_pending`.
+    pub action: &'a str,
+    /// `config`, `schedule`, `api` or `guardrail`.
+    pub source: &'a str,
+    pub old: f64,
+    pub new: f64,
+    pub reason: &'a str,
+}
+
+/// The runtime state, where it is kept, and the audit log.
+#[derive(Debug)]
+pub struct RuntimeState {
+    state_file: Option<PathBuf>,
+    audit_file: Option<PathBuf>,
+    current: Mutex<Persisted>,
+}
+
+impl RuntimeState {
+    /// Kept in memory only (a gateway started without a config file).
+    pub fn in_memory() -> Self {
+        Self {
+            state_file: None,
+            audit_file: None,
+            current: Mutex::new(Persisted::default()),
+        }
+    }
+
+    /// Kept in `dir` (beside the config unless `--state-dir` says
+    /// otherwise) under the config's file stem, resuming what a previous
+    /// run wrote there.
+    pub fn beside(config_path: &Path, dir: Option<&Path>) -> Self {
+        let stem = config_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "abgate".to_owned());
+        let dir = dir
+            .or_else(|| config_path.parent())
+            .unwrap_or_else(|| Path::new("."));
+        let state_file = dir.join(format!("{stem}.state.json"));
+        let current = match std::fs::read(&state_file) {
+            Ok(bytes) => read_state(&bytes).unwrap_or_else(|err| {
+                tracing::error!("ignoring {}: {err}", state_file.display());
+                Persisted::default()
+            }),
+            Err(_) => Persisted::default(),
+        };
+        Self {
+            state_file: Some(state_file),
+            audit_file: Some(dir.join(format!("{stem}.audit.jsonl"))),
+            current: Mutex::new(current),
+        }
+    }
+
+    /// The override that applies to `experiment` while the file says
+    /// `file_fraction`, if any. An override made against another file
+    /// fraction (or experiment) has been superseded by the file: it is
+    /// dropped and the drop audited.
+    pub fn resolve(
+        &self,
+        experiment: &str,
+        file_fraction: f64,
+        file_source: &str,
+    ) -> Option<Override> {
+        let state = {
+            let mut current = self.current.lock().ok()?;
+            let state = current.fraction.clone()?;
+            if state.experiment == experiment && state.config_fraction == file_fraction {
+                return Some(state);
+            }
+            current.fraction = None;
+            state
+        };
+        if let Err(err) = self.persist() {
+            tracing::error!("{err}");
+        }
+        self.audit(&AuditEntry {
+            time: crate::clock::now_rfc3339(),
+            experiment,
+            action: "set",
+            source: file_source,
+            old: state.treatment_fraction,
+            new: file_fraction,
+            reason: "the config file's fraction changed after the runtime change: the newer intention wins",
+        });
+        None
+    }
+
+    /// The override in force now, if any.
+    pub fn current(&self) -> Option<Override> {
+        self.current.lock().ok()?.fraction.clone()
+    }
+
+    /// The pause in force, if any.
+    pub fn paused(&self) -> Option<Pause> {
+        self.current.lock().ok()?.paused.clone()
+    }
+
+    /// The change waiting for its instant, if any.
+    pub fn pending(&self) -> Option<PendingChange> {
+        self.current.lock().ok()?.pending.clone()
+    }
+
+    /// Records a runtime change of the fraction: persisted atomically,
+    /// then audited. Returns whether it reached disk (memory-only state
+    /// never does).
+    pub fn record(&self, state: Override, old: f64) -> Result<bool, String> {
+        let entry_state = state.clone();
+        self.update(|current| current.fraction = Some(state))?;
+        self.audit(&AuditEntry {
+            time: entry_state.at.clone(),
+            experiment: &entry_state.experiment,
+            action: "set",
+            source: &entry_state.source,
+            old,
+            new: entry_state.treatment_fraction,
+            reason: &entry_state.reason,
+        });
+        self.persisted()
+    }
+
+    /// Holds or releases the automatic schedule; audited.
+    pub fn set_paused(
+        &self,
+        pause: Option<Pause>,
+        experiment: &str,
+        fraction: f64,
+        source: &str,
+        reason: &str,
+    ) -> Result<bool, String> {
+        let action = if pause.is_some() { "pause" } else { "resume" };
+        self.update(|current| current.paused = pause)?;
+        self.audit(&AuditEntry {
+            time: crate::clock::now_rfc3339(),
+            experiment,
+            action,
+            source,
+            old: fraction,
+            new: fraction,
+            reason,
+        });
+        self.persisted()
+    }
+
+    /// Stores (or clears, once applied) a change waiting for its instant.
+    pub fn set_pending(&self, pending: Option<PendingChange>, old: f64) -> Result<bool, String> {
+        if let Some(change) = &pending {
+            self.audit(&AuditEntry {
+                time: change.requested_at.clone(),
+                experiment: &change.experiment,
+                action: "pending",
+                source: "api",
+                old,
+                new: change.treatment_fraction,
+                reason: &format!("effective at {}: {}", change.effective_at, change.reason),
+            });
+        }
+        self.update(|current| current.pending = pending)?;
+        self.persisted()
+    }
+
+    fn persisted(&self) -> Result<bool, String> {
+        Ok(self.state_file.is_some())
+    }
+
+    /// Changes the state in memory, then writes it down.
+    fn update(&self, change: impl FnOnce(&mut Persisted)) -> Result<(), String> {
+        {
+            let mut current = self
+                .current
+                .lock()
+                .map_err(|_| "runtime state lock poisoned".to_owned())?;
+            change(&mut current);
+        }
+        self.persist()
+    }
+
+    fn persist(&self) -> Result<(), String> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let state = self
+            .current
+            .lock()
+            .map_err(|_| "runtime state lock poisoned".to_owned())?
+            .clone();
+        let written = if state == Persisted::default() {
+            // Nothing in force: no file, so the config alone decides.
+            match std::fs::remove_file(path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+                _ => Ok(()),
+            }
+        } else {
+            write_atomically(path, &state)
+        };
+        written.map_err(|err| format!("{}: {err}", path.display()))
+    }
+
+    /// Appends one line to the audit log (and the process log).
+    pub fn audit(&self, entry: &AuditEntry<'_>) {
+        tracing::info!(
+            action = entry.action,
+            source = entry.source,
+            old = entry.old,
+            new = entry.new,
+            reason = entry.reason,
+            "rollout changed"
+        );
+        let Some(path) = &self.audit_file else { return };
+        let line = match serde_json::to_string(entry) {
+            Ok(line) => line,
+            Err(_) => return,
+        };
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut file| writeln!(file, "{line}"));
+        if let Err(err) = written {
+            tracing::error!("cannot append to {}: {err}", path.display());
+        }
+    }
+}
+
+/// The state file, or the bare override an earlier version wrote.
+fn read_state(bytes: &[u8]) -> Result<Persisted, serde_json::Error> {
+    serde_json::from_slice::<Persisted>(bytes).or_else(|err| {
+        serde_json::from_slice::<Override>(bytes)
+            .map(|fraction| Persisted {
+                fraction: Some(fraction),
+                ..Persisted::default()
+            })
+            .map_err(|_| err)
+    })
+}
+
+/// Write to a temporary file, fsync it, rename it over the target, fsync
+/// the directory: a crash leaves the old state or the new, never half.
+fn write_atomically(path: &Path, state: &Persisted) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(state)?;
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,543 @@
+//! The rollout supervisor: one background task per gateway that, on its
+//! own clock, applies changes that come due (`effective_at`, scheduled file
+//! entries), runs the guardrails every interval and rolls back when one
+//! trips, and promotes to the next stage when `auto_promote` allows it.
+//! It also answers what the admin API asks about stages and guardrails.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::guardrails::checks::{self, ArmWindow, CheckResult, Status, Streaks};
+use crate::guardrails::local::Readings;
+use crate::guardrails::{Check, GuardrailsConfig, OnBreach, Source};
+use crate::proxy::{Gateway, Live};
+use crate::rollout::{Pause, SplitEpoch};
+
+/// The longest the task sleeps between looks, so a reload that changes
+/// the guard's interval is noticed soon.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+/// One run of the guardrails.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub at: String,
+    pub source: Source,
+    /// Span of the numbers compared.
+    pub window_seconds: f64,
+    pub control: ArmWindow,
+    pub treatment: ArmWindow,
+    pub checks: Vec<CheckResult>,
+    /// Why there are no numbers (Prometheus unreachable, …).
+    pub error: Option<String>,
+    #[serde(skip)]
+    epoch: Option<Arc<SplitEpoch>>,
+}
+
+/// An automatic rollback, with the numbers that caused it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trip {
+    pub at: String,
+    pub checks: Vec<Check>,
+    pub from: f64,
+    pub to: f64,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct GuardState {
+    readings: Readings,
+    epoch: Option<Arc<SplitEpoch>>,
+    streaks: Streaks,
+    last: Option<Evaluation>,
+    last_trip: Option<Trip>,
+    next_check: Option<Instant>,
+}
+
+/// Runs the rollout on its own; shared with the admin API.
+pub struct Supervisor {
+    gateway: Arc<Gateway>,
+    state: Mutex<GuardState>,
+    wake: Notify,
+}
+
+/// Why a promotion did not happen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromoteError {
+    /// Not ready: every reason.
+    Blocked(Vec<String>),
+    /// Applied but not written down.
+    NotPersisted(String),
+}
+
+impl Supervisor {
+    /// A supervisor for `gateway`; start it with [`Supervisor::run`].
+    pub fn new(gateway: Arc<Gateway>) -> Arc<Self> {
+        Arc::new(Self {
+            gateway,
+            state: Mutex::new(GuardState::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Looks again now (a pending change was added, or a test asks).
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The task: ticks until `stop` resolves.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            self.tick().await;
+            let sleep = self.until_next();
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(sleep) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// How long until something may be due.
+    fn until_next(&self) -> Duration {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut next = now + MAX_SLEEP;
+        let live = self.gateway.live();
+        let due = |at: SystemTime| now + at.duration_since(wall).unwrap_or_default();
+        if let Some(at) = live.config.schedule.next_after(wall) {
+            next = next.min(due(at));
+        }
+        if let Some(pending) = self.gateway.runtime().pending() {
+            if let Ok(at) = crate::clock::parse_rfc3339(&pending.effective_at) {
+                next = next.min(due(at));
+            }
+        }
+        if let Some(check) = self.state.lock().ok().and_then(|state| state.next_check) {
+            next = next.min(check);
+        }
+        next.saturating_duration_since(now)
+    }
+
+    /// One look: due changes, then the guard, then promotion.
+    pub async fn tick(&self) {
+        self.apply_due_pending();
+        if let Err(err) = self.gateway.follow_file_schedule() {
+            tracing::error!("scheduled change: {err}");
+        }
+        let live = self.gateway.live();
+        let guard = &live.config.config.guardrails;
+        let due = self
+            .state
+            .lock()
+            .ok()
+            .map(|state| state.next_check.map_or(true, |at| Instant::now() >= at))
+            .unwrap_or(false);
+        if guard.enabled && due {
+            self.guard(&live).await;
+        }
+        self.auto_promote();
+    }
+
+    fn apply_due_pending(&self) {
+        let runtime = self.gateway.runtime();
+        let Some(pending) = runtime.pending() else {
+            return;
+        };
+        let live = self.gateway.live();
+        let due = crate::clock::parse_rfc3339(&pending.effective_at)
+            .map(|at| at <= SystemTime::now())
+            .unwrap_or(true);
+        if !due {
+            return;
+        }
+        if pending.experiment == live.config.experiment {
+            let reason = format!("{} (effective at {})", pending.reason, pending.effective_at);
+            if let Err(err) = self
+                .gateway
+                .set_fraction(pending.treatment_fraction, "api", &reason)
+            {
+                tracing::error!("pending change: {err}");
+            }
+        }
+        if let Err(err) = runtime.set_pending(None, live.config.treatment_fraction) {
+            tracing::error!("pending change: {err}");
+        }
+    }
+
+    /// Runs the checks once and acts on a trip.
+    async fn guard(&self, live: &Arc<Live>) {
+        let config = &live.config.config.guardrails;
+        let interval = Duration::from_secs_f64(config.interval_seconds);
+        let window = Duration::from_secs_f64(config.window_seconds);
+        let epoch = live.epoch.clone();
+        let numbers = match config.source {
+            Source::Local => {
+                let latest = crate::guardrails::local::Reading::take(
+                    self.gateway.metrics(),
+                    &live.metrics,
+                    &live.config.experiment,
+                    &live.config.config.feedback.outcomes,
+                    &config.completion_outcome,
+                );
+                let Ok(mut state) = self.state.lock() else {
+                    return;
+                };
+                if !state.epoch.as_ref().is_some_and(|e| Arc::ptr_eq(e, &epoch)) {
+                    state.readings.restart(epoch.baseline.clone());
+                }
+                let (control, treatment, span) = state.readings.window(latest, window);
+                Ok((control, treatment, span))
+            }
+            Source::Prometheus => {
+                // The fleet's numbers reach back the whole window unless
+                // this replica saw the split change; then not before it.
+                let span = if epoch.at_start {
+                    window
+                } else {
+                    window.min(Duration::from_secs_f64(epoch.age_seconds()))
+                };
+                let base = config
+                    .prometheus_url
+                    .as_deref()
+                    .map(crate::guardrails::prometheus::parse_base_url)
+                    .unwrap_or_else(|| Err("no prometheus_url".to_owned()));
+                match base {
+                    Ok(base) => crate::guardrails::prometheus::fetch(
+                        &self.gateway.http_client(),
+                        &base,
+                        &live.config.experiment,
+                        span,
+                        config,
+                        interval.max(Duration::from_secs(1)),
+                    )
+                    .await
+                    .map(|(control, treatment)| (control, treatment, span)),
+                    Err(err) => Err(err),
+                }
+            }
+        };
+        let tripped = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            if !state.epoch.as_ref().is_some_and(|e| Arc::ptr_eq(e, &epoch)) {
+                state.epoch = Some(epoch.clone());
+                state.streaks.reset();
+            }
+            state.next_check = Some(Instant::now() + interval);
+            let (control, treatment, span, error) = match numbers {
+                Ok((control, treatment, span)) => (control, treatment, span, None),
+                Err(err) => {
+                    tracing::warn!("guardrails have no numbers: {err}");
+                    (
+                        ArmWindow::default(),
+                        ArmWindow::default(),
+                        Duration::ZERO,
+                        Some(err),
+                    )
+                }
+            };
+            let mut results = if error.is_some() {
+                Vec::new()
+            } else {
+                checks::evaluate(config, &control, &treatment)
+            };
+            let tripped = state
+                .streaks
+                .observe(&mut results, config.consecutive_breaches);
+            state.last = Some(Evaluation {
+                at: crate::clock::now_rfc3339(),
+                source: config.source,
+                window_seconds: span.as_secs_f64(),
+                control,
+                treatment,
+                checks: results,
+                error,
+                epoch: Some(epoch),
+            });
+            tripped
+        };
+        if !tripped.is_empty() {
+            self.trip(live, config, &tripped);
+        }
+    }
+
+    /// Rolls back after a trip: the fraction, a pause of the schedule, the
+    /// audit entry with the numbers, the trip counters.
+    fn trip(&self, live: &Live, config: &GuardrailsConfig, tripped: &[Check]) {
+        let from = live.config.treatment_fraction;
+        let to = match config.on_breach {
+            OnBreach::Rollback => 0.0,
+            OnBreach::PreviousStage => live.config.config.rollout.previous_stage(from),
+        };
+        let details: Vec<String> = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|state| state.last.clone())
+            .map(|evaluation| {
+                evaluation
+                    .checks
+                    .iter()
+                    .filter(|result| tripped.contains(&result.check))
+                    .map(|result| {
+                        format!(
+                            "{} ({} checks in a row): {}",
+                            result.check.as_str(),
+                            result.consecutive,
+                            result.detail
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let reason = format!(
+            "guardrail tripped, treatment {from} -> {to}: {}",
+            details.join("; ")
+        );
+        for check in tripped {
+            self.gateway.metrics().guardrail_tripped(*check);
+        }
+        tracing::error!("{reason}");
+        if from > to {
+            if let Err(err) = self.gateway.set_fraction(to, "guardrail", &reason) {
+                tracing::error!("guardrail rollback not persisted: {err}");
+            }
+        }
+        let pause = Pause {
+            source: "guardrail".to_owned(),
+            reason: reason.clone(),
+            at: crate::clock::now_rfc3339(),
+        };
+        if let Err(err) = self.gateway.runtime().set_paused(
+            Some(pause),
+            &live.config.experiment,
+            to,
+            "guardrail",
+            &reason,
+        ) {
+            tracing::error!("pause not persisted: {err}");
+        }
+        if let Ok(mut state) = self.state.lock() {
+            state.streaks.reset();
+            state.last_trip = Some(Trip {
+                at: crate::clock::now_rfc3339(),
+                checks: tripped.to_vec(),
+                from,
+                to,
+                reason,
+            });
+        }
+    }
+
+    fn auto_promote(&self) {
+        let live = self.gateway.live();
+        let rollout = &live.config.config.rollout;
+        if !rollout.auto_promote
+            || live.config.treatment_fraction <= 0.0
+            || self.gateway.runtime().paused().is_some()
+        {
+            return;
+        }
+        // Automatic promotion also needs the guard to have looked at this
+        // stage (when it runs) and found nothing wrong.
+        if live.config.config.guardrails.enabled {
+            let looked = self.state.lock().ok().is_some_and(|state| {
+                state.last.as_ref().is_some_and(|evaluation| {
+                    evaluation.error.is_none()
+                        && evaluation
+                            .epoch
+                            .as_ref()
+                            .is_some_and(|e| Arc::ptr_eq(e, &live.epoch))
+                })
+            });
+            if !looked {
+                return;
+            }
+        }
+        match self.promote(
+            "schedule",
+            "automatic promotion: the stage met its minimums and every guardrail held",
+            false,
+        ) {
+            Ok(_) | Err(PromoteError::Blocked(_)) => {}
+            Err(PromoteError::NotPersisted(err)) => {
+                tracing::error!("promotion not persisted: {err}")
+            }
+        }
+    }
+
+    /// Why the current stage may not be promoted now (empty: it may).
+    pub fn blockers(&self) -> Vec<String> {
+        let live = self.gateway.live();
+        let rollout = &live.config.config.rollout;
+        let current = live.config.treatment_fraction;
+        let mut blockers = Vec::new();
+        if rollout.next_stage(current).is_none() {
+            blockers.push(format!("{current} is already the last stage"));
+            return blockers;
+        }
+        if current <= 0.0 {
+            // Starting the rollout needs no evidence from the treatment arm.
+            return blockers;
+        }
+        let age = live.epoch.age_seconds();
+        if age < rollout.min_stage_seconds {
+            blockers.push(format!(
+                "the stage has run {age:.0} s of the {} s it needs (rollout.min_stage_seconds)",
+                rollout.min_stage_seconds
+            ));
+        }
+        let split = live.epoch.counts.check(current);
+        for (arm, count) in [("control", split.control), ("treatment", split.treatment)] {
+            if count < rollout.min_requests_per_arm {
+                blockers.push(format!(
+                    "{arm} has served {count} of the {} requests a stage needs (rollout.min_requests_per_arm)",
+                    rollout.min_requests_per_arm
+                ));
+            }
+        }
+        if split.mismatch {
+            blockers.push(format!(
+                "sample ratio mismatch: {} control / {} treatment does not fit a {:.1}% split (p = {:.1e}); a broken split invalidates every comparison",
+                split.control,
+                split.treatment,
+                split.expected_treatment_share * 100.0,
+                split.p_value
+            ));
+        }
+        if let Ok(state) = self.state.lock() {
+            if let Some(evaluation) = &state.last {
+                let this_stage = evaluation
+                    .epoch
+                    .as_ref()
+                    .is_some_and(|e| Arc::ptr_eq(e, &live.epoch));
+                for result in evaluation
+                    .checks
+                    .iter()
+                    .filter(|r| this_stage && r.status == Status::Breach)
+                {
+                    blockers.push(format!(
+                        "guardrail {} is breaching: {}",
+                        result.check.as_str(),
+                        result.detail
+                    ));
+                }
+            }
+        }
+        blockers
+    }
+
+    /// Moves to the next stage unless something blocks it (`force`
+    /// overrides the blockers, not the end of the stages). Returns the new
+    /// fraction and whether it reached disk.
+    pub fn promote(
+        &self,
+        source: &str,
+        reason: &str,
+        force: bool,
+    ) -> Result<(f64, bool), PromoteError> {
+        let live = self.gateway.live();
+        let current = live.config.treatment_fraction;
+        let Some(next) = live.config.config.rollout.next_stage(current) else {
+            return Err(PromoteError::Blocked(vec![format!(
+                "{current} is already the last stage"
+            )]));
+        };
+        let blockers = self.blockers();
+        if !blockers.is_empty() && !force {
+            return Err(PromoteError::Blocked(blockers));
+        }
+        let reason = if force && !blockers.is_empty() {
+            format!("{reason} (forced past: {})", blockers.join("; "))
+        } else {
+            reason.to_owned()
+        };
+        self.gateway
+            .set_fraction(next, source, &reason)
+            .map(|persisted| (next, persisted))
+            .map_err(PromoteError::NotPersisted)
+    }
+
+    /// The stage, the sample ratio, the guardrails and the last trip, for
+    /// `GET /admin/report`.
+    pub fn report(&self) -> serde_json::Value {
+        let live = self.gateway.live();
+        let rollout = &live.config.config.rollout;
+        let guard = &live.config.config.guardrails;
+        let current = live.config.treatment_fraction;
+        let split = live.epoch.counts.check(current);
+        self.gateway
+            .metrics()
+            .set_sample_ratio(&live.config.experiment, &split);
+        let blockers = self.blockers();
+        let (last, last_trip) = self
+            .state
+            .lock()
+            .map(|state| (state.last.clone(), state.last_trip.clone()))
+            .unwrap_or_default();
+        let verdict = match &last {
+            None if !guard.enabled => "disabled",
+            None => "not_evaluated",
+            Some(evaluation) if evaluation.error.is_some() => "no_data",
+            Some(evaluation) if evaluation.checks.iter().any(|r| r.status == Status::Breach) => {
+                "breach"
+            }
+            Some(evaluation)
+                if evaluation
+                    .checks
+                    .iter()
+                    .all(|r| r.status == Status::InsufficientData) =>
+            {
+                "insufficient_data"
+            }
+            Some(_) => "ok",
+        };
+        let trips: serde_json::Map<String, serde_json::Value> = Check::ALL
+            .iter()
+            .map(|check| {
+                (
+                    check.as_str().to_owned(),
+                    self.gateway.metrics().guardrail_trips(*check).into(),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "experiment": live.config.experiment,
+            "treatment_fraction": current,
+            "stage": {
+                "stages": rollout.stages,
+                "current": rollout.stage_number(current),
+                "next": rollout.next_stage(current),
+                "since": crate::clock::format_rfc3339(live.epoch.since_wall),
+                "seconds_in_stage": live.epoch.age_seconds(),
+                "requests": {"control": split.control, "treatment": split.treatment},
+                "min_stage_seconds": rollout.min_stage_seconds,
+                "min_requests_per_arm": rollout.min_requests_per_arm,
+                "auto_promote": rollout.auto_promote,
+                "paused": self.gateway.runtime().paused(),
+                "promotable": blockers.is_empty(),
+                "blocked_by": blockers,
+            },
+            "pending": self.gateway.runtime().pending(),
+            "sample_ratio": split,
+            "guardrails": {
+                "enabled": guard.enabled,
+                "source": guard.source,
+                "interval_seconds": guard.interval_seconds,
+                "window_seconds": guard.window_seconds,
+                "consecutive_breaches": guard.consecutive_breaches,
+                "on_breach": guard.on_breach,
+                "verdict": verdict,
+                "last_evaluation": last,
+                "trips_total": trips,
+            },
+            "last_trip": last_trip,
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! The guardrails on real traffic: a treatment that starts failing or
+//! slowing down is rolled back on its own; an identical one is left alone.
+//! Mock faults are seeded, so every run sees the same requests fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use abgate::mock::MockConfig;
+use common::*;
+
+/// Guard settings fast enough for a test: a look every 200 ms, a trip
+/// after 3 breaches in a row, a verdict from 300 requests per arm.
+const FAST_GUARD: &str = r#"
+[admin]
+token_env = "T"
+[guardrails]
+interval_seconds = 0.2
+window_seconds = 600
+consecutive_breaches = 3
+min_requests_per_arm = 300
+"#;
+
+async fn report(gw: &abgate::app::Running) -> serde_json::Value {
+    admin_call(gw.admin_addr.unwrap(), "GET", "/admin/report", None, "")
+        .await
+        .json()
+}
+
+/// Waits for the fraction to leave `from`; the report when it did.
+async fn wait_for_rollback(gw: &abgate::app::Running, from: f64) -> serde_json::Value {
+    let found = eventually(Duration::from_secs(10), || async {
+        let report = report(gw).await;
+        (report["treatment_fraction"] != from).then_some(report)
+    })
+    .await;
+    if found.is_none() {
+        panic!("no rollback: {:#}", report(gw).await["guardrails"]);
+    }
+    found.unwrap()
+}
+
+async fn metrics_text(gw: &abgate::app::Running) -> String {
+    admin_call(gw.admin_addr.unwrap(), "GET", "/metrics", None, "")
+        .await
+        .text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_treatment_that_fails_ten_percent_is_rolled_back() {
+    let control = spawn_mock(MockConfig::named("base")).await;
+    let treatment = spawn_mock(MockConfig {
+        fault_rate: 0.10,
+        seed: 7,
+        ..MockConfig::named("fine-tuned")
+    })
+    .await;
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, FAST_GUARD);
+    let gw = gateway_with_env(&toml, token_env()).await;
+
+    let ok = traffic(&gw.url(), "user-", 500, 1600, 16).await;
+    assert!(ok > 1400 && ok < 1600, "{ok} of 1600 answered 2xx");
+
+    let report = wait_for_rollback(&gw, 0.5).await;
+    assert_eq!(report["treatment_fraction"], 0.0, "{report:#}");
+    let trip = &report["last_trip"];
+    assert_eq!(
+        trip["checks"],
+        serde_json::json!(["error_rate"]),
+        "{report:#}"
+    );
+    assert_eq!(
+        (trip["from"].as_f64(), trip["to"].as_f64()),
+        (Some(0.5), Some(0.0))
+    );
+    let reason = trip["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("error rate: treatment 0.") && reason.contains("control 0.0000 (0 of"),
+        "{reason}"
+    );
+    assert!(reason.contains("3 checks in a row"), "{reason}");
+    assert_eq!(report["stage"]["paused"]["source"], "guardrail");
+
+    let rollout = admin_call(gw.admin_addr.unwrap(), "GET", "/admin/rollout", None, "")
+        .await
+        .json();
+    assert_eq!(rollout["source"], "guardrail");
+    assert!(metrics_text(&gw)
+        .await
+        .contains(r#"abgate_guardrail_trips_total{check="error_rate"} 1"#));
+    // Every user is on control now.
+    for i in 0..20 {
+        assert_eq!(
+            chat(&gw.url(), &format!("user-{i}"))
+                .await
+                .header("x-abgate-variant"),
+            "control"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_treatment_half_again_as_slow_goes_back_one_stage() {
+    let control = spawn_mock(MockConfig {
+        latency: Duration::from_millis(100),
+        ..MockConfig::named("base")
+    })
+    .await;
+    let treatment = spawn_mock(MockConfig {
+        latency: Duration::from_millis(150),
+        ..MockConfig::named("fine-tuned")
+    })
+    .await;
+    let extra = format!(
+        "{FAST_GUARD}on_breach = \"previous_stage\"\n[rollout]\nstages = [0.25, 0.5, 1.0]\n"
+    );
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, &extra);
+    let gw = gateway_with_env(&toml, token_env()).await;
+
+    assert_eq!(traffic(&gw.url(), "user-", 500, 700, 50).await, 700);
+
+    let report = wait_for_rollback(&gw, 0.5).await;
+    assert_eq!(report["treatment_fraction"], 0.25, "{report:#}");
+    let trip = &report["last_trip"];
+    assert_eq!(
+        trip["checks"],
+        serde_json::json!(["latency_p95"]),
+        "{report:#}"
+    );
+    assert!(trip["reason"]
+        .as_str()
+        .unwrap()
+        .contains("p95 latency: treatment"));
+    assert!(metrics_text(&gw)
+        .await
+        .contains(r#"abgate_guardrail_trips_total{check="latency_p95"} 1"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_treatment_is_left_alone() {
+    // Both arms fail 5% of requests (seeded) and answer alike.
+    let arm = |name: &str, seed| MockConfig {
+        fault_rate: 0.05,
+        seed,
+        latency: Duration::from_millis(2),
+        ..MockConfig::named(name)
+    };
+    let control = spawn_mock(arm("base", 11)).await;
+    let treatment = spawn_mock(arm("fine-tuned", 12)).await;
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, FAST_GUARD);
+    let gw = gateway_with_env(&toml, token_env()).await;
+
+    traffic(&gw.url(), "user-", 500, 1600, 16).await;
+
+    // The guard has judged (enough data, no "insufficient") ...
+    let judged = eventually(Duration::from_secs(5), || async {
+        let report = report(&gw).await;
+        (report["guardrails"]["verdict"] == "ok").then_some(report)
+    })
+    .await
+    .expect("the guard must reach a verdict");
+    let checks = judged["guardrails"]["last_evaluation"]["checks"]
+        .as_array()
+        .unwrap();
+    let error_rate = checks.iter().find(|c| c["check"] == "error_rate").unwrap();
+    assert_eq!(error_rate["status"], "ok", "{error_rate:#}");
+    assert!(
+        error_rate["treatment"].as_f64().unwrap() > 0.02,
+        "{error_rate:#}"
+    );
+    // ... and keeps finding nothing over a dozen more looks.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let report = report(&gw).await;
+    assert_eq!(report["treatment_fraction"], 0.5, "{report:#}");
+    assert_eq!(report["last_trip"], serde_json::Value::Null);
+    assert_eq!(report["guardrails"]["verdict"], "ok", "{report:#}");
+    assert!(!metrics_text(&gw)
+        .await
+        .contains("abgate_guardrail_trips_total{check=\"error_rate\"} 1"));
+}

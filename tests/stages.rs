@@ -1,0 +1,269 @@
+//! Stages: promotion only when a stage is ready (time, requests per arm, a
+//! sound split, no breaching guardrail) unless forced; automatic promotion
+//! that pauses and resumes; changes that wait for an instant.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+async fn started(
+    fraction: f64,
+    extra: &str,
+) -> (
+    (abgate::mock::MockHandle, abgate::mock::MockHandle),
+    abgate::app::Running,
+) {
+    let (control, treatment) = mocks().await;
+    let toml = config_toml(
+        &control.url(),
+        &treatment.url(),
+        fraction,
+        &format!("[admin]\ntoken_env = \"T\"\n{extra}"),
+    );
+    let gw = gateway_with_env(&toml, token_env()).await;
+    ((control, treatment), gw)
+}
+
+async fn get(gw: &abgate::app::Running, path: &str) -> serde_json::Value {
+    admin_call(gw.admin_addr.unwrap(), "GET", path, None, "")
+        .await
+        .json()
+}
+
+async fn post_admin(
+    gw: &abgate::app::Running,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer {
+    admin_call(gw.admin_addr.unwrap(), "POST", path, token, body).await
+}
+
+/// User IDs `{prefix}N` that land in `variant` at `fraction`.
+fn users_in(
+    prefix: &str,
+    variant: abgate::assign::Variant,
+    fraction: f64,
+    count: usize,
+) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|id| abgate::assign::assign(id.as_bytes(), None, fraction) == variant)
+        .take(count)
+        .collect()
+}
+
+#[tokio::test]
+async fn promotion_needs_the_token_and_a_ready_stage() {
+    let (_mocks, gw) = started(0.05, "[rollout]\nmin_stage_seconds = 0\nmin_requests_per_arm = 20\n[guardrails]\nenabled = false").await;
+    assert_eq!(
+        post_admin(&gw, "/admin/promote", None, "{}").await.status,
+        401
+    );
+    assert_eq!(
+        post_admin(&gw, "/admin/pause", Some("wrong-token-wrong-token"), "{}")
+            .await
+            .status,
+        401
+    );
+
+    // Too few requests in the treatment arm: refused, with every reason.
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 409, "{}", answer.text());
+    let blocked = answer.json()["blocked_by"].clone();
+    assert!(
+        blocked.as_array().unwrap().iter().any(|b| b
+            .as_str()
+            .unwrap()
+            .starts_with("treatment has served 0 of the 20")),
+        "{blocked}"
+    );
+    assert_eq!(get(&gw, "/admin/rollout").await["treatment_fraction"], 0.05);
+
+    traffic(&gw.url(), "user-", 2000, 800, 8).await;
+    let answer = post_admin(
+        &gw,
+        "/admin/promote",
+        Some(TOKEN),
+        r#"{"reason":"stage 1 clean"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let state = answer.json();
+    assert_eq!(
+        (
+            state["treatment_fraction"].as_f64(),
+            state["stage"].as_u64()
+        ),
+        (Some(0.25), Some(2))
+    );
+    assert_eq!(
+        (state["source"].as_str(), state["reason"].as_str()),
+        (Some("api"), Some("stage 1 clean"))
+    );
+    // A new stage starts its counts over.
+    let report = get(&gw, "/admin/report").await;
+    assert_eq!(report["stage"]["requests"]["treatment"], 0, "{report:#}");
+    assert_eq!(report["stage"]["next"], 0.5);
+}
+
+#[tokio::test]
+async fn a_broken_split_blocks_promotion_until_forced() {
+    let (_mocks, gw) = started(0.5, "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 10\n[guardrails]\nenabled = false").await;
+    // Control users send 20 times what treatment users send: not a 50/50 split.
+    let control_users = users_in("c-", abgate::assign::Variant::Control, 0.5, 200);
+    let treatment_users = users_in("t-", abgate::assign::Variant::Treatment, 0.5, 20);
+    for user in control_users.iter().chain(&treatment_users) {
+        assert!(chat(&gw.url(), user).await.status.is_success());
+    }
+    let report = get(&gw, "/admin/report").await;
+    assert_eq!(report["sample_ratio"]["mismatch"], true, "{report:#}");
+    assert_eq!(
+        (
+            report["sample_ratio"]["control"].as_u64(),
+            report["sample_ratio"]["treatment"].as_u64()
+        ),
+        (Some(200), Some(20))
+    );
+    let metrics = admin_call(gw.admin_addr.unwrap(), "GET", "/metrics", None, "")
+        .await
+        .text();
+    assert!(metrics.contains(r#"abgate_sample_ratio_mismatch{experiment="test-exp"} 1"#));
+
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 409);
+    assert!(
+        answer.text().contains("sample ratio mismatch"),
+        "{}",
+        answer.text()
+    );
+    let answer = post_admin(
+        &gw,
+        "/admin/promote",
+        Some(TOKEN),
+        r#"{"reason":"known bot traffic","force":true}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let state = answer.json();
+    assert_eq!(state["treatment_fraction"], 1.0);
+    assert!(state["reason"]
+        .as_str()
+        .unwrap()
+        .contains("forced past: sample ratio mismatch"));
+    // No stage after the last, forced or not.
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), r#"{"force":true}"#).await;
+    assert_eq!(answer.status, 409);
+    assert!(answer.text().contains("already the last stage"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
+    let extra = "[rollout]\nstages = [0.25, 0.5, 1.0]\nmin_stage_seconds = 0.3\nmin_requests_per_arm = 30\nauto_promote = true\n[guardrails]\ninterval_seconds = 0.1\nmin_requests_per_arm = 30";
+    let (_mocks, gw) = started(0.25, extra).await;
+    traffic(&gw.url(), "user-", 1000, 400, 8).await;
+    let promoted = eventually(Duration::from_secs(5), || async {
+        let state = get(&gw, "/admin/rollout").await;
+        (state["treatment_fraction"] == 0.5).then_some(state)
+    })
+    .await
+    .expect("auto promotion to 0.5");
+    assert_eq!(promoted["source"], "schedule");
+
+    let answer = post_admin(&gw, "/admin/pause", Some(TOKEN), r#"{"reason":"holiday"}"#).await;
+    assert_eq!(answer.json()["paused"]["reason"], "holiday");
+    traffic(&gw.url(), "user-", 1000, 400, 8).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let report = get(&gw, "/admin/report").await;
+    assert_eq!(report["treatment_fraction"], 0.5, "paused: {report:#}");
+    assert_eq!(report["stage"]["promotable"], true, "{report:#}");
+
+    post_admin(&gw, "/admin/resume", Some(TOKEN), "").await;
+    eventually(Duration::from_secs(5), || async {
+        (get(&gw, "/admin/rollout").await["treatment_fraction"] == 1.0).then_some(())
+    })
+    .await
+    .expect("auto promotion to 1.0 after resume");
+}
+
+fn in_a_second() -> String {
+    abgate::clock::format_rfc3339(SystemTime::now() + Duration::from_millis(1200))
+}
+
+#[tokio::test]
+async fn a_change_with_effective_at_waits_for_its_instant() {
+    let (_mocks, gw) = started(0.1, "").await;
+    let admin = gw.admin_addr.unwrap();
+    let at = in_a_second();
+    let body =
+        format!(r#"{{"treatment_fraction":0.25,"reason":"fleet step","effective_at":"{at}"}}"#);
+    let answer = admin_call(admin, "PUT", "/admin/rollout", Some(TOKEN), &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let state = answer.json();
+    assert_eq!(state["treatment_fraction"], 0.1);
+    assert_eq!(state["pending"]["effective_at"], at);
+    let applied = eventually(Duration::from_secs(5), || async {
+        let state = get(&gw, "/admin/rollout").await;
+        (state["treatment_fraction"] == 0.25).then_some(state)
+    })
+    .await
+    .expect("applied at its instant");
+    assert!(SystemTime::now() >= abgate::clock::parse_rfc3339(&at).unwrap());
+    assert_eq!(applied["pending"], serde_json::Value::Null);
+    assert!(applied["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("fleet step (effective at"));
+
+    // A rollback cancels a change still waiting.
+    let body = format!(
+        r#"{{"treatment_fraction":0.5,"effective_at":"{}"}}"#,
+        in_a_second()
+    );
+    admin_call(admin, "PUT", "/admin/rollout", Some(TOKEN), &body).await;
+    let state = post_admin(&gw, "/admin/rollback", Some(TOKEN), "")
+        .await
+        .json();
+    assert_eq!(
+        (state["treatment_fraction"].as_f64(), &state["pending"]),
+        (Some(0.0), &serde_json::Value::Null)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&gw, "/admin/rollout").await["treatment_fraction"], 0.0);
+
+    let answer = admin_call(
+        admin,
+        "PUT",
+        "/admin/rollout",
+        Some(TOKEN),
+        r#"{"treatment_fraction":0.5,"effective_at":"soon"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().contains("not an RFC 3339 time"));
+}
+
+#[tokio::test]
+async fn scheduled_entries_in_the_file_switch_at_their_instant() {
+    let at = in_a_second();
+    let (_mocks, gw) = started(
+        0.05,
+        &format!("[[rollout.scheduled]]\nat = \"{at}\"\ntreatment_fraction = 0.25"),
+    )
+    .await;
+    assert_eq!(get(&gw, "/admin/rollout").await["treatment_fraction"], 0.05);
+    let state = eventually(Duration::from_secs(5), || async {
+        let state = get(&gw, "/admin/rollout").await;
+        (state["treatment_fraction"] == 0.25).then_some(state)
+    })
+    .await
+    .expect("the scheduled entry applies");
+    assert!(SystemTime::now() >= abgate::clock::parse_rfc3339(&at).unwrap());
+    assert_eq!(
+        (state["source"].as_str(), state["config_fraction"].as_f64()),
+        (Some("schedule"), Some(0.25))
+    );
+}
