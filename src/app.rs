@@ -91,15 +91,18 @@ async fn start_with(
         Some(listener) => Some(listener.local_addr().map_err(|e| e.to_string())?),
         None => None,
     };
+    let limits =
+        server::ConnectionLimits::for_max_header_bytes(snapshot.config.limits.max_header_bytes);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
     let gateway = Arc::new(Gateway::new(snapshot, metrics, runtime)?);
     let (stop, stopped) = watch::channel(false);
     let supervisor = Supervisor::new(gateway.clone());
     let mut tasks = vec![
-        tokio::spawn(server::serve(
+        tokio::spawn(server::serve_with(
             proxy_listener,
             gateway.clone(),
             stop_signal(stopped.clone()),
+            limits,
         )),
         tokio::spawn(supervisor.clone().run(stop_signal(stopped.clone()))),
     ];

@@ -11,6 +11,10 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+/// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
+/// ends an answer that cannot be finished (see `proxy::observe`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A request or response body: a whole buffer, or a stream passed through.
 #[derive(Debug)]
 pub enum Body {
@@ -45,7 +49,7 @@ impl From<Incoming> for Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -53,7 +57,9 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Body::Stream(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map_err(|err| Box::new(err) as BoxError),
             Body::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),

@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_USER_HEADER: &str = "x-user-id";
 /// Longest user ID accepted; longer ones are a client bug, answered with 400.
 pub const DEFAULT_MAX_USER_ID_BYTES: usize = 512;
+/// Default cap on requests in flight across the gateway.
+pub const DEFAULT_MAX_INFLIGHT: usize = 2048;
+/// Default cap on a request's line and headers.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// `anthropic-version` sent when the gateway injects an Anthropic key and the
 /// client sent none.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -37,6 +41,8 @@ pub struct Config {
     pub variants: VariantsConfig,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Per-request JSON-lines events; none when absent.
     #[serde(default)]
     pub events: Option<crate::events::EventsConfig>,
@@ -212,6 +218,13 @@ pub struct TimeoutsConfig {
     /// sends its headers only when generation is done, so this is long.
     #[serde(default = "default_first_byte_ms")]
     pub first_byte_ms: u64,
+    /// Longest gap between two pieces of a response body once it started:
+    /// a model streaming tokens never pauses this long.
+    #[serde(default = "default_idle_ms")]
+    pub idle_ms: u64,
+    /// Request start to the last byte of the answer, streams included.
+    #[serde(default = "default_total_ms")]
+    pub total_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -219,6 +232,39 @@ impl Default for TimeoutsConfig {
         Self {
             connect_ms: default_connect_ms(),
             first_byte_ms: default_first_byte_ms(),
+            idle_ms: default_idle_ms(),
+            total_ms: default_total_ms(),
+        }
+    }
+}
+
+/// `[limits]`: how much the gateway takes on at once.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests in flight (streams until their last byte) across the
+    /// gateway; past it, 503 with `Retry-After`.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// Requests in flight to one upstream (control's count includes
+    /// unassigned requests); none means only `max_inflight` applies.
+    #[serde(default)]
+    pub max_inflight_per_variant: Option<usize>,
+    /// The `Retry-After` sent with a 503 for load shed.
+    #[serde(default = "default_retry_after_seconds")]
+    pub retry_after_seconds: u32,
+    /// Request line plus headers; larger gets 431. Bound at start.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight: default_max_inflight(),
+            max_inflight_per_variant: None,
+            retry_after_seconds: default_retry_after_seconds(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }
@@ -237,6 +283,21 @@ fn default_connect_ms() -> u64 {
 }
 fn default_first_byte_ms() -> u64 {
     300_000
+}
+fn default_idle_ms() -> u64 {
+    60_000
+}
+fn default_total_ms() -> u64 {
+    900_000
+}
+fn default_max_inflight() -> usize {
+    DEFAULT_MAX_INFLIGHT
+}
+fn default_retry_after_seconds() -> u32 {
+    1
+}
+fn default_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
 }
 
 /// One thing wrong with a config, at a key path.
@@ -390,8 +451,27 @@ impl Config {
         if self.timeouts.connect_ms == 0 {
             report("timeouts.connect_ms", "must be greater than 0".into());
         }
-        if self.timeouts.first_byte_ms == 0 {
-            report("timeouts.first_byte_ms", "must be greater than 0".into());
+        for (key, value) in [
+            ("timeouts.first_byte_ms", self.timeouts.first_byte_ms),
+            ("timeouts.idle_ms", self.timeouts.idle_ms),
+            ("timeouts.total_ms", self.timeouts.total_ms),
+        ] {
+            if value == 0 {
+                report(key, "must be greater than 0".into());
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_inflight == 0 {
+            report("limits.max_inflight", "must be greater than 0".into());
+        }
+        if limits.max_inflight_per_variant == Some(0) {
+            report(
+                "limits.max_inflight_per_variant",
+                "must be greater than 0; remove it to cap only max_inflight".into(),
+            );
+        }
+        if limits.max_header_bytes < 1024 {
+            report("limits.max_header_bytes", "must be at least 1024".into());
         }
         let feedback_key = match &self.feedback.key_env {
             None => None,
@@ -491,6 +571,8 @@ impl Config {
                     admin_token: admin_token.map(Secret),
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
+                    idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
+                    total_timeout: Duration::from_millis(self.timeouts.total_ms),
                     schedule,
                     config: self.clone(),
                 })
@@ -729,6 +811,10 @@ pub struct Snapshot {
     pub admin_token: Option<Secret<String>>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
+    /// Longest gap between response body frames.
+    pub idle_timeout: Duration,
+    /// Request start to the answer's last byte.
+    pub total_timeout: Duration,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
     pub schedule: crate::rollout::FileSchedule,

@@ -50,39 +50,56 @@ pub const ROUTES: [Route; 6] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
     Connect,
-    Timeout,
+    /// No connection within `timeouts.connect_ms`.
+    ConnectTimeout,
+    /// No response headers within `timeouts.first_byte_ms`.
+    FirstByteTimeout,
+    /// The body paused longer than `timeouts.idle_ms`.
+    IdleTimeout,
+    /// The whole request took longer than `timeouts.total_ms`.
+    TotalTimeout,
     Reset,
     Status429,
     Status4xx,
     Status5xx,
     InvalidResponse,
     ClientCancelled,
+    /// Refused by the gateway at its in-flight cap, never sent upstream.
+    Shed,
 }
 
 impl UpstreamErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [UpstreamErrorKind; 8] = [
+    pub const ALL: [UpstreamErrorKind; 12] = [
         UpstreamErrorKind::Connect,
-        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::FirstByteTimeout,
+        UpstreamErrorKind::IdleTimeout,
+        UpstreamErrorKind::TotalTimeout,
         UpstreamErrorKind::Reset,
         UpstreamErrorKind::Status429,
         UpstreamErrorKind::Status4xx,
         UpstreamErrorKind::Status5xx,
         UpstreamErrorKind::InvalidResponse,
         UpstreamErrorKind::ClientCancelled,
+        UpstreamErrorKind::Shed,
     ];
 
     /// The `kind` label.
     pub const fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
-            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::FirstByteTimeout => "first_byte_timeout",
+            UpstreamErrorKind::IdleTimeout => "idle_timeout",
+            UpstreamErrorKind::TotalTimeout => "total_timeout",
             UpstreamErrorKind::Reset => "reset",
             UpstreamErrorKind::Status429 => "status_429",
             UpstreamErrorKind::Status4xx => "status_4xx",
             UpstreamErrorKind::Status5xx => "status_5xx",
             UpstreamErrorKind::InvalidResponse => "invalid_response",
             UpstreamErrorKind::ClientCancelled => "client_cancelled",
+            UpstreamErrorKind::Shed => "shed",
         }
     }
 
@@ -94,6 +111,11 @@ impl UpstreamErrorKind {
             500..=599 => Some(UpstreamErrorKind::Status5xx),
             _ => None,
         }
+    }
+
+    /// Position in [`Self::ALL`], the index of its metric child.
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -124,19 +146,6 @@ fn route_index(route: Route) -> usize {
         Route::Embeddings => 3,
         Route::Responses => 4,
         Route::Other => 5,
-    }
-}
-
-fn kind_index(kind: UpstreamErrorKind) -> usize {
-    match kind {
-        UpstreamErrorKind::Connect => 0,
-        UpstreamErrorKind::Timeout => 1,
-        UpstreamErrorKind::Reset => 2,
-        UpstreamErrorKind::Status429 => 3,
-        UpstreamErrorKind::Status4xx => 4,
-        UpstreamErrorKind::Status5xx => 5,
-        UpstreamErrorKind::InvalidResponse => 6,
-        UpstreamErrorKind::ClientCancelled => 7,
     }
 }
 
@@ -520,7 +529,7 @@ struct ArmMetrics {
     duration: [[Histogram; 2]; 6],
     time_to_first_byte: [[Histogram; 2]; 6],
     response_bytes: [Histogram; 6],
-    upstream_errors: [IntCounter; 8],
+    upstream_errors: [IntCounter; UpstreamErrorKind::ALL.len()],
     prompt_tokens: IntCounter,
     completion_tokens: IntCounter,
     inflight: IntGauge,
@@ -583,7 +592,7 @@ impl ExperimentMetrics {
         }
         arm.response_bytes[route].observe(record.response_bytes as f64);
         if let Some(kind) = record.error {
-            arm.upstream_errors[kind_index(kind)].inc();
+            arm.upstream_errors[kind.index()].inc();
         }
         if let Some(tokens) = record.prompt_tokens {
             arm.prompt_tokens.inc_by(tokens);
@@ -756,7 +765,7 @@ impl ExperimentMetrics {
         let arm = &self.arms[variant_index(variant)];
         let requests: u64 = arm.requests.iter().flatten().map(IntCounter::get).sum();
         let server_errors: u64 = arm.requests.iter().map(|classes| classes[2].get()).sum();
-        let rate_limited = arm.upstream_errors[kind_index(UpstreamErrorKind::Status429)].get();
+        let rate_limited = arm.upstream_errors[UpstreamErrorKind::Status429.index()].get();
         ArmTotals {
             requests,
             errors: server_errors + rate_limited,
@@ -784,7 +793,7 @@ impl ExperimentMetrics {
             completion_tokens: arm.completion_tokens.get(),
             upstream_errors: UpstreamErrorKind::ALL
                 .iter()
-                .map(|kind| (kind.as_str(), arm.upstream_errors[kind_index(*kind)].get()))
+                .map(|kind| (kind.as_str(), arm.upstream_errors[kind.index()].get()))
                 .collect(),
         }
     }
@@ -793,6 +802,13 @@ impl ExperimentMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_has_its_own_child() {
+        for (position, kind) in UpstreamErrorKind::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), position, "{}", kind.as_str());
+        }
+    }
 
     #[test]
     fn records_land_in_their_labelled_series() {

@@ -25,7 +25,9 @@ async fn official_sdks_work_through_the_gateway() {
     );
 
     let (control, treatment) = mocks().await;
-    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    // A short idle timeout, for the tests of a stream the gateway cuts off.
+    let extra = "[timeouts]\nidle_ms = 500";
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, extra)).await;
     let venv =
         std::env::var("ABGATE_SDK_VENV").unwrap_or_else(|_| format!("{root}/target/sdk-venv"));
     let pytest = tokio::process::Command::new(format!("{venv}/bin/python"))

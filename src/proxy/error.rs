@@ -2,11 +2,58 @@
 //! HTTP status, the metric label and the JSON body for each.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::assign::Variant;
 use crate::body::Body;
+use crate::metrics::UpstreamErrorKind;
+
+/// Which of the upstream timeouts ran out; each is its own setting and
+/// error kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// `timeouts.connect_ms`: no connection.
+    Connect,
+    /// `timeouts.first_byte_ms`: no response headers.
+    FirstByte,
+    /// `timeouts.idle_ms`: the answer paused too long.
+    Idle,
+    /// `timeouts.total_ms`: the whole request took too long.
+    Total,
+}
+
+impl Timeout {
+    /// The config key that sets it.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Timeout::Connect => "timeouts.connect_ms",
+            Timeout::FirstByte => "timeouts.first_byte_ms",
+            Timeout::Idle => "timeouts.idle_ms",
+            Timeout::Total => "timeouts.total_ms",
+        }
+    }
+
+    /// Its error kind.
+    pub const fn kind(self) -> UpstreamErrorKind {
+        match self {
+            Timeout::Connect => UpstreamErrorKind::ConnectTimeout,
+            Timeout::FirstByte => UpstreamErrorKind::FirstByteTimeout,
+            Timeout::Idle => UpstreamErrorKind::IdleTimeout,
+            Timeout::Total => UpstreamErrorKind::TotalTimeout,
+        }
+    }
+
+    fn describe(self, variant: Variant, timeout_ms: u128) -> String {
+        let what = match self {
+            Timeout::Connect => format!("could not connect to the {variant} upstream within"),
+            Timeout::FirstByte => format!("the {variant} upstream sent no response headers within"),
+            Timeout::Idle => format!("the {variant} upstream's answer paused for longer than"),
+            Timeout::Total => format!("the request to the {variant} upstream took longer than"),
+        };
+        format!("{what} {timeout_ms} ms ({})", self.key())
+    }
+}
 
 /// A request the gateway answers itself instead of with the upstream's answer.
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +83,29 @@ pub enum ProxyError {
     NotFound { path: String },
     #[error("could not connect to the {variant} upstream: {detail}")]
     UpstreamConnect { variant: Variant, detail: String },
-    #[error("the {variant} upstream did not answer within {timeout_ms} ms")]
-    UpstreamTimeout { variant: Variant, timeout_ms: u128 },
+    #[error("{}", .timeout.describe(*.variant, *.timeout_ms))]
+    UpstreamTimeout {
+        variant: Variant,
+        timeout: Timeout,
+        timeout_ms: u128,
+    },
     #[error("the {variant} upstream closed the connection before answering: {detail}")]
     UpstreamReset { variant: Variant, detail: String },
+    #[error("the {variant} upstream's answer broke off: {detail}")]
+    UpstreamBrokeOff { variant: Variant, detail: String },
+    #[error("{} at its limit of {limit} requests in flight; retry after {retry_after_seconds} s", shed_scope(*.variant))]
+    Shed {
+        /// The upstream whose cap was hit; none for the gateway's own.
+        variant: Option<Variant>,
+        limit: usize,
+        retry_after_seconds: u32,
+    },
+    #[error("the request line and headers are {size} bytes; at most {limit} are accepted")]
+    HeadersTooLarge { size: usize, limit: usize },
+    #[error("the request body did not arrive within {timeout_ms} ms (timeouts.total_ms)")]
+    RequestTimeout { timeout_ms: u128 },
+    #[error("abgate does not forward {method} requests; API calls use {FORWARDED_METHODS}")]
+    MethodNotForwarded { method: String },
     #[error("{0}")]
     InvalidFeedback(String),
     #[error("{path} takes {allowed}")]
@@ -49,6 +115,16 @@ pub enum ProxyError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Methods the gateway forwards, as an `Allow` header lists them.
+pub const FORWARDED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS";
+
+fn shed_scope(variant: Option<Variant>) -> String {
+    match variant {
+        Some(variant) => format!("the {variant} upstream is"),
+        None => "abgate is".to_owned(),
+    }
 }
 
 impl ProxyError {
@@ -64,13 +140,18 @@ impl ProxyError {
             | ProxyError::UserIdTooLong { .. }
             | ProxyError::UserIdRequired { .. }
             | ProxyError::InvalidFeedback(_) => StatusCode::BAD_REQUEST,
-            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamReset { .. } => {
-                StatusCode::BAD_GATEWAY
+            ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
+                StatusCode::METHOD_NOT_ALLOWED
             }
+            ProxyError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamBrokeOff { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -89,10 +170,19 @@ impl ProxyError {
             ProxyError::UserIdRequired { .. } => "missing_user_id",
             ProxyError::NotFound { .. } => "not_found",
             ProxyError::InvalidFeedback(_) => "invalid_feedback",
-            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
-            ProxyError::UpstreamConnect { .. } => "connect",
-            ProxyError::UpstreamTimeout { .. } => "timeout",
-            ProxyError::UpstreamReset { .. } => "reset",
+            ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
+                "method_not_allowed"
+            }
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamBrokeOff { .. }
+            | ProxyError::Shed { .. } => match self.upstream_kind() {
+                Some(kind) => kind.as_str(),
+                None => "internal",
+            },
             ProxyError::Internal(_) => "internal",
         }
     }
@@ -102,18 +192,23 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamConnect { variant, .. }
             | ProxyError::UpstreamTimeout { variant, .. }
-            | ProxyError::UpstreamReset { variant, .. } => Some(*variant),
+            | ProxyError::UpstreamReset { variant, .. }
+            | ProxyError::UpstreamBrokeOff { variant, .. } => Some(*variant),
+            ProxyError::Shed { variant, .. } => *variant,
             _ => None,
         }
     }
 
-    /// The upstream failure this error counts as, for the arm's metrics.
-    pub fn upstream_kind(&self) -> Option<crate::metrics::UpstreamErrorKind> {
-        use crate::metrics::UpstreamErrorKind;
+    /// The upstream failure this error counts as, for the arm's metrics
+    /// (the metric `kind`, and the JSON `code` of upstream errors).
+    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::UpstreamConnect { .. } => Some(UpstreamErrorKind::Connect),
-            ProxyError::UpstreamTimeout { .. } => Some(UpstreamErrorKind::Timeout),
-            ProxyError::UpstreamReset { .. } => Some(UpstreamErrorKind::Reset),
+            ProxyError::UpstreamTimeout { timeout, .. } => Some(timeout.kind()),
+            ProxyError::UpstreamReset { .. } | ProxyError::UpstreamBrokeOff { .. } => {
+                Some(UpstreamErrorKind::Reset)
+            }
+            ProxyError::Shed { .. } => Some(UpstreamErrorKind::Shed),
             _ => None,
         }
     }
@@ -126,6 +221,7 @@ impl ProxyError {
             status if status.is_client_error() => "invalid_request_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
             StatusCode::BAD_GATEWAY => "upstream_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
             _ => "api_error",
         }
     }
@@ -156,13 +252,36 @@ impl ProxyError {
         Bytes::from(body.to_string())
     }
 
+    /// The error as the last event of an SSE stream that already started:
+    /// `event: error` with the same JSON as [`Self::to_json`], which the
+    /// OpenAI and Anthropic SDKs both raise as an API error.
+    pub fn to_sse_event(&self) -> Bytes {
+        let json = self.to_json();
+        let mut event = Vec::with_capacity(json.len() + 22);
+        event.extend_from_slice(b"event: error\ndata: ");
+        event.extend_from_slice(&json);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+
     /// The response the client gets (the caller adds the abgate headers).
     pub fn to_response(&self) -> Response<Body> {
         let mut response = Response::new(Body::full(self.to_json()));
         *response.status_mut() = self.status();
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            ProxyError::Shed {
+                retry_after_seconds,
+                ..
+            } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            }
+            ProxyError::MethodNotForwarded { .. } => {
+                headers.insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+            }
+            _ => {}
+        }
         response
     }
 }
@@ -175,15 +294,70 @@ mod tests {
     fn upstream_errors_name_the_variant() {
         let err = ProxyError::UpstreamTimeout {
             variant: Variant::Treatment,
+            timeout: Timeout::FirstByte,
             timeout_ms: 5,
         };
         assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
         let json: serde_json::Value = serde_json::from_slice(&err.to_json()).unwrap();
         assert_eq!(json["error"]["variant"], "treatment");
-        assert_eq!(json["error"]["code"], "timeout");
-        assert!(json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("treatment"));
+        assert_eq!(json["error"]["code"], "first_byte_timeout");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("treatment"), "{message}");
+        assert!(message.contains("timeouts.first_byte_ms"), "{message}");
+    }
+
+    #[test]
+    fn each_timeout_is_its_own_kind_and_setting() {
+        for (timeout, code) in [
+            (Timeout::Connect, "connect_timeout"),
+            (Timeout::FirstByte, "first_byte_timeout"),
+            (Timeout::Idle, "idle_timeout"),
+            (Timeout::Total, "total_timeout"),
+        ] {
+            let err = ProxyError::UpstreamTimeout {
+                variant: Variant::Control,
+                timeout,
+                timeout_ms: 7,
+            };
+            assert_eq!(err.kind(), code);
+            assert_eq!(
+                err.upstream_kind().map(UpstreamErrorKind::as_str),
+                Some(code)
+            );
+            assert!(err.to_string().contains(timeout.key()), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_stream_error_is_one_sse_event_with_the_json_error() {
+        let err = ProxyError::UpstreamTimeout {
+            variant: Variant::Treatment,
+            timeout: Timeout::Idle,
+            timeout_ms: 300,
+        };
+        let event = err.to_sse_event();
+        let text = std::str::from_utf8(&event).unwrap();
+        let data = text
+            .strip_prefix("event: error\ndata: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .unwrap();
+        assert!(!data.contains('\n'), "one data line");
+        let json: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["error"]["code"], "idle_timeout");
+        assert_eq!(json["error"]["type"], "timeout_error");
+    }
+
+    #[test]
+    fn shed_load_says_when_to_retry() {
+        let err = ProxyError::Shed {
+            variant: None,
+            limit: 3,
+            retry_after_seconds: 2,
+        };
+        let response = err.to_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        assert_eq!(err.kind(), "shed");
     }
 }

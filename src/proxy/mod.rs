@@ -2,19 +2,29 @@
 //! the answer streamed back.
 //!
 //! Phases, in order (each a function below):
-//! 1. **route**: only `/v1/...` is proxied; anything else is a 404.
-//! 2. **read**: JSON bodies are read whole (up to `max_body_bytes`) because
-//!    `model` is rewritten and the user ID may be in them; other bodies
-//!    (multipart uploads) stream through untouched.
-//! 3. **assign**: the user ID picks the variant; none means `unassigned`,
-//!    served by control.
-//! 4. **rewrite**: `model` spliced in, host and credentials set.
-//! 5. **forward**: the pooled client sends it; the response body is the
-//!    upstream's own stream, so SSE chunks reach the client as they arrive.
-//! 6. **answer**: `x-abgate-*` headers added; errors become JSON answers here
-//!    and only here.
+//! 1. **route**: only `/v1/...` is proxied; anything else is a 404. Methods
+//!    no API uses (TRACE, CONNECT, …) get a 405, oversized headers a 431.
+//! 2. **admit**: past `limits.max_inflight` requests in flight, a 503 with
+//!    `Retry-After`, before anything is read.
+//! 3. **read**: JSON bodies are read whole (up to `max_body_bytes`, within
+//!    `timeouts.total_ms`) because `model` is rewritten and the user ID may
+//!    be in them; other bodies (multipart uploads) stream through untouched.
+//! 4. **assign**: the user ID picks the variant; none means `unassigned`,
+//!    served by control. Past `limits.max_inflight_per_variant` requests to
+//!    that upstream, a 503 naming the variant.
+//! 5. **rewrite**: `model` spliced in, host and credentials set.
+//! 6. **forward**: the pooled client sends it and waits for the headers
+//!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
+//!    body is the upstream's own stream, so SSE chunks reach the client as
+//!    they arrive, watched by the idle and total deadlines.
+//! 7. **answer**: `x-abgate-*` headers added; errors become JSON answers here
+//!    and only here. A request whose client leaves before the answer starts
+//!    is recorded as `client_cancelled` when its future is dropped, which
+//!    also drops the upstream call.
 
+pub mod admission;
 pub mod client;
+pub mod deadline;
 pub mod error;
 pub mod feedback;
 pub mod headers;
@@ -43,8 +53,10 @@ use crate::identity::{self, IdentityRules};
 use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
 use crate::request_id::RequestIds;
 use crate::rollout::{RuntimeState, SplitEpoch};
+use admission::{Inflight, Places};
 use client::HttpClient;
-use error::ProxyError;
+use deadline::Deadlines;
+use error::{ProxyError, Timeout};
 use json::BodyFields;
 use observe::{EventDraft, Observation, ObservedBody, UsageFormat};
 use route::Route;
@@ -72,6 +84,8 @@ pub struct Gateway {
     runtime: RuntimeState,
     /// Serialises changes of the live config (reloads and API calls).
     changing: std::sync::Mutex<()>,
+    /// Requests in flight, against the `[limits]` caps.
+    inflight: Arc<Inflight>,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -115,6 +129,59 @@ struct Decision {
     upstream_wait: Duration,
     /// The user ID as events carry it (only when events are on).
     event_user_id: Option<String>,
+    /// Places taken under the in-flight caps.
+    places: Places,
+}
+
+impl Default for Decision {
+    fn default() -> Self {
+        Self {
+            variant: None,
+            model: None,
+            route: Route::Other,
+            stream: false,
+            inflight: None,
+            upstream_wait: Duration::ZERO,
+            event_user_id: None,
+            places: Places::default(),
+        }
+    }
+}
+
+/// nginx's status for a request whose client closed the connection before
+/// the answer: what such requests are recorded with.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A request on its way to an answer. Dropped before it is answered, the
+/// client went away: the request is recorded as `client_cancelled`.
+struct Unanswered<'a> {
+    gateway: &'a Gateway,
+    live: &'a Arc<Live>,
+    started: Instant,
+    decision: Decision,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let decision = std::mem::take(&mut self.decision);
+        let request_id = self.live.request_ids.issue(
+            decision.variant.unwrap_or(Variant::Unassigned),
+            &self.live.config.experiment,
+        );
+        tracing::debug!(variant = ?decision.variant, "the client left before the answer");
+        ObservedBody::record_unanswered(self.gateway.observation(
+            self.live,
+            decision,
+            CLIENT_CLOSED_REQUEST,
+            Some(UpstreamErrorKind::ClientCancelled),
+            self.started,
+            request_id,
+        ));
+    }
 }
 
 impl Gateway {
@@ -162,6 +229,7 @@ impl Gateway {
             }),
             runtime,
             changing: std::sync::Mutex::new(()),
+            inflight: Arc::default(),
         })
     }
 
@@ -279,6 +347,9 @@ impl Gateway {
         if old.admin_listen != snapshot.admin_listen {
             pending_restart.push("server.admin_listen".to_owned());
         }
+        if old.config.limits.max_header_bytes != snapshot.config.limits.max_header_bytes {
+            pending_restart.push("limits.max_header_bytes".to_owned());
+        }
         if old
             .config
             .events
@@ -382,76 +453,105 @@ impl Gateway {
             return self.feedback(&live, request).await;
         }
         let config = &live.config;
-        let mut decision = Decision {
-            variant: None,
-            model: None,
-            route: Route::Other,
-            stream: false,
-            inflight: None,
-            upstream_wait: Duration::ZERO,
-            event_user_id: None,
+        let mut pending = Unanswered {
+            gateway: self,
+            live: &live,
+            started,
+            decision: Decision::default(),
+            answered: false,
         };
-        let (mut response, error) = match self.forward(&live, request, &mut decision).await {
-            Ok(response) => (response, None),
+        let result = self
+            .forward(&live, request, &mut pending.decision, started)
+            .await;
+        pending.answered = true;
+        let decision = std::mem::take(&mut pending.decision);
+        let (mut response, error, deadlines) = match result {
+            Ok(response) => {
+                // The headers are here; from now on the body is watched.
+                let deadlines =
+                    Deadlines::new(config.idle_timeout, config.total_timeout, started.into());
+                (response, None, Some(deadlines))
+            }
             Err(err) => {
                 if err.status().is_server_error() {
                     tracing::warn!(kind = err.kind(), variant = ?decision.variant, "{err}");
                 } else {
                     tracing::debug!(kind = err.kind(), "{err}");
                 }
-                (err.to_response(), err.upstream_kind())
+                (err.to_response(), err.upstream_kind(), None)
             }
         };
         let status = response.status().as_u16();
         let usage_format = usage_format(&response);
-        let headers = response.headers_mut();
-        if let Some(variant) = decision.variant {
-            headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
-        }
-        if let Some(model) = decision.model {
-            headers.insert(MODEL_HEADER, model);
-        }
-        headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
+        let error_event = takes_error_event(&response);
         let request_id = live.request_ids.issue(
             decision.variant.unwrap_or(Variant::Unassigned),
             &config.experiment,
         );
+        let headers = response.headers_mut();
+        if let Some(variant) = decision.variant {
+            headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
+        }
+        if let Some(model) = &decision.model {
+            headers.insert(MODEL_HEADER, model.clone());
+        }
+        headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            headers.insert(REQUEST_ID_HEADER, value);
+        }
+        // The upstream's own error answers count against its arm.
+        let error = error.or_else(|| decision.variant.and(UpstreamErrorKind::from_status(status)));
+        let observation = Observation {
+            usage_format,
+            deadlines,
+            error_event,
+            ..self.observation(&live, decision, status, error, started, request_id)
+        };
+        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
+    }
+
+    /// What is known about a request when its answer starts (or when it
+    /// ends without one); the caller adds what the answer adds.
+    fn observation(
+        &self,
+        live: &Arc<Live>,
+        mut decision: Decision,
+        status: u16,
+        error: Option<UpstreamErrorKind>,
+        started: Instant,
+        request_id: String,
+    ) -> Observation {
+        let config = &live.config;
         let event = self.events.as_ref().map(|sink| {
             let draft = EventDraft {
-                request_id: request_id.clone(),
+                request_id,
                 experiment: config.experiment.clone(),
-                model: headers
-                    .get(MODEL_HEADER)
+                model: decision
+                    .model
+                    .as_ref()
                     .and_then(|m| m.to_str().ok())
                     .map(str::to_owned),
                 user_id: decision.event_user_id.take(),
             };
             (sink.clone(), draft)
         });
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            headers.insert(REQUEST_ID_HEADER, value);
-        }
-
-        // Requests refused before assignment belong to neither arm.
-        let variant = decision.variant.unwrap_or(Variant::Unassigned);
-        let overhead = started.elapsed().saturating_sub(decision.upstream_wait);
-        let observation = Observation {
+        Observation {
             metrics: live.metrics.clone(),
-            variant,
+            // Requests refused before assignment belong to neither arm.
+            variant: decision.variant.unwrap_or(Variant::Unassigned),
             route: decision.route,
             stream: decision.stream,
             status,
             started,
-            overhead,
-            error: error.or_else(|| {
-                // The upstream's own error answers count against its arm.
-                decision.variant.and(UpstreamErrorKind::from_status(status))
-            }),
-            usage_format,
+            overhead: started.elapsed().saturating_sub(decision.upstream_wait),
+            error,
+            usage_format: UsageFormat::None,
             inflight: decision.inflight.take(),
+            places: std::mem::take(&mut decision.places),
             event,
-        };
-        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
+            deadlines: None,
+            error_event: false,
+        }
     }
 
     /// Answers `POST /v1/feedback`; never forwarded.
@@ -492,17 +592,36 @@ impl Gateway {
         live: &Live,
         request: Request<Incoming>,
         decision: &mut Decision,
+        started: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let config = &live.config;
+        let limits = &config.config.limits;
         let (mut parts, body) = request.into_parts();
+        check_method(&parts.method)?;
+        check_header_size(&parts, limits.max_header_bytes)?;
         let route = Route::classify(parts.uri.path()).ok_or_else(|| ProxyError::NotFound {
             path: truncate(parts.uri.path(), 200),
         })?;
         decision.route = route;
 
+        // Admit: shed load before reading anything, while it is cheap.
+        decision.places.gateway = Some(self.inflight.admit(limits.max_inflight).ok_or(
+            ProxyError::Shed {
+                variant: None,
+                limit: limits.max_inflight,
+                retry_after_seconds: limits.retry_after_seconds,
+            },
+        )?);
+        let total_at = started + config.total_timeout;
+
         // Read: JSON bodies whole, everything else streamed.
         let body = if carries_json(&parts, route) {
-            let bytes = read_body(body, &parts, config.max_body_bytes).await?;
+            let reading = read_body(body, &parts, config.max_body_bytes);
+            let bytes = tokio::time::timeout_at(total_at.into(), reading)
+                .await
+                .map_err(|_| ProxyError::RequestTimeout {
+                    timeout_ms: config.total_timeout.as_millis(),
+                })??;
             let fields = json::inspect(&bytes)?;
             ClientBody::Json(bytes, fields)
         } else {
@@ -521,10 +640,19 @@ impl Gateway {
             decision.event_user_id = sink.user_id_field(user_id);
         }
         decision.variant = Some(variant);
-        decision.inflight = Some(live.metrics.start(variant));
         if let Some(bucket) = bucket {
             live.epoch.counts.count(variant, bucket);
         }
+        if let Some(max) = limits.max_inflight_per_variant {
+            decision.places.upstream = Some(self.inflight.admit_to(variant, max).ok_or(
+                ProxyError::Shed {
+                    variant: Some(variant),
+                    limit: max,
+                    retry_after_seconds: limits.retry_after_seconds,
+                },
+            )?);
+        }
+        decision.inflight = Some(live.metrics.start(variant));
         let upstream = config.upstream(variant);
 
         // Rewrite.
@@ -552,10 +680,16 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
 
-        // Forward.
+        // Forward: headers within first_byte_ms, unless the total ends sooner.
         let sent = live.client.request(Request::from_parts(parts, body));
         let waiting = Instant::now();
-        let response = tokio::time::timeout(config.first_byte_timeout, sent).await;
+        let first_byte_at = waiting + config.first_byte_timeout;
+        let (deadline, timeout, limit) = if total_at < first_byte_at {
+            (total_at, Timeout::Total, config.total_timeout)
+        } else {
+            (first_byte_at, Timeout::FirstByte, config.first_byte_timeout)
+        };
+        let response = tokio::time::timeout_at(deadline.into(), sent).await;
         decision.upstream_wait = waiting.elapsed();
         let response = match response {
             Ok(Ok(response)) => response,
@@ -563,7 +697,8 @@ impl Gateway {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     variant,
-                    timeout_ms: config.first_byte_timeout.as_millis(),
+                    timeout,
+                    timeout_ms: limit.as_millis(),
                 })
             }
         };
@@ -628,6 +763,60 @@ fn usage_format(response: &Response<Body>) -> UsageFormat {
         }
         _ => UsageFormat::None,
     }
+}
+
+/// Whether a failure mid-body can be told to the client as an SSE error
+/// event: an uncompressed event stream without a declared length, so
+/// that an event added at the end is read as one.
+fn takes_error_event(response: &Response<Body>) -> bool {
+    let headers = response.headers();
+    let event_stream = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|media| media.starts_with("text/event-stream"));
+    let identity = match headers.get(http::header::CONTENT_ENCODING) {
+        None => true,
+        Some(encoding) => encoding
+            .to_str()
+            .is_ok_and(|encoding| encoding.trim().eq_ignore_ascii_case("identity")),
+    };
+    event_stream && identity && !headers.contains_key(CONTENT_LENGTH)
+}
+
+/// Refuses methods no model API uses (TRACE, CONNECT, extensions): they
+/// are never forwarded.
+fn check_method(method: &Method) -> Result<(), ProxyError> {
+    match *method {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::HEAD
+        | Method::OPTIONS => Ok(()),
+        _ => Err(ProxyError::MethodNotForwarded {
+            method: truncate(method.as_str(), 32),
+        }),
+    }
+}
+
+/// Refuses a request whose line and headers, as HTTP/1.1 writes them, are
+/// over `limit` bytes. (The HTTP layer refuses far larger ones itself,
+/// before they reach the gateway: see `server::ConnectionLimits`.)
+fn check_header_size(parts: &Parts, limit: usize) -> Result<(), ProxyError> {
+    let line = parts.method.as_str().len()
+        + parts
+            .uri
+            .path_and_query()
+            .map_or(1, |path| path.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    let size = parts.headers.iter().fold(line, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + ": \r\n".len()
+    });
+    if size > limit {
+        return Err(ProxyError::HeadersTooLarge { size, limit });
+    }
+    Ok(())
 }
 
 /// A client's request body as the gateway holds it.
@@ -737,6 +926,7 @@ fn classify_client_error(
         if has_io_kind(err, std::io::ErrorKind::TimedOut) {
             return ProxyError::UpstreamTimeout {
                 variant,
+                timeout: Timeout::Connect,
                 timeout_ms: config.connect_timeout.as_millis(),
             };
         }

@@ -7,6 +7,15 @@
 //! once it is complete. The request is recorded exactly once: at the end of
 //! the body, on an error mid-stream, or when the client goes away (dropped
 //! before the end: `client_cancelled`).
+//!
+//! It also ends answers that break off: the upstream fails mid-body, or
+//! stays silent past `timeouts.idle_ms`, or the whole request runs past
+//! `timeouts.total_ms`. The status and headers are already sent, so the
+//! failure can only be told in the body: an SSE stream that is between two
+//! events gets a last `event: error` and ends cleanly; any other body is
+//! aborted (the client sees the connection or HTTP/2 stream reset, never a
+//! truncated answer passed off as complete). Either way the upstream's
+//! body is dropped at once, which closes its connection.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,9 +26,12 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 
 use crate::assign::Variant;
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::events::{Event, EventSink};
 use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
+use crate::proxy::admission::Places;
+use crate::proxy::deadline::Deadlines;
+use crate::proxy::error::{ProxyError, Timeout};
 use crate::proxy::route::Route;
 
 /// Longest SSE line or JSON answer kept for reading usage; past it, usage is
@@ -52,8 +64,16 @@ pub struct Observation {
     pub error: Option<UpstreamErrorKind>,
     pub usage_format: UsageFormat,
     pub inflight: Option<InflightGuard>,
+    /// The request's places under the in-flight caps, given back at the end.
+    pub places: Places,
     /// Where the request's event goes, with what only the gateway knew.
     pub event: Option<(EventSink, EventDraft)>,
+    /// Idle and total deadlines of an upstream's body; none for the
+    /// gateway's own answers.
+    pub deadlines: Option<Deadlines>,
+    /// Whether a failure mid-body may be told with an SSE error event: the
+    /// body is an uncompressed event stream without a declared length.
+    pub error_event: bool,
 }
 
 /// The parts of an event known when the response starts.
@@ -73,18 +93,83 @@ pub struct ObservedBody {
     first_byte: Option<Duration>,
     bytes: u64,
     usage: UsageReader,
+    deadlines: Option<Deadlines>,
+    error_event: bool,
+    /// The last bytes passed on: whether an SSE stream is between events.
+    tail: [u8; 4],
+    /// Broken off by the gateway: nothing more comes.
+    ended: bool,
 }
 
 impl ObservedBody {
     /// Wraps `inner`; the request is recorded when it ends or is dropped.
-    pub fn new(inner: Body, observation: Observation) -> Self {
+    pub fn new(inner: Body, mut observation: Observation) -> Self {
         let usage = UsageReader::new(observation.usage_format);
         Self {
             inner,
+            deadlines: observation.deadlines.take(),
+            error_event: observation.error_event,
             observation: Some(observation),
             first_byte: None,
             bytes: 0,
             usage,
+            tail: [0; 4],
+            ended: false,
+        }
+    }
+
+    /// Records a request that ends without an answer body (the client
+    /// left before there was one to send).
+    pub fn record_unanswered(observation: Observation) {
+        let mut body = Self::new(Body::empty(), observation);
+        body.finish(None);
+    }
+
+    /// Ends the answer because `error` broke it off: recorded, the
+    /// upstream dropped, then one SSE error event or an abort.
+    fn break_off(&mut self, error: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::warn!(kind = error.kind(), "{error}");
+        self.finish(error.upstream_kind());
+        self.inner = Body::empty();
+        self.ended = true;
+        if self.error_event && self.between_events() {
+            Poll::Ready(Some(Ok(Frame::data(error.to_sse_event()))))
+        } else {
+            Poll::Ready(Some(Err(Box::new(error))))
+        }
+    }
+
+    fn timed_out(&self, timeout: Timeout) -> ProxyError {
+        ProxyError::UpstreamTimeout {
+            variant: self.variant(),
+            timeout,
+            timeout_ms: self
+                .deadlines
+                .as_ref()
+                .map_or(0, |deadlines| deadlines.limit(timeout).as_millis()),
+        }
+    }
+
+    fn variant(&self) -> Variant {
+        self.observation
+            .as_ref()
+            .map_or(Variant::Unassigned, |observation| observation.variant)
+    }
+
+    /// Whether the bytes so far end an SSE event (or there are none), so
+    /// that an event added now is read as an event of its own.
+    fn between_events(&self) -> bool {
+        let tail = &self.tail;
+        self.bytes == 0 || tail.ends_with(b"\n\n") || tail.ends_with(b"\r\r") || tail == b"\r\n\r\n"
+    }
+
+    fn keep_tail(&mut self, data: &[u8]) {
+        let size = self.tail.len();
+        if data.len() >= size {
+            self.tail.copy_from_slice(&data[data.len() - size..]);
+        } else {
+            self.tail.rotate_left(data.len());
+            self.tail[size - data.len()..].copy_from_slice(data);
         }
     }
 
@@ -156,16 +241,29 @@ impl Drop for ObservedBody {
 
 impl http_body::Body for ObservedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this
+            .deadlines
+            .as_ref()
+            .is_some_and(Deadlines::total_expired)
+        {
+            return this.break_off(this.timed_out(Timeout::Total));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(deadlines) = &mut this.deadlines {
+                    deadlines.frame_arrived();
+                }
                 if let Some(data) = frame.data_ref() {
                     if this.first_byte.is_none() && !data.is_empty() {
                         if let Some(observation) = &this.observation {
@@ -174,14 +272,31 @@ impl http_body::Body for ObservedBody {
                     }
                     this.bytes += data.len() as u64;
                     this.usage.feed(data);
+                    if this.error_event {
+                        this.keep_tail(data);
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.finish(None);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.finish(Some(UpstreamErrorKind::Reset)),
+            Poll::Ready(Some(Err(err))) => {
+                let error = ProxyError::UpstreamBrokeOff {
+                    variant: this.variant(),
+                    detail: err.to_string(),
+                };
+                return this.break_off(error);
+            }
             Poll::Ready(None) => this.finish(None),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(Poll::Ready(timeout)) = this
+                    .deadlines
+                    .as_mut()
+                    .map(|deadlines| deadlines.poll_expired(cx))
+                {
+                    return this.break_off(this.timed_out(timeout));
+                }
+            }
         }
         polled
     }

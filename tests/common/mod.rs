@@ -210,6 +210,157 @@ pub fn chat_stream_request(base: &str, user: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// Asserts a JSON error answer from the gateway: status, `code`, and a
+/// message that mentions `mentions`.
+pub fn assert_error(answer: &Answer, status: u16, code: &str, mentions: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), "application/json");
+    let json = answer.json();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["code"], code, "{json}");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(mentions),
+        "{message:?} should mention {mentions:?}"
+    );
+    assert!(answer.header("x-abgate-request-id").starts_with("abg1_"));
+}
+
+pub async fn get(url: String) -> Answer {
+    send(Request::get(url).body(Body::empty()).unwrap()).await
+}
+
+/// The admin listener's /metrics text.
+pub async fn scrape(admin: std::net::SocketAddr) -> String {
+    let answer = get(format!("http://{admin}/metrics")).await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.header("content-type").starts_with("text/plain"));
+    answer.text()
+}
+
+/// The value of one exposition line, `name{labels} value`, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls /metrics until `check` holds: a request is recorded when its last
+/// byte has left, which can be a moment after the client has it.
+pub async fn metrics_until(admin: std::net::SocketAddr, check: impl Fn(&str) -> bool) -> String {
+    for _ in 0..100 {
+        let text = scrape(admin).await;
+        if check(&text) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "metrics never reached the expected state:\n{}",
+        scrape(admin).await
+    );
+}
+
+/// The series of `abgate_upstream_errors_total` for one arm and kind.
+pub fn upstream_errors(variant: &str, kind: &str) -> String {
+    format!(
+        r#"abgate_upstream_errors_total{{experiment="test-exp",kind="{kind}",variant="{variant}"}}"#
+    )
+}
+
+/// Waits until `variant` has `count` upstream errors of `kind`.
+pub async fn counted(admin: std::net::SocketAddr, variant: &str, kind: &str, count: f64) {
+    let series = upstream_errors(variant, kind);
+    metrics_until(admin, |text| sample(text, &series) == Some(count)).await;
+}
+
+/// Reads one HTTP/1.1 request, head and `content-length` body; `None` when
+/// the peer closed first.
+pub async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = find(&request, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return Some(request);
+            }
+        }
+        match socket.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => request.extend_from_slice(&buffer[..read]),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// An upstream that reads each request, then hands the connection and its
+/// number (0 for the first) to `script`: for faults no mock gives.
+pub async fn scripted_upstream<F, Fut>(script: F) -> String
+where
+    F: Fn(usize, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let script = std::sync::Arc::new(script);
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (script, number) = (script.clone(), connections);
+            connections += 1;
+            tokio::spawn(async move {
+                if read_request(&mut socket).await.is_some() {
+                    script(number, socket).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+/// The head of a chunked SSE answer.
+pub const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// One chunk of a chunked body.
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(b"\r\n");
+    chunk
+}
+
+/// A chat completion as an upstream answers it, `connection: close`.
+pub fn chat_answer() -> Vec<u8> {
+    raw_answer(
+        "content-type: application/json\r\n",
+        br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+    )
+}
+
+/// Sends `bytes` on a fresh connection to `addr` and reads until the
+/// gateway closes it (or 5 s pass): for requests no HTTP client will send.
+pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The gateway may answer and close before it has read everything.
+    let _ = socket.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The admin token test gateways are given (as env var `T`).
 pub const TOKEN: &str = "test-admin-token-0123456789";
 

@@ -172,3 +172,32 @@ def test_unicode_user_ids_in_the_header_follow_the_reference():
         assert response.getheader("x-abgate-variant") == reference_variant(user), user
         assert json.loads(response.read())["model"] == MODELS[reference_variant(user)]
         connection.close()
+
+
+# tests/sdk.rs sets timeouts.idle_ms to 500; the mock pauses 3 s between
+# events when asked, so the gateway ends the stream with its error event.
+STALLING = {"x-user-id": "sdk-stalled", "x-mock-chunk-delay-ms": "3000"}
+
+
+def test_openai_raises_the_gateways_error_event_when_a_stream_stalls():
+    stream = openai_client(**STALLING).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as raised:
+        for _ in stream:
+            pass
+    assert raised.value.body["code"] == "idle_timeout"
+    assert "timeouts.idle_ms" in raised.value.message
+
+
+def test_anthropic_raises_the_gateways_error_event_when_a_stream_stalls():
+    stream = anthropic_client(**STALLING).messages.create(
+        model="claude-test-model",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Hello"}],
+        stream=True,
+    )
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        for _ in stream:
+            pass
+    assert raised.value.body["error"]["code"] == "idle_timeout"
