@@ -344,22 +344,6 @@ impl Supervisor {
         {
             return;
         }
-        // Automatic promotion also needs the guard to have looked at this
-        // stage (when it runs) and found nothing wrong.
-        if live.config.config.guardrails.enabled {
-            let looked = self.state.lock().ok().is_some_and(|state| {
-                state.last.as_ref().is_some_and(|evaluation| {
-                    evaluation.error.is_none()
-                        && evaluation
-                            .epoch
-                            .as_ref()
-                            .is_some_and(|e| Arc::ptr_eq(e, &live.epoch))
-                })
-            });
-            if !looked {
-                return;
-            }
-        }
         match self.promote(
             "schedule",
             "automatic promotion: the stage met its minimums and every guardrail held",
@@ -411,26 +395,49 @@ impl Supervisor {
                 split.p_value
             ));
         }
-        if let Ok(state) = self.state.lock() {
-            if let Some(evaluation) = &state.last {
-                let this_stage = evaluation
-                    .epoch
-                    .as_ref()
-                    .is_some_and(|e| Arc::ptr_eq(e, &live.epoch));
-                for result in evaluation
-                    .checks
-                    .iter()
-                    .filter(|r| this_stage && r.status == Status::Breach)
-                {
-                    blockers.push(format!(
-                        "guardrail {} is breaching: {}",
-                        result.check.as_str(),
-                        result.detail
-                    ));
-                }
-            }
+        if live.config.config.guardrails.enabled {
+            self.guard_blockers(&live, &mut blockers);
         }
         blockers
+    }
+
+    /// What the guard says against promotion: it has not looked at this
+    /// stage, it has no numbers, a check breaches, or a request-based check
+    /// (these have data once traffic flows) has not judged yet.
+    fn guard_blockers(&self, live: &Live, blockers: &mut Vec<String>) {
+        let Ok(state) = self.state.lock() else { return };
+        let evaluation = state.last.as_ref().filter(|evaluation| {
+            evaluation
+                .epoch
+                .as_ref()
+                .is_some_and(|epoch| Arc::ptr_eq(epoch, &live.epoch))
+        });
+        let Some(evaluation) = evaluation else {
+            blockers.push("the guardrails have not looked at this stage yet".to_owned());
+            return;
+        };
+        if let Some(err) = &evaluation.error {
+            blockers.push(format!("the guardrails have no numbers: {err}"));
+        }
+        for result in &evaluation.checks {
+            let request_based = matches!(
+                result.check,
+                Check::ErrorRate | Check::LatencyP95 | Check::ResponseLength
+            );
+            match result.status {
+                Status::Breach => blockers.push(format!(
+                    "guardrail {} is breaching: {}",
+                    result.check.as_str(),
+                    result.detail
+                )),
+                Status::InsufficientData if request_based => blockers.push(format!(
+                    "guardrail {} has not judged yet: {}",
+                    result.check.as_str(),
+                    result.detail
+                )),
+                Status::Ok | Status::InsufficientData => {}
+            }
+        }
     }
 
     /// Moves to the next stage unless something blocks it (`force`
