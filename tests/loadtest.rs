@@ -79,6 +79,7 @@ async fn an_open_loop_sends_exactly_its_schedule_and_charges_the_server() {
     let process = &result["process"];
     assert_eq!(process["pids"][0].as_u64().unwrap().to_string(), me);
     assert!(process["peak_rss_kib"].as_u64().unwrap() > 0);
+    assert!(process["rss_at_start_kib"].as_u64().unwrap() > 0);
     mock.shutdown().await;
 }
 

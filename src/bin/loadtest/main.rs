@@ -192,6 +192,11 @@ fn run(args: &RunArgs) -> Result<(), String> {
     let cpu_before = watched
         .then(|| process::cpu_seconds(&args.watch_pids))
         .transpose()?;
+    // Memory at the window's start and end: growth under a steady load
+    // shows between the two (a soak), where the peak alone cannot.
+    let memory_before = watched
+        .then(|| process::memory(&args.watch_pids))
+        .transpose()?;
     sleep_until(running.window.end);
     let cpu_after = watched
         .then(|| process::cpu_seconds(&args.watch_pids))
@@ -213,6 +218,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
                     0.0
                 },
                 cpu_cores: cpu_seconds / seconds,
+                rss_at_start_kib: memory_before.map_or(0, |memory| memory.rss_kib),
                 memory: process::memory(&args.watch_pids)?,
             })
         }
@@ -254,11 +260,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
 }
 
 fn report(args: &ReportArgs) -> Result<(), String> {
-    let runs = args
-        .runs
-        .iter()
-        .map(|path| read_json(path))
-        .collect::<Result<Vec<RunResult>, String>>()?;
+    let runs = read_runs(&args.runs)?;
     let comparison = report::Comparison::new(&runs, &args.baseline, &args.machine);
     print!("{}", comparison.text());
     if let Some(path) = &args.markdown {
@@ -272,11 +274,7 @@ fn report(args: &ReportArgs) -> Result<(), String> {
 }
 
 fn plot(args: &PlotArgs) -> Result<(), String> {
-    let runs = args
-        .runs
-        .iter()
-        .map(|path| read_json(path))
-        .collect::<Result<Vec<RunResult>, String>>()?;
+    let runs = read_runs(&args.runs)?;
     plot::draw(&runs, args.metric, args.title.as_deref(), &args.out)?;
     println!("wrote {}", args.out.display());
     Ok(())
@@ -292,6 +290,10 @@ fn sleep_until(deadline: Instant) {
 fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|err| err.to_string())?;
     std::fs::write(path, text + "\n").map_err(|err| format!("{}: {err}", path.display()))
+}
+
+fn read_runs(paths: &[PathBuf]) -> Result<Vec<RunResult>, String> {
+    paths.iter().map(|path| read_json(path)).collect()
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::record::Summary;
-use crate::result::RunResult;
+use crate::result::{micros_to, RunResult};
 
 /// Highest percentile drawn, as 1/(1-q): 99.999%.
 const X_MAX: f64 = 100_000.0;
@@ -89,7 +89,8 @@ pub fn draw(
         .x_desc("percentile")
         .y_desc(metric.name())
         .x_label_formatter(&|x| percentile_label(*x))
-        .y_label_formatter(&|y| axis_label(*y))
+        // The 1-2-5 steps need no decimals: `200 µs`, `5 ms`, `2 s`.
+        .y_label_formatter(&|y| micros_to(*y, 0))
         .draw()
         .map_err(|e| plot_error(&e))?;
     for (index, (label, points)) in curves.into_iter().enumerate() {
@@ -158,17 +159,6 @@ fn one_two_five(low: f64, high: f64) -> Vec<f64> {
     points
 }
 
-/// `200 µs`, `5 ms`, `2 s`: the 1-2-5 steps need no decimals.
-fn axis_label(micros: f64) -> String {
-    if micros < 1e3 {
-        format!("{micros:.0} µs")
-    } else if micros < 1e6 {
-        format!("{} ms", micros / 1e3)
-    } else {
-        format!("{} s", micros / 1e6)
-    }
-}
-
 /// `1` → `0%`, `10` → `90%`, `1000` → `99.9%`.
 fn percentile_label(x: f64) -> String {
     let percentile = 100.0 * (1.0 - 1.0 / x);
@@ -184,13 +174,6 @@ mod tests {
     #[test]
     fn latency_labels_step_one_two_five() {
         assert_eq!(one_two_five(150.0, 2500.0), [200.0, 500.0, 1000.0, 2000.0]);
-    }
-
-    #[test]
-    fn axis_labels_need_no_decimals() {
-        assert_eq!(axis_label(200.0), "200 µs");
-        assert_eq!(axis_label(5000.0), "5 ms");
-        assert_eq!(axis_label(2e6), "2 s");
     }
 
     #[test]

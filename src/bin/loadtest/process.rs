@@ -72,6 +72,9 @@ pub struct ProcessUse {
     pub cpu_seconds_per_10k: f64,
     /// Share of one core used during the window.
     pub cpu_cores: f64,
+    /// Resident set when the window began, KiB (`rss_kib` is at its end).
+    #[serde(default)]
+    pub rss_at_start_kib: u64,
     #[serde(flatten)]
     pub memory: Memory,
 }

@@ -177,11 +177,23 @@ impl Comparison {
             out.push_str(&table.markdown());
             out.push('\n');
         }
-        let _ = writeln!(out, "Runs:\n");
-        for run in &self.runs {
+        if self.runs.len() > self.rows.len() + self.stream_rows.len() {
             let _ = writeln!(
                 out,
-                "- {}: {}{}, {} s after {} s warm-up, {} users, {} generator thread(s), {} ok, {} errors",
+                "Of several rounds, each row shows its fastest closed loop and its open \
+                 loop with the lowest median; CPU comes from those runs, errors and peak \
+                 RSS from all of them.\n"
+            );
+        }
+        let _ = writeln!(out, "Runs, in the order they ran:\n");
+        for run in &self.runs {
+            let latency = run.latency_us.as_ref().map_or_else(String::new, |s| {
+                format!(", p50 {}, p99 {}", micros(s.p50), micros(s.p99))
+            });
+            let _ = writeln!(
+                out,
+                "- {}: {}{}, {} s after {} s warm-up, {} users, {} generator thread(s): \
+                 {} ok, {} errors, {:.0} req/s{latency}",
                 run.label,
                 run.load(),
                 if run.stream { ", SSE" } else { "" },
@@ -191,6 +203,7 @@ impl Comparison {
                 run.threads,
                 run.ok,
                 run.error_count(),
+                run.throughput_rps,
             );
         }
         out
@@ -458,6 +471,7 @@ mod tests {
                 cpu_seconds: 1.0,
                 cpu_seconds_per_10k: 2.0,
                 cpu_cores: 0.2,
+                rss_at_start_kib: 1000,
                 memory: Memory {
                     peak_rss_kib: 2048,
                     rss_kib: 1024,

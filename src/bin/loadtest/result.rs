@@ -123,11 +123,13 @@ impl RunResult {
         if let Some(process) = &self.process {
             let _ = writeln!(
                 out,
-                "  server pid {:?}: {:.2} CPU s ({:.2} cores, {:.3} s per 10k requests), RSS {} (peak {})",
+                "  server pid {:?}: {:.2} CPU s ({:.2} cores, {:.3} s per 10k requests), \
+                 RSS {} → {} over the window (peak {})",
                 process.pids,
                 process.cpu_seconds,
                 process.cpu_cores,
                 process.cpu_seconds_per_10k,
+                kib(process.rss_at_start_kib),
                 kib(process.memory.rss_kib),
                 kib(process.memory.peak_rss_kib),
             );
@@ -136,15 +138,20 @@ impl RunResult {
     }
 }
 
-/// `850 µs`, `12.3 ms`, `4.56 s`.
+/// `850 µs`, `12.35 ms`, `4.56 s`.
 pub fn micros(value: u64) -> String {
-    let value = value as f64;
+    micros_to(value as f64, 2)
+}
+
+/// Microseconds in the unit that suits them, with `decimals` for ms and s
+/// (whole microseconds always).
+pub fn micros_to(value: f64, decimals: usize) -> String {
     if value < 1_000.0 {
         format!("{value:.0} µs")
     } else if value < 1_000_000.0 {
-        format!("{:.2} ms", value / 1_000.0)
+        format!("{:.decimals$} ms", value / 1_000.0)
     } else {
-        format!("{:.2} s", value / 1_000_000.0)
+        format!("{:.decimals$} s", value / 1_000_000.0)
     }
 }
 
@@ -175,5 +182,7 @@ mod tests {
         assert_eq!(micros_delta(-100), "-100 µs");
         assert_eq!(micros_delta(42), "+42 µs");
         assert_eq!(kib(12_595), "12.3 MiB");
+        assert_eq!(micros_to(5_000.0, 0), "5 ms");
+        assert_eq!(micros_to(2e6, 0), "2 s");
     }
 }
