@@ -1,0 +1,566 @@
+//! The load itself: generator threads, each a current-thread runtime with
+//! its own connections and its own recorder, so nothing is shared on the
+//! hot path.
+//!
+//! Two shapes of load:
+//! - **open loop** (`--rate`): a pacer thread hands out intended send times
+//!   on a fixed schedule, whatever the server does. Latency is measured from
+//!   the intended time, so a server that stalls is charged for every request
+//!   that should have been sent meanwhile (coordinated omission corrected).
+//!   A request waits for a free keep-alive connection, or opens one, up to
+//!   `--connections`.
+//! - **closed loop** (`--concurrency`): each virtual user sends its next
+//!   request when the previous answer is complete, on its own connection.
+//!   This finds the maximum throughput; its latencies hide stalls, as every
+//!   closed loop does.
+//!
+//! Only requests whose (intended) start falls inside the measurement
+//! window, after the warm-up, are recorded; requests still running when the
+//! window closes are waited for, up to the request timeout.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Semaphore;
+use tokio::task::LocalSet;
+
+use crate::record::Recorder;
+use crate::request::RequestTemplate;
+
+/// A client connection to the server under test.
+type Sender = SendRequest<Full<Bytes>>;
+
+/// How requests are issued.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// A fixed request rate per second, at most `max_connections` open.
+    Open { rate: f64, max_connections: usize },
+    /// A fixed number of requests in flight, one connection each.
+    Closed { concurrency: usize },
+}
+
+/// One run's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub load: Load,
+    /// Load before the measurement window; nothing sent in it is recorded.
+    pub warmup: Duration,
+    /// The measurement window.
+    pub duration: Duration,
+    /// Read answers as SSE streams: first chunk and chunk gaps recorded.
+    pub stream: bool,
+    /// Generator threads.
+    pub threads: usize,
+    /// Longest one request may take once sent.
+    pub timeout: Duration,
+}
+
+/// The run's clock: load from `start`, recorded from `measure_from`, no new
+/// request from `end`.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub start: Instant,
+    pub measure_from: Instant,
+    pub end: Instant,
+}
+
+/// What the generator threads measured, merged.
+pub struct Outcome {
+    pub recorder: Recorder,
+    /// Most requests in flight at once (summed over threads).
+    pub max_inflight: usize,
+    /// TCP connections opened, warm-up included.
+    pub connections: u64,
+}
+
+/// A run in progress; `finish` waits for it.
+pub struct Running {
+    pub window: Window,
+    workers: Vec<JoinHandle<Result<WorkerOutcome, String>>>,
+    pacer: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits for every thread and merges what they measured.
+    pub fn finish(self) -> Result<Outcome, String> {
+        if let Some(pacer) = self.pacer {
+            pacer
+                .join()
+                .map_err(|_| "the pacer thread failed".to_owned())?;
+        }
+        let mut merged = Recorder::new()?;
+        let (mut max_inflight, mut connections) = (0, 0);
+        for worker in self.workers {
+            let outcome = worker
+                .join()
+                .map_err(|_| "a generator thread failed".to_owned())??;
+            merged.merge(&outcome.recorder);
+            max_inflight += outcome.max_inflight;
+            connections += outcome.connections;
+        }
+        Ok(Outcome {
+            recorder: merged,
+            max_inflight,
+            connections,
+        })
+    }
+}
+
+/// Starts the generator threads (and the pacer, for an open loop); the
+/// load begins a few milliseconds later, once every thread is up.
+pub fn start(plan: Plan, template: Arc<RequestTemplate>) -> Result<Running, String> {
+    let threads = plan.threads.max(1);
+    let start = Instant::now() + Duration::from_millis(50);
+    let window = Window {
+        start,
+        measure_from: start + plan.warmup,
+        end: start + plan.warmup + plan.duration,
+    };
+    let mut workers = Vec::with_capacity(threads);
+    let mut schedules = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let job = match plan.load {
+            Load::Open {
+                max_connections, ..
+            } => {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                schedules.push(sender);
+                Job::Open {
+                    schedule: receiver,
+                    max_connections: share(max_connections, threads, index).max(1),
+                }
+            }
+            Load::Closed { concurrency } => Job::Closed {
+                users: share(concurrency, threads, index),
+            },
+        };
+        let template = template.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("loadtest-{index}"))
+            .spawn(move || run_worker(plan, window, job, template))
+            .map_err(|err| format!("cannot start a generator thread: {err}"))?;
+        workers.push(worker);
+    }
+    let pacer = match plan.load {
+        Load::Open { rate, .. } => Some(
+            std::thread::Builder::new()
+                .name("loadtest-pacer".to_owned())
+                .spawn(move || pace(rate, window, schedules))
+                .map_err(|err| format!("cannot start the pacer thread: {err}"))?,
+        ),
+        Load::Closed { .. } => None,
+    };
+    Ok(Running {
+        window,
+        workers,
+        pacer,
+    })
+}
+
+/// Thread `index`'s part of `total`, the remainder going to the first ones.
+fn share(total: usize, threads: usize, index: usize) -> usize {
+    total / threads + usize::from(index < total % threads)
+}
+
+/// Hands intended send times to the threads in turn, on schedule. A late
+/// pacer sends the overdue ones at once, keeping their intended times, so
+/// its lateness is charged to the latency and never silently dropped.
+fn pace(rate: f64, window: Window, schedules: Vec<UnboundedSender<Instant>>) {
+    if schedules.is_empty() || rate.is_nan() || rate <= 0.0 {
+        return;
+    }
+    let total = window.end.saturating_duration_since(window.start);
+    for n in 0u64.. {
+        let offset = Duration::from_secs_f64(n as f64 / rate);
+        if offset >= total {
+            break;
+        }
+        let intended = window.start + offset;
+        let now = Instant::now();
+        if intended > now {
+            // A thread sleep wakes within tens of microseconds; the async
+            // timer's millisecond ticks would blur the latency measured.
+            std::thread::sleep(intended - now);
+        }
+        let to = usize::try_from(n % schedules.len() as u64).unwrap_or(0);
+        if let Some(schedule) = schedules.get(to) {
+            if schedule.send(intended).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+enum Job {
+    Open {
+        schedule: UnboundedReceiver<Instant>,
+        max_connections: usize,
+    },
+    Closed {
+        users: usize,
+    },
+}
+
+struct WorkerOutcome {
+    recorder: Recorder,
+    max_inflight: usize,
+    connections: u64,
+}
+
+/// One generator thread's state, shared by its tasks (never across threads).
+struct Worker {
+    plan: Plan,
+    window: Window,
+    template: Arc<RequestTemplate>,
+    recorder: RefCell<Recorder>,
+    rng: RefCell<fastrand::Rng>,
+    inflight: Cell<usize>,
+    max_inflight: Cell<usize>,
+    connections: Cell<u64>,
+}
+
+fn run_worker(
+    plan: Plan,
+    window: Window,
+    job: Job,
+    template: Arc<RequestTemplate>,
+) -> Result<WorkerOutcome, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start a runtime: {err}"))?;
+    let worker = Rc::new(Worker {
+        plan,
+        window,
+        template,
+        recorder: RefCell::new(Recorder::new()?),
+        rng: RefCell::new(fastrand::Rng::new()),
+        inflight: Cell::new(0),
+        max_inflight: Cell::new(0),
+        connections: Cell::new(0),
+    });
+    let local = LocalSet::new();
+    local.block_on(&runtime, {
+        let worker = worker.clone();
+        async move {
+            match job {
+                Job::Open {
+                    schedule,
+                    max_connections,
+                } => open_loop(worker, schedule, max_connections).await,
+                Job::Closed { users } => closed_loop(worker, users).await,
+            }
+        }
+    });
+    // Connection tasks end here; every request task has finished.
+    drop(local);
+    let worker =
+        Rc::try_unwrap(worker).map_err(|_| "a request task outlived its run".to_owned())?;
+    Ok(WorkerOutcome {
+        recorder: worker.recorder.into_inner(),
+        max_inflight: worker.max_inflight.get(),
+        connections: worker.connections.get(),
+    })
+}
+
+/// Starts one task per scheduled request; returns when all have finished.
+async fn open_loop(
+    worker: Rc<Worker>,
+    mut schedule: UnboundedReceiver<Instant>,
+    max_connections: usize,
+) {
+    let idle: Rc<RefCell<Vec<Sender>>> = Rc::default();
+    let permits = Rc::new(Semaphore::new(max_connections));
+    while let Some(intended) = schedule.recv().await {
+        let (worker, idle, permits) = (worker.clone(), idle.clone(), permits.clone());
+        // Counted before the task first runs, so the wait below sees it.
+        let busy = worker.busy();
+        tokio::task::spawn_local(async move {
+            let _busy = busy;
+            let measured = intended >= worker.window.measure_from;
+            // Waiting for a connection is part of the latency.
+            let Ok(_permit) = permits.acquire().await else {
+                return;
+            };
+            let idle_sender = idle.borrow_mut().pop();
+            let sender = match ready(idle_sender).await {
+                Some(sender) => Ok(sender),
+                None => worker.connect().await,
+            };
+            let result = match sender {
+                Ok(mut sender) => {
+                    if measured {
+                        worker
+                            .recorder
+                            .borrow_mut()
+                            .schedule_lag
+                            .record(intended.elapsed());
+                    }
+                    let result = worker.exchange(&mut sender, intended, measured).await;
+                    if result.is_ok() {
+                        idle.borrow_mut().push(sender);
+                    }
+                    result
+                }
+                Err(kind) => Err(kind),
+            };
+            if measured {
+                worker.count(result);
+            }
+        });
+    }
+    // The schedule is over: wait for the requests still running.
+    while worker.inflight.get() > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Runs `users` virtual users to the end of the window.
+async fn closed_loop(worker: Rc<Worker>, users: usize) {
+    tokio::time::sleep_until(worker.window.start.into()).await;
+    let tasks: Vec<_> = (0..users)
+        .map(|_| tokio::task::spawn_local(virtual_user(worker.clone())))
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// One request at a time on one connection, reconnecting after a failure.
+async fn virtual_user(worker: Rc<Worker>) {
+    let _busy = worker.busy();
+    let mut kept: Option<Sender> = None;
+    loop {
+        let started = Instant::now();
+        if started >= worker.window.end {
+            break;
+        }
+        let measured = started >= worker.window.measure_from;
+        let sender = match ready(kept.take()).await {
+            Some(sender) => Ok(sender),
+            None => worker.connect().await,
+        };
+        let result = match sender {
+            Ok(mut sender) => {
+                let result = worker.exchange(&mut sender, started, measured).await;
+                if result.is_ok() {
+                    kept = Some(sender);
+                }
+                result
+            }
+            Err(kind) => {
+                // Refused: do not spin on a server that is not there.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Err(kind)
+            }
+        };
+        if measured {
+            worker.count(result);
+        }
+    }
+}
+
+/// `sender` once it can take a request, or `None` if its connection closed
+/// (a server may end an idle keep-alive connection at any time).
+async fn ready(sender: Option<Sender>) -> Option<Sender> {
+    let mut sender = sender?;
+    sender.ready().await.ok().map(|()| sender)
+}
+
+/// Counts a request in flight while alive.
+struct Busy(Rc<Worker>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.inflight.set(self.0.inflight.get().saturating_sub(1));
+    }
+}
+
+impl Worker {
+    fn busy(self: &Rc<Self>) -> Busy {
+        let inflight = self.inflight.get() + 1;
+        self.inflight.set(inflight);
+        self.max_inflight.set(self.max_inflight.get().max(inflight));
+        Busy(self.clone())
+    }
+
+    fn count(&self, result: Result<(), String>) {
+        let mut recorder = self.recorder.borrow_mut();
+        match result {
+            Ok(()) => recorder.ok += 1,
+            Err(kind) => recorder.error(&kind),
+        }
+    }
+
+    /// A new keep-alive connection, its driver running on this thread.
+    async fn connect(&self) -> Result<Sender, String> {
+        let addr: SocketAddr = self.template.addr;
+        let stream = tokio::time::timeout(self.plan.timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect_timeout".to_owned())?
+            .map_err(|_| "connect".to_owned())?;
+        // Requests are small and latency is the measurement: no Nagle.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| classify(&err).to_owned())?;
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+        });
+        self.connections.set(self.connections.get() + 1);
+        Ok(sender)
+    }
+
+    /// Sends one request and reads its whole answer, recording its timings
+    /// from `started` when `measured`. `Ok` only for a 2xx answer read to
+    /// its end; the connection may then be reused.
+    async fn exchange(
+        &self,
+        sender: &mut Sender,
+        started: Instant,
+        measured: bool,
+    ) -> Result<(), String> {
+        let user = self.rng.borrow_mut().usize(..self.template.user_count());
+        let request = self.template.build(user).map_err(|_| "build".to_owned())?;
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|err| classify(&err).to_owned())?;
+            let status = response.status();
+            let mut body = response.into_body();
+            let mut reads = BodyReads::new(self.plan.stream && measured);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|err| classify(&err).to_owned())?;
+                if let Ok(data) = frame.into_data() {
+                    reads.read(&data, started, &self.recorder);
+                }
+            }
+            if !status.is_success() {
+                return Err(format!("status_{}", status.as_u16()));
+            }
+            Ok(reads)
+        };
+        let reads = tokio::time::timeout(self.plan.timeout, exchange)
+            .await
+            .map_err(|_| "timeout".to_owned())??;
+        if measured {
+            let mut recorder = self.recorder.borrow_mut();
+            recorder.latency.record(started.elapsed());
+            recorder.events += reads.events;
+            recorder.body_bytes += reads.bytes;
+        }
+        Ok(())
+    }
+}
+
+/// Tracks one answer's body as it arrives.
+struct BodyReads {
+    /// Record first chunk and gaps (streams inside the window).
+    timed: bool,
+    last: Option<Instant>,
+    /// The previous read ended in `\n`: a `\n` at the start of the next
+    /// one ends an event.
+    pending_newline: bool,
+    events: u64,
+    bytes: u64,
+}
+
+impl BodyReads {
+    fn new(timed: bool) -> Self {
+        Self {
+            timed,
+            last: None,
+            pending_newline: false,
+            events: 0,
+            bytes: 0,
+        }
+    }
+
+    fn read(&mut self, data: &[u8], started: Instant, recorder: &RefCell<Recorder>) {
+        if data.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self.timed {
+            let mut recorder = recorder.borrow_mut();
+            match self.last {
+                None => recorder.first_chunk.record(now - started),
+                Some(last) => recorder.chunk_gap.record(now - last),
+            }
+        }
+        self.last = Some(now);
+        self.bytes += data.len() as u64;
+        self.events += count_event_ends(data, &mut self.pending_newline);
+    }
+}
+
+/// SSE events ended (`\n\n`) in `data`, carrying a trailing `\n` over to
+/// the next read so an event split between reads is still counted once.
+fn count_event_ends(data: &[u8], pending_newline: &mut bool) -> u64 {
+    let mut events = 0;
+    let mut previous_newline = *pending_newline;
+    for &byte in data {
+        let newline = byte == b'\n';
+        if newline && previous_newline {
+            events += 1;
+            previous_newline = false;
+        } else {
+            previous_newline = newline;
+        }
+    }
+    *pending_newline = previous_newline;
+    events
+}
+
+/// The error kind of a failed exchange, as counted in the results.
+fn classify(err: &hyper::Error) -> &'static str {
+    if err.is_timeout() {
+        "timeout"
+    } else if err.is_incomplete_message() {
+        "reset"
+    } else if err.is_closed() || err.is_canceled() {
+        "closed"
+    } else if err.is_parse() {
+        "bad_response"
+    } else {
+        "io"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_is_shared_with_the_remainder_first() {
+        let shares: Vec<usize> = (0..3).map(|i| share(10, 3, i)).collect();
+        assert_eq!(shares, [4, 3, 3]);
+        assert_eq!(share(1, 2, 1), 0);
+    }
+
+    #[test]
+    fn events_split_across_reads_are_counted_once() {
+        let mut pending = false;
+        let stream = b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n";
+        for cut in 0..stream.len() {
+            let (head, tail) = stream.split_at(cut);
+            pending = false;
+            let events =
+                count_event_ends(head, &mut pending) + count_event_ends(tail, &mut pending);
+            assert_eq!(events, 3, "cut at {cut}");
+        }
+        assert!(!pending);
+        assert_eq!(count_event_ends(b"\n\n\n\n", &mut pending), 2);
+    }
+}
