@@ -19,7 +19,9 @@ const PREFIX: &str = "abg1";
 /// Signs and verifies request ids.
 #[derive(Clone)]
 pub struct RequestIds {
-    key: Vec<u8>,
+    /// HMAC already keyed: each id clones it rather than hashing the key
+    /// again (two SHA-256 blocks saved per request).
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for RequestIds {
@@ -38,21 +40,40 @@ pub struct Attribution {
 impl RequestIds {
     /// Ids signed with `key` (shared by every replica of a fleet).
     pub fn new(key: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into() }
+        let key: Vec<u8> = key.into();
+        // HMAC takes keys of any length: this cannot fail.
+        let keyed = HmacSha256::new_from_slice(&key)
+            .unwrap_or_else(|_| <HmacSha256 as Mac>::new(&Default::default()));
+        Self { keyed }
     }
 
     /// Ids signed with a random key: only this process can verify them.
     pub fn with_random_key() -> Self {
         let key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
-        Self { key }
+        Self::new(key)
     }
 
-    /// A fresh id for a request served by `variant` in `experiment`.
+    /// A fresh id for a request served by `variant` in `experiment`, built
+    /// in one allocation.
     pub fn issue(&self, variant: Variant, experiment: &str) -> String {
-        let random = format!("{:016x}", fastrand::u64(..));
+        let mut random = [0u8; 16];
+        hex_into(&fastrand::u64(..).to_be_bytes(), &mut random);
+        // Only hex digits: always UTF-8.
+        let random = std::str::from_utf8(&random).unwrap_or_default();
         let code = variant_code(variant);
-        let mac = self.mac(code, &random, experiment);
-        format!("{PREFIX}_{code}_{random}_{mac}_{experiment}")
+        let mut hmac = self.keyed.clone();
+        for part in [PREFIX, "|", code, "|", random, "|", experiment] {
+            hmac.update(part.as_bytes());
+        }
+        let digest = hmac.finalize().into_bytes();
+        let mut mac = [0u8; 16];
+        hex_into(&digest[..8], &mut mac);
+        let mac = std::str::from_utf8(&mac).unwrap_or_default();
+        let mut id = String::with_capacity(PREFIX.len() + 38 + experiment.len() + 3);
+        for part in [PREFIX, "_", code, "_", random, "_", mac, "_", experiment] {
+            id.push_str(part);
+        }
+        id
     }
 
     /// The arm and experiment of an id this key signed; `None` for anything
@@ -76,7 +97,7 @@ impl RequestIds {
             _ => return None,
         };
         let expected = decode_hex(mac)?;
-        let mut hmac = HmacSha256::new_from_slice(&self.key).ok()?;
+        let mut hmac = self.keyed.clone();
         hmac.update(message(code, random, experiment).as_bytes());
         // Constant time: a forger learns nothing from how fast a guess fails.
         hmac.verify_truncated_left(&expected).ok()?;
@@ -85,22 +106,19 @@ impl RequestIds {
             experiment: experiment.to_owned(),
         })
     }
-
-    fn mac(&self, code: &str, random: &str, experiment: &str) -> String {
-        match HmacSha256::new_from_slice(&self.key) {
-            Ok(mut hmac) => {
-                hmac.update(message(code, random, experiment).as_bytes());
-                let bytes = hmac.finalize().into_bytes();
-                crate::hex::encode(&bytes[..8])
-            }
-            // HMAC takes keys of any length; this branch cannot be reached.
-            Err(_) => "0".repeat(16),
-        }
-    }
 }
 
 fn message(code: &str, random: &str, experiment: &str) -> String {
     format!("{PREFIX}|{code}|{random}|{experiment}")
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
 }
 
 fn variant_code(variant: Variant) -> &'static str {

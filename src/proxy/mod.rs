@@ -31,6 +31,7 @@ pub mod headers;
 pub mod json;
 pub mod observe;
 pub mod route;
+pub mod usage_json;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

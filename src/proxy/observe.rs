@@ -33,6 +33,7 @@ use crate::proxy::admission::Places;
 use crate::proxy::deadline::Deadlines;
 use crate::proxy::error::{ProxyError, Timeout};
 use crate::proxy::route::Route;
+use crate::proxy::usage_json;
 
 /// Longest SSE line or JSON answer kept for reading usage; past it, usage is
 /// simply not read (the bytes still flow).
@@ -379,24 +380,16 @@ impl UsageReader {
         if !contains(data, b"\"usage\"") {
             return;
         }
-        if let Ok(event) = serde_json::from_slice::<serde_json::Value>(data) {
-            // Anthropic's message_start carries usage inside "message".
-            let usage = event
-                .get("usage")
-                .filter(|u| u.is_object())
-                .or_else(|| event.get("message").and_then(|m| m.get("usage")));
-            if let Some(usage) = usage {
-                self.take_usage(usage);
-            }
+        if let Ok(Some(usage)) = usage_json::read(data) {
+            self.take_usage(usage);
         }
     }
 
-    fn take_usage(&mut self, usage: &serde_json::Value) {
-        let field = |names: [&str; 2]| names.iter().find_map(|n| usage.get(*n)?.as_u64());
-        if let Some(prompt) = field(["prompt_tokens", "input_tokens"]) {
+    fn take_usage(&mut self, usage: usage_json::Usage) {
+        if let Some(prompt) = usage.prompt_tokens.or(usage.input_tokens) {
             self.prompt = Some(prompt);
         }
-        if let Some(completion) = field(["completion_tokens", "output_tokens"]) {
+        if let Some(completion) = usage.completion_tokens.or(usage.output_tokens) {
             self.completion = Some(completion);
         }
     }
@@ -406,16 +399,26 @@ impl UsageReader {
         let mut valid = true;
         let json = matches!(self.format, UsageFormat::Json | UsageFormat::GzipJson);
         if json && !self.overflow {
-            let mut whole: Vec<u8> = self.chunks.concat();
+            // One chunk is the usual whole answer: read it in place.
+            let joined;
+            let mut whole: &[u8] = match self.chunks.as_slice() {
+                [one] => one,
+                chunks => {
+                    joined = chunks.concat();
+                    &joined
+                }
+            };
+            let inflated;
             if self.format == UsageFormat::GzipJson {
-                whole = match inflate(&whole) {
+                inflated = match inflate(whole) {
                     Some(inflated) => inflated,
                     None => return (self.prompt, self.completion, false),
                 };
+                whole = &inflated;
             }
-            match serde_json::from_slice::<serde_json::Value>(&whole) {
-                Ok(answer) => {
-                    if let Some(usage) = answer.get("usage") {
+            match usage_json::read(whole) {
+                Ok(usage) => {
+                    if let Some(usage) = usage {
                         self.take_usage(usage);
                     }
                 }

@@ -1,0 +1,248 @@
+//! Token usage out of a JSON answer or an SSE event's data, read in one
+//! pass without building a tree of the document: `usage` (OpenAI's
+//! `prompt_tokens`/`completion_tokens`, Anthropic's
+//! `input_tokens`/`output_tokens`) at the top, or inside `message`
+//! (Anthropic's `message_start`). Everything else is checked as JSON and
+//! skipped.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// Token counts as an answer states them; a count that is not a
+/// non-negative integer is not read.
+#[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    #[serde(default, deserialize_with = "count")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    pub completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    pub output_tokens: Option<u64>,
+}
+
+/// The usage `document` carries, if any: `Err` when it is not JSON.
+pub fn read(document: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    match serde_json::from_slice::<Shaped<Top>>(document) {
+        Ok(top) => Ok(top
+            .0
+            .and_then(|top| top.usage.or(top.message.and_then(|m| m.usage)))),
+        // Valid JSON the typed read refuses (a key given twice): the slow way.
+        Err(err) if err.classify() == serde_json::error::Category::Data => {
+            read_tree(&serde_json::from_slice(document)?)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// [`read`] over a parsed document; the last of repeated keys wins.
+fn read_tree(document: &serde_json::Value) -> Result<Option<Usage>, serde_json::Error> {
+    let usage = document
+        .get("usage")
+        .filter(|usage| usage.is_object())
+        .or_else(|| document.get("message")?.get("usage"))
+        .filter(|usage| usage.is_object());
+    let count = |name: &str| usage.and_then(|usage| usage.get(name)?.as_u64());
+    Ok(usage.map(|_| Usage {
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+        input_tokens: count("input_tokens"),
+        output_tokens: count("output_tokens"),
+    }))
+}
+
+#[derive(serde::Deserialize)]
+struct Top {
+    #[serde(default, deserialize_with = "object")]
+    usage: Option<Usage>,
+    #[serde(default, deserialize_with = "object")]
+    message: Option<Message>,
+}
+
+#[derive(serde::Deserialize)]
+struct Message {
+    #[serde(default, deserialize_with = "object")]
+    usage: Option<Usage>,
+}
+
+/// `T` when the value is an object, `None` for any other JSON value.
+struct Shaped<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shaped<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(ObjectOr(PhantomData))
+            .map(Shaped)
+    }
+}
+
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    Shaped::deserialize(deserializer).map(|shaped| shaped.0)
+}
+
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    deserializer.deserialize_any(Count)
+}
+
+/// Accepts any JSON value; keeps it only when it is an object of `T`'s shape.
+struct ObjectOr<T>(PhantomData<T>);
+
+/// Accepts any JSON value; keeps it only when it is a non-negative integer.
+struct Count;
+
+/// What both visitors do with values they do not keep: accept and skip.
+macro_rules! skip_other_values {
+    () => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    };
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOr<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    skip_other_values!();
+}
+
+impl<'de> Visitor<'de> for Count {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_u64<E: de::Error>(self, count: u64) -> Result<Self::Value, E> {
+        Ok(Some(count))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    skip_other_values!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(prompt: u64, completion: u64) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: Some(prompt),
+            completion_tokens: Some(completion),
+            ..Usage::default()
+        })
+    }
+
+    #[test]
+    fn openai_answer() {
+        let answer = br#"{"id":"x","choices":[{"message":{"role":"assistant","content":"hi \"there\""}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(read(answer).unwrap(), usage(3, 4));
+    }
+
+    #[test]
+    fn anthropic_message_start_and_delta() {
+        let start = br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":5,"output_tokens":1}}}"#;
+        let read_start = read(start).unwrap().unwrap();
+        assert_eq!(
+            (read_start.input_tokens, read_start.output_tokens),
+            (Some(5), Some(1))
+        );
+        let delta = br#"{"type":"message_delta","usage":{"output_tokens":42}}"#;
+        assert_eq!(read(delta).unwrap().unwrap().output_tokens, Some(42));
+    }
+
+    #[test]
+    fn any_valid_json_is_accepted_and_odd_counts_are_not_read() {
+        for document in [
+            &b"[1, 2, 3, {\"usage\": 1}]"[..],
+            b"\"text\"",
+            b"null",
+            b"-4.5",
+            b"{\"usage\": null}",
+            b"{\"usage\": [1]}",
+            b"{\"message\": \"hello\"}",
+        ] {
+            assert_eq!(read(document).unwrap(), None, "{document:?}");
+        }
+        let odd = read(br#"{"usage":{"prompt_tokens":-1,"completion_tokens":2.5,"input_tokens":"7","output_tokens":{"n":1}}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(odd, Usage::default());
+    }
+
+    #[test]
+    fn repeated_keys_are_valid_json_and_the_last_wins() {
+        let document =
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2,"prompt_tokens":3}}"#;
+        assert_eq!(read(document).unwrap().unwrap().prompt_tokens, Some(3));
+    }
+
+    #[test]
+    fn invalid_json_is_an_error() {
+        for document in [
+            &b"{\"choices\": [tru"[..],
+            b"",
+            b"{} x",
+            b"{\"usage\":{\"prompt_tokens\":1,}}",
+        ] {
+            assert!(read(document).is_err(), "{document:?}");
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_full_parse() {
+        let documents = [
+            &br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"message":{"usage":{"input_tokens":9}}}"#[..],
+            br#"{"message":{"usage":{"input_tokens":9,"output_tokens":8}}}"#,
+            br#"{"usage":{"prompt_tokens":18446744073709551615}}"#,
+        ];
+        for document in documents {
+            let value: serde_json::Value = serde_json::from_slice(document).unwrap();
+            let expected = value
+                .get("usage")
+                .filter(|u| u.is_object())
+                .or_else(|| value.get("message").and_then(|m| m.get("usage")));
+            let got = read(document).unwrap().unwrap();
+            let field = |name: &str| expected.and_then(|u| u.get(name)).and_then(|v| v.as_u64());
+            assert_eq!(got.prompt_tokens, field("prompt_tokens"));
+            assert_eq!(got.input_tokens, field("input_tokens"));
+            assert_eq!(got.output_tokens, field("output_tokens"));
+        }
+    }
+}
