@@ -1,14 +1,17 @@
-//! Per-request costs on the data path: assignment, body inspection and model
-//! rewrite, metric recording. Run with `cargo bench --bench hot_path`;
+//! Per-request costs on the data path: assignment, identity, body
+//! inspection and model rewrite, usage reading, request ids, metric
+//! recording. Run with `cargo bench --bench hot_path`;
 //! results are recorded in loadtest/README.md, never asserted.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use abgate::assign::{self, Variant};
+use abgate::identity::{self, IdentityRules};
 use abgate::metrics::{Metrics, RequestRecord, UpstreamErrorKind};
-use abgate::proxy::json;
 use abgate::proxy::route::Route;
+use abgate::proxy::{json, usage_json};
+use abgate::request_id::RequestIds;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -59,6 +62,48 @@ fn body(c: &mut Criterion) {
     group.finish();
 }
 
+fn identity(c: &mut Criterion) {
+    let header = http::HeaderName::from_static("x-user-id");
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [
+        ("host", "gateway:8080"),
+        ("content-type", "application/json"),
+        ("authorization", "Bearer sk-client"),
+        ("user-agent", "OpenAI/Python 1.55.0"),
+        ("x-user-id", "user-1234567890"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
+    let rules = IdentityRules {
+        header: &header,
+        max_bytes: 256,
+    };
+    c.bench_function("identity/header", |b| {
+        b.iter(|| identity::from_header(std::hint::black_box(&headers), rules).unwrap())
+    });
+}
+
+fn answer(c: &mut Criterion) {
+    let answer = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1767225600,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream! This answer is the same for every request.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":14,"total_tokens":26,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+    c.bench_function("usage/read_answer", |b| {
+        b.iter(|| usage_json::read(std::hint::black_box(answer)).unwrap())
+    });
+    // What reading it cost before: the whole answer as a JSON tree.
+    c.bench_function("usage/read_answer_as_tree", |b| {
+        b.iter(|| {
+            let tree: serde_json::Value =
+                serde_json::from_slice(std::hint::black_box(answer)).unwrap();
+            tree.get("usage")
+                .and_then(|u| u.get("prompt_tokens"))
+                .and_then(|v| v.as_u64())
+        })
+    });
+    let ids = RequestIds::new(b"fleet-key".to_vec());
+    c.bench_function("request_id/issue", |b| {
+        b.iter(|| ids.issue(Variant::Treatment, std::hint::black_box("support-ft")))
+    });
+}
+
 fn metrics(c: &mut Criterion) {
     let metrics = Metrics::new().unwrap();
     let bound = metrics.bind("bench", 0.1);
@@ -83,5 +128,5 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, assignment, body, metrics);
+criterion_group!(benches, assignment, identity, body, answer, metrics);
 criterion_main!(benches);
