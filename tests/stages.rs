@@ -164,13 +164,24 @@ async fn a_broken_split_blocks_promotion_until_forced() {
 async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
     let extra = "[rollout]\nstages = [0.25, 0.5, 1.0]\nmin_stage_seconds = 0.3\nmin_requests_per_arm = 30\nauto_promote = true\n[guardrails]\ninterval_seconds = 0.1\nmin_requests_per_arm = 30";
     let (_mocks, gw) = started(0.25, extra).await;
-    traffic(&gw.url(), "user-", 1000, 400, 8).await;
-    let promoted = eventually(Duration::from_secs(5), || async {
+    // Batches of 20 requests: after a promotion, the rest of a batch cannot
+    // make the next stage ready too (30 requests per arm) before it is seen.
+    let mut promoted = None;
+    for _ in 0..100 {
+        traffic(&gw.url(), "user-", 1000, 20, 4).await;
         let state = get(&gw, "/admin/rollout").await;
-        (state["treatment_fraction"] == 0.5).then_some(state)
-    })
-    .await
-    .expect("auto promotion to 0.5");
+        if state["treatment_fraction"] != 0.25 {
+            promoted = Some(state);
+            break;
+        }
+    }
+    let Some(promoted) = promoted else {
+        panic!(
+            "auto promotion to 0.5: {:#}",
+            get(&gw, "/admin/report").await
+        );
+    };
+    assert_eq!(promoted["treatment_fraction"], 0.5, "{promoted:#}");
     assert_eq!(promoted["source"], "schedule");
 
     let answer = post_admin(&gw, "/admin/pause", Some(TOKEN), r#"{"reason":"holiday"}"#).await;
