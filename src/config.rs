@@ -195,6 +195,12 @@ pub struct VariantConfig {
     /// Extra PEM root certificates trusted for this upstream (private CAs).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Treatment only: when its upstream fails before answering (no
+    /// connection, a reset or a timeout before the headers, a 5xx status),
+    /// resend the request once to control and serve control's answer.
+    /// Off by default, so that a failing fine-tune stays visible to users.
+    #[serde(default)]
+    pub fallback_to_control: bool,
 }
 
 /// How an upstream expects its credential.
@@ -534,6 +540,12 @@ impl Config {
         self.guardrails
             .validate(&self.feedback.outcomes, &mut report);
 
+        if self.variants.control.fallback_to_control {
+            report(
+                "variants.control.fallback_to_control",
+                "only variants.treatment can fall back to control".into(),
+            );
+        }
         let control = resolve_variant(
             "variants.control",
             &self.variants.control,
@@ -573,6 +585,7 @@ impl Config {
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
                     total_timeout: Duration::from_millis(self.timeouts.total_ms),
+                    fallback_to_control: self.variants.treatment.fallback_to_control,
                     schedule,
                     config: self.clone(),
                 })
@@ -815,6 +828,8 @@ pub struct Snapshot {
     pub idle_timeout: Duration,
     /// Request start to the answer's last byte.
     pub total_timeout: Duration,
+    /// Resend to control what treatment's upstream failed before answering.
+    pub fallback_to_control: bool,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
     pub schedule: crate::rollout::FileSchedule,

@@ -74,6 +74,10 @@ pub struct Observation {
     /// Whether a failure mid-body may be told with an SSE error event: the
     /// body is an uncompressed event stream without a declared length.
     pub error_event: bool,
+    /// Control's answer served after treatment's upstream failed: that
+    /// failure was recorded as the request, so this answer is recorded in
+    /// no arm's series (nor as an event); control's stay control's own.
+    pub fallback: bool,
 }
 
 /// The parts of an event known when the response starts.
@@ -177,6 +181,9 @@ impl ObservedBody {
         let Some(observation) = self.observation.take() else {
             return;
         };
+        if observation.fallback {
+            return;
+        }
         let (prompt_tokens, completion_tokens, valid) = self.usage.finish();
         // A 2xx JSON answer that is not JSON is the upstream's fault even
         // though its status says otherwise.
