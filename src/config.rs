@@ -125,6 +125,14 @@ pub struct ServerConfig {
     /// Largest JSON request body read for rewriting; larger gets 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// On SIGTERM or SIGINT: how long `/readyz` answers 503 while requests
+    /// are still accepted, so that load balancers stop sending first.
+    #[serde(default = "default_drain_delay_ms")]
+    pub drain_delay_ms: u64,
+    /// Then: how long requests in flight, streams included, may take to
+    /// finish once new connections are refused; what is left is cut.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 /// `[experiment]`
@@ -277,6 +285,12 @@ impl Default for LimitsConfig {
 
 fn default_max_body_bytes() -> usize {
     DEFAULT_MAX_BODY_BYTES
+}
+fn default_drain_delay_ms() -> u64 {
+    5_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
 }
 fn default_user_header() -> String {
     DEFAULT_USER_HEADER.to_owned()
@@ -586,6 +600,8 @@ impl Config {
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
                     total_timeout: Duration::from_millis(self.timeouts.total_ms),
                     fallback_to_control: self.variants.treatment.fallback_to_control,
+                    drain_delay: Duration::from_millis(self.server.drain_delay_ms),
+                    drain_timeout: Duration::from_millis(self.server.drain_timeout_ms),
                     schedule,
                     config: self.clone(),
                 })
@@ -830,6 +846,10 @@ pub struct Snapshot {
     pub total_timeout: Duration,
     /// Resend to control what treatment's upstream failed before answering.
     pub fallback_to_control: bool,
+    /// On shutdown: not ready, still serving, for this long.
+    pub drain_delay: Duration,
+    /// On shutdown: in-flight requests get this long, then are cut.
+    pub drain_timeout: Duration,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
     pub schedule: crate::rollout::FileSchedule,

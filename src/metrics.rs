@@ -66,11 +66,13 @@ pub enum UpstreamErrorKind {
     ClientCancelled,
     /// Refused by the gateway at its in-flight cap, never sent upstream.
     Shed,
+    /// Still running when a shutdown's `server.drain_timeout_ms` ran out.
+    Shutdown,
 }
 
 impl UpstreamErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [UpstreamErrorKind; 12] = [
+    pub const ALL: [UpstreamErrorKind; 13] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::FirstByteTimeout,
@@ -83,6 +85,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::InvalidResponse,
         UpstreamErrorKind::ClientCancelled,
         UpstreamErrorKind::Shed,
+        UpstreamErrorKind::Shutdown,
     ];
 
     /// The failures of treatment's upstream before it answered that
@@ -112,6 +115,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::InvalidResponse => "invalid_response",
             UpstreamErrorKind::ClientCancelled => "client_cancelled",
             UpstreamErrorKind::Shed => "shed",
+            UpstreamErrorKind::Shutdown => "shutdown",
         }
     }
 

@@ -92,6 +92,8 @@ pub struct Gateway {
     changing: std::sync::Mutex<()>,
     /// Requests in flight, against the `[limits]` caps.
     inflight: Arc<Inflight>,
+    /// Shutdown: not ready, then cut.
+    drain: crate::drain::Drain,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -243,6 +245,7 @@ impl Gateway {
             runtime,
             changing: std::sync::Mutex::new(()),
             inflight: Arc::default(),
+            drain: crate::drain::Drain::default(),
         })
     }
 
@@ -457,6 +460,11 @@ impl Gateway {
         &self.metrics
     }
 
+    /// Its shutdown state: draining (not ready), then cut.
+    pub fn drain(&self) -> &crate::drain::Drain {
+        &self.drain
+    }
+
     /// Proxies one request. Every failure becomes a JSON error answer.
     pub async fn proxy(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
@@ -473,9 +481,17 @@ impl Gateway {
             decision: Decision::default(),
             answered: false,
         };
-        let result = self
-            .forward(&live, request, &mut pending.decision, started)
-            .await;
+        // A shutdown's cut ends a request still waiting for its answer.
+        let forwarded = tokio::select! {
+            result = self.forward(&live, request, &mut pending.decision, started) => Some(result),
+            () = self.drain.cut_called() => None,
+        };
+        let result = forwarded.unwrap_or_else(|| {
+            Err(ProxyError::ShuttingDown {
+                variant: pending.decision.variant,
+                drain_timeout_ms: config.drain_timeout.as_millis(),
+            })
+        });
         pending.answered = true;
         let mut decision = std::mem::take(&mut pending.decision);
         let (mut response, error, deadlines) = match result {
@@ -523,9 +539,13 @@ impl Gateway {
         }
         // The upstream's own error answers count against its arm.
         let error = error.or_else(|| decision.variant.and(UpstreamErrorKind::from_status(status)));
+        let cut = deadlines
+            .is_some()
+            .then(|| (self.drain.signal(), config.drain_timeout));
         let observation = Observation {
             usage_format,
             deadlines,
+            cut,
             error_event,
             ..self.observation(&live, decision, status, error, started, request_id)
         };
@@ -572,6 +592,7 @@ impl Gateway {
             places: std::mem::take(&mut decision.places),
             event,
             deadlines: None,
+            cut: None,
             error_event: false,
             fallback: decision.fallback,
         }
