@@ -31,6 +31,10 @@ impl Admin {
     fn answer(&self, request: &Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/readyz") if self.gateway.drain().is_draining() => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "draining"}),
+            ),
             (&Method::GET, "/readyz") => {
                 let live = self.gateway.live();
                 json(

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,9 +24,18 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// Its rollout supervisor (guardrails, schedule).
     pub supervisor: Arc<Supervisor>,
+    /// Closes the proxy listener; its connections finish what they have.
+    stop_accepting: watch::Sender<bool>,
+    proxy: JoinHandle<()>,
+    /// Stops everything else: the admin listener, supervisor, reloads.
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// After the cut, how long answers get to send their last event and
+/// connections to close before the gateway stops waiting for them: a
+/// shutdown takes at most `drain_delay_ms + drain_timeout_ms` plus this.
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
 
 impl Running {
     /// The proxy's base URL, e.g. `http://127.0.0.1:8080`.
@@ -36,17 +46,55 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish, and returns when
     /// every listener is closed.
     pub async fn shutdown(self) {
+        let _ = self.stop_accepting.send(true);
         let _ = self.stop.send(true);
+        let _ = self.proxy.await;
         for task in self.tasks {
             let _ = task.await;
         }
     }
 
-    /// Waits until the listeners stop (they stop only on shutdown).
-    pub async fn wait(&mut self) {
-        for task in self.tasks.drain(..) {
+    /// The graceful shutdown, with the `server.drain_*` settings of the
+    /// config in force: `/readyz` answers 503 while requests are still
+    /// served for `drain_delay_ms`; then the proxy listener closes (idle
+    /// keep-alive connections too) and requests in flight, streams
+    /// included, get `drain_timeout_ms` to finish; what is left is cut
+    /// (an SSE stream between events gets an error event, counted as
+    /// `kind="shutdown"`). Returns when everything has stopped.
+    pub async fn drain(self) {
+        let config = &self.gateway.live().config;
+        let (delay, timeout) = (config.drain_delay, config.drain_timeout);
+        let drain = self.gateway.drain();
+        drain.start();
+        tracing::info!(
+            delay_ms = delay.as_millis(),
+            "draining: /readyz answers 503, requests are still served"
+        );
+        tokio::time::sleep(delay).await;
+        tracing::info!(
+            timeout_ms = timeout.as_millis(),
+            "no longer accepting connections; finishing requests in flight"
+        );
+        let _ = self.stop_accepting.send(true);
+        let mut proxy = self.proxy;
+        if tokio::time::timeout(timeout, &mut proxy).await.is_err() {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis(),
+                "requests still in flight after server.drain_timeout_ms: cutting them"
+            );
+            drain.cut();
+            if tokio::time::timeout(CUT_GRACE, &mut proxy).await.is_err() {
+                // Clients that stopped reading: their connections end
+                // with the process.
+                tracing::warn!("connections still open after the cut; leaving them");
+                proxy.abort();
+            }
+        }
+        let _ = self.stop.send(true);
+        for task in self.tasks {
             let _ = task.await;
         }
+        tracing::info!("drained");
     }
 }
 
@@ -96,16 +144,17 @@ async fn start_with(
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
     let gateway = Arc::new(Gateway::new(snapshot, metrics, runtime)?);
     let (stop, stopped) = watch::channel(false);
+    let (stop_accepting, accepting_stopped) = watch::channel(false);
     let supervisor = Supervisor::new(gateway.clone());
-    let mut tasks = vec![
-        tokio::spawn(server::serve_with(
-            proxy_listener,
-            gateway.clone(),
-            stop_signal(stopped.clone()),
-            limits,
-        )),
-        tokio::spawn(supervisor.clone().run(stop_signal(stopped.clone()))),
-    ];
+    let proxy = tokio::spawn(server::serve_with(
+        proxy_listener,
+        gateway.clone(),
+        stop_signal(accepting_stopped),
+        limits,
+    ));
+    let mut tasks = vec![tokio::spawn(
+        supervisor.clone().run(stop_signal(stopped.clone())),
+    )];
     if let Some(listener) = admin_listener {
         let admin = Arc::new(Admin::new(gateway.clone(), supervisor.clone()));
         tasks.push(tokio::spawn(server::serve(
@@ -119,6 +168,8 @@ async fn start_with(
         admin_addr,
         gateway,
         supervisor,
+        stop_accepting,
+        proxy,
         stop,
         tasks,
     })

@@ -125,6 +125,14 @@ pub struct ServerConfig {
     /// Largest JSON request body read for rewriting; larger gets 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// On SIGTERM or SIGINT: how long `/readyz` answers 503 while requests
+    /// are still accepted, so that load balancers stop sending first.
+    #[serde(default = "default_drain_delay_ms")]
+    pub drain_delay_ms: u64,
+    /// Then: how long requests in flight, streams included, may take to
+    /// finish once new connections are refused; what is left is cut.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 /// `[experiment]`
@@ -195,6 +203,12 @@ pub struct VariantConfig {
     /// Extra PEM root certificates trusted for this upstream (private CAs).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Treatment only: when its upstream fails before answering (no
+    /// connection, a reset or a timeout before the headers, a 5xx status),
+    /// resend the request once to control and serve control's answer.
+    /// Off by default, so that a failing fine-tune stays visible to users.
+    #[serde(default)]
+    pub fallback_to_control: bool,
 }
 
 /// How an upstream expects its credential.
@@ -271,6 +285,12 @@ impl Default for LimitsConfig {
 
 fn default_max_body_bytes() -> usize {
     DEFAULT_MAX_BODY_BYTES
+}
+fn default_drain_delay_ms() -> u64 {
+    5_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
 }
 fn default_user_header() -> String {
     DEFAULT_USER_HEADER.to_owned()
@@ -534,6 +554,12 @@ impl Config {
         self.guardrails
             .validate(&self.feedback.outcomes, &mut report);
 
+        if self.variants.control.fallback_to_control {
+            report(
+                "variants.control.fallback_to_control",
+                "only variants.treatment can fall back to control".into(),
+            );
+        }
         let control = resolve_variant(
             "variants.control",
             &self.variants.control,
@@ -573,6 +599,9 @@ impl Config {
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
                     total_timeout: Duration::from_millis(self.timeouts.total_ms),
+                    fallback_to_control: self.variants.treatment.fallback_to_control,
+                    drain_delay: Duration::from_millis(self.server.drain_delay_ms),
+                    drain_timeout: Duration::from_millis(self.server.drain_timeout_ms),
                     schedule,
                     config: self.clone(),
                 })
@@ -815,6 +844,12 @@ pub struct Snapshot {
     pub idle_timeout: Duration,
     /// Request start to the answer's last byte.
     pub total_timeout: Duration,
+    /// Resend to control what treatment's upstream failed before answering.
+    pub fallback_to_control: bool,
+    /// On shutdown: not ready, still serving, for this long.
+    pub drain_delay: Duration,
+    /// On shutdown: in-flight requests get this long, then are cut.
+    pub drain_timeout: Duration,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
     pub schedule: crate::rollout::FileSchedule,

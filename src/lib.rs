@@ -13,6 +13,7 @@ pub mod body;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod events;
 pub mod guardrails;
 pub mod hex;

@@ -181,8 +181,12 @@ async fn serve(path: PathBuf, state_dir: Option<PathBuf>) -> Result<(), String> 
     let running = abgate::app::start_from_file(&path, state_dir.as_deref()).await?;
     tracing::info!(proxy = %running.url(), admin = ?running.admin_addr, "abgate serving");
     shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    running.shutdown().await;
+    tracing::info!("shutting down");
+    tokio::select! {
+        () = running.drain() => {}
+        // A second signal: the operator does not want to wait.
+        () = shutdown_signal() => tracing::warn!("second signal: exiting without waiting"),
+    }
     Ok(())
 }
 

@@ -66,11 +66,13 @@ pub enum UpstreamErrorKind {
     ClientCancelled,
     /// Refused by the gateway at its in-flight cap, never sent upstream.
     Shed,
+    /// Still running when a shutdown's `server.drain_timeout_ms` ran out.
+    Shutdown,
 }
 
 impl UpstreamErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [UpstreamErrorKind; 12] = [
+    pub const ALL: [UpstreamErrorKind; 13] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::FirstByteTimeout,
@@ -83,6 +85,19 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::InvalidResponse,
         UpstreamErrorKind::ClientCancelled,
         UpstreamErrorKind::Shed,
+        UpstreamErrorKind::Shutdown,
+    ];
+
+    /// The failures of treatment's upstream before it answered that
+    /// `fallback_to_control` resends to control. A total timeout leaves no
+    /// time to try again; a 429 is a throttle the client should back off
+    /// from (or its own quota, with its own key), not a broken upstream.
+    pub const FALLS_BACK: [UpstreamErrorKind; 5] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::FirstByteTimeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Status5xx,
     ];
 
     /// The `kind` label.
@@ -100,6 +115,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::InvalidResponse => "invalid_response",
             UpstreamErrorKind::ClientCancelled => "client_cancelled",
             UpstreamErrorKind::Shed => "shed",
+            UpstreamErrorKind::Shutdown => "shutdown",
         }
     }
 
@@ -168,6 +184,7 @@ pub struct Metrics {
     sample_ratio_p_value: GaugeVec,
     sample_ratio_mismatch: IntGaugeVec,
     guardrail_trips: IntCounterVec,
+    fallbacks: IntCounterVec,
 }
 
 fn histogram(
@@ -284,6 +301,13 @@ impl Metrics {
             ),
             &["check"],
         )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "abgate_fallbacks_total",
+                "Requests resent to control after treatment's upstream failed before answering, by the failure's kind and whether control then answered without a 5xx (result served) or not (failed). Counted in neither arm's requests.",
+            ),
+            &["experiment", "from", "to", "kind", "result"],
+        )?;
         for check in crate::guardrails::Check::ALL {
             guardrail_trips.with_label_values(&[check.as_str()]);
         }
@@ -314,6 +338,7 @@ impl Metrics {
             Box::new(sample_ratio_p_value.clone()),
             Box::new(sample_ratio_mismatch.clone()),
             Box::new(guardrail_trips.clone()),
+            Box::new(fallbacks.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -339,7 +364,31 @@ impl Metrics {
             sample_ratio_p_value,
             sample_ratio_mismatch,
             guardrail_trips,
+            fallbacks,
         })
+    }
+
+    /// Counts a request resent from treatment to control after treatment's
+    /// upstream failed with `kind`; `served` when control answered without
+    /// a 5xx. Rare, so labels are looked up here.
+    pub fn fallback(&self, experiment: &str, kind: UpstreamErrorKind, served: bool) {
+        self.fallback_child(experiment, kind, served).inc();
+    }
+
+    fn fallback_child(
+        &self,
+        experiment: &str,
+        kind: UpstreamErrorKind,
+        served: bool,
+    ) -> IntCounter {
+        let result = if served { "served" } else { "failed" };
+        self.fallbacks.with_label_values(&[
+            experiment,
+            Variant::Treatment.as_str(),
+            Variant::Control.as_str(),
+            kind.as_str(),
+            result,
+        ])
     }
 
     /// Counts a guardrail trip.
@@ -441,6 +490,12 @@ impl Metrics {
     /// Resolves every child for one experiment, once, so the request path
     /// never looks a label up.
     pub fn bind(&self, experiment: &str, treatment_fraction: f64) -> ExperimentMetrics {
+        // Exported at 0 from the start, so that rate() sees the first one.
+        for kind in UpstreamErrorKind::FALLS_BACK {
+            for served in [true, false] {
+                self.fallback_child(experiment, kind, served);
+            }
+        }
         self.treatment_fraction
             .with_label_values(&[experiment])
             .set(treatment_fraction);

@@ -266,6 +266,49 @@ fn every_secret_the_config_names_is_given_by_the_deployment() {
     }
 }
 
+/// The whole number after `key: ` on the line following the line
+/// `after` (or on the first line `key: ` itself when `after` is empty).
+fn yaml_number(text: &str, after: &str, key: &str) -> u64 {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let from = match after {
+        "" => 0,
+        _ => lines
+            .iter()
+            .position(|line| *line == after)
+            .unwrap_or_else(|| panic!("deployment.yaml: no {after:?} line")),
+    };
+    lines[from..]
+        .iter()
+        .find_map(|line| line.strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("deployment.yaml: no {key} after {after:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_gateways_drain_ends_before_kubernetes_kills_the_pod() {
+    let deployment = repo_file("deploy/kubernetes/deployment.yaml");
+    let grace = yaml_number(&deployment, "", "terminationGracePeriodSeconds");
+    let pre_stop = yaml_number(&deployment, "sleep:", "seconds");
+    let config = Config::parse(&configmap_toml()).unwrap();
+    let server = &config.server;
+    let drain_ms = pre_stop * 1000
+        + server.drain_delay_ms
+        + server.drain_timeout_ms
+        + abgate::app::CUT_GRACE.as_millis() as u64;
+    assert!(
+        drain_ms < grace * 1000,
+        "preStop {pre_stop} s + drain_delay_ms {} + drain_timeout_ms {} (+ {:?}) must be less than terminationGracePeriodSeconds {grace}",
+        server.drain_delay_ms,
+        server.drain_timeout_ms,
+        abgate::app::CUT_GRACE,
+    );
+    assert!(
+        server.drain_timeout_ms >= config.timeouts.first_byte_ms,
+        "a completion waiting for its headers would be cut before first_byte_ms"
+    );
+}
+
 #[test]
 fn deployment_serves_the_configmap_it_mounts() {
     let deployment = repo_file("deploy/kubernetes/deployment.yaml");

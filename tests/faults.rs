@@ -211,16 +211,7 @@ async fn an_upstream_that_closes_before_answering_gets_502_reset() {
 
 #[tokio::test]
 async fn a_stream_reset_midway_ends_with_an_sse_error_event() {
-    let upstream = failing_once(|mut socket| async move {
-        let _ = socket.write_all(SSE_HEAD).await;
-        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
-        let _ = socket.write_all(&chunk(event)).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // A reset (RST), not a clean close.
-        socket.set_zero_linger().unwrap();
-        drop(socket);
-    })
-    .await;
+    let upstream = failing_once(one_event_then_reset).await;
     let (gw, _control) = gateway_to(&upstream, "").await;
     let (text, ended) = stream_to_end(&gw, "u").await;
     assert_eq!(ended, Ok(()), "the stream ends cleanly");

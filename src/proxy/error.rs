@@ -100,6 +100,12 @@ pub enum ProxyError {
         limit: usize,
         retry_after_seconds: u32,
     },
+    #[error("abgate is shutting down, and this request was still running when the {drain_timeout_ms} ms allowed for draining (server.drain_timeout_ms) ran out; retry it")]
+    ShuttingDown {
+        /// The arm the request was in, when it was assigned.
+        variant: Option<Variant>,
+        drain_timeout_ms: u128,
+    },
     #[error("the request line and headers are {size} bytes; at most {limit} are accepted")]
     HeadersTooLarge { size: usize, limit: usize },
     #[error("the request body did not arrive within {timeout_ms} ms (timeouts.total_ms)")]
@@ -151,7 +157,9 @@ impl ProxyError {
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBrokeOff { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Shed { .. } | ProxyError::ShuttingDown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -179,7 +187,8 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamBrokeOff { .. }
-            | ProxyError::Shed { .. } => match self.upstream_kind() {
+            | ProxyError::Shed { .. }
+            | ProxyError::ShuttingDown { .. } => match self.upstream_kind() {
                 Some(kind) => kind.as_str(),
                 None => "internal",
             },
@@ -194,7 +203,7 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { variant, .. }
             | ProxyError::UpstreamReset { variant, .. }
             | ProxyError::UpstreamBrokeOff { variant, .. } => Some(*variant),
-            ProxyError::Shed { variant, .. } => *variant,
+            ProxyError::Shed { variant, .. } | ProxyError::ShuttingDown { variant, .. } => *variant,
             _ => None,
         }
     }
@@ -209,6 +218,7 @@ impl ProxyError {
                 Some(UpstreamErrorKind::Reset)
             }
             ProxyError::Shed { .. } => Some(UpstreamErrorKind::Shed),
+            ProxyError::ShuttingDown { .. } => Some(UpstreamErrorKind::Shutdown),
             _ => None,
         }
     }

@@ -26,6 +26,7 @@ pub mod admission;
 pub mod client;
 pub mod deadline;
 pub mod error;
+pub mod fallback;
 pub mod feedback;
 pub mod headers;
 pub mod json;
@@ -70,6 +71,11 @@ pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-abgate-model");
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-abgate-request-id");
 /// Response header naming the experiment.
 pub const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-experiment");
+/// Response header present (`true`) when treatment's upstream failed and
+/// control's answer is served instead.
+pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-abgate-fallback");
+/// Response header naming the arm whose upstream answered, on fallbacks.
+pub const SERVED_BY_HEADER: HeaderName = HeaderName::from_static("x-abgate-served-by");
 
 /// The proxy: the current config with its metric children, the registry,
 /// and the upstream connection pool.
@@ -87,6 +93,8 @@ pub struct Gateway {
     changing: std::sync::Mutex<()>,
     /// Requests in flight, against the `[limits]` caps.
     inflight: Arc<Inflight>,
+    /// Shutdown: not ready, then cut.
+    drain: crate::drain::Drain,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -132,6 +140,11 @@ struct Decision {
     event_user_id: Option<String>,
     /// Places taken under the in-flight caps.
     places: Places,
+    /// Served by control after treatment's upstream failed; the failure is
+    /// already recorded as treatment's.
+    fallback: bool,
+    /// The request id, when it was issued before the answer (fallbacks).
+    request_id: Option<String>,
 }
 
 impl Default for Decision {
@@ -145,6 +158,8 @@ impl Default for Decision {
             upstream_wait: Duration::ZERO,
             event_user_id: None,
             places: Places::default(),
+            fallback: false,
+            request_id: None,
         }
     }
 }
@@ -231,6 +246,7 @@ impl Gateway {
             runtime,
             changing: std::sync::Mutex::new(()),
             inflight: Arc::default(),
+            drain: crate::drain::Drain::default(),
         })
     }
 
@@ -445,6 +461,11 @@ impl Gateway {
         &self.metrics
     }
 
+    /// Its shutdown state: draining (not ready), then cut.
+    pub fn drain(&self) -> &crate::drain::Drain {
+        &self.drain
+    }
+
     /// Proxies one request. Every failure becomes a JSON error answer.
     pub async fn proxy(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
@@ -461,11 +482,19 @@ impl Gateway {
             decision: Decision::default(),
             answered: false,
         };
-        let result = self
-            .forward(&live, request, &mut pending.decision, started)
-            .await;
+        // A shutdown's cut ends a request still waiting for its answer.
+        let forwarded = tokio::select! {
+            result = self.forward(&live, request, &mut pending.decision, started) => Some(result),
+            () = self.drain.cut_called() => None,
+        };
+        let result = forwarded.unwrap_or_else(|| {
+            Err(ProxyError::ShuttingDown {
+                variant: pending.decision.variant,
+                drain_timeout_ms: config.drain_timeout.as_millis(),
+            })
+        });
         pending.answered = true;
-        let decision = std::mem::take(&mut pending.decision);
+        let mut decision = std::mem::take(&mut pending.decision);
         let (mut response, error, deadlines) = match result {
             Ok(response) => {
                 // The headers are here; from now on the body is watched.
@@ -485,13 +514,22 @@ impl Gateway {
         let status = response.status().as_u16();
         let usage_format = usage_format(&response);
         let error_event = takes_error_event(&response);
-        let request_id = live.request_ids.issue(
-            decision.variant.unwrap_or(Variant::Unassigned),
-            &config.experiment,
-        );
+        let request_id = decision.request_id.take().unwrap_or_else(|| {
+            live.request_ids.issue(
+                decision.variant.unwrap_or(Variant::Unassigned),
+                &config.experiment,
+            )
+        });
         let headers = response.headers_mut();
         if let Some(variant) = decision.variant {
             headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
+        }
+        if decision.fallback {
+            headers.insert(FALLBACK_HEADER, HeaderValue::from_static("true"));
+            headers.insert(
+                SERVED_BY_HEADER,
+                HeaderValue::from_static(Variant::Control.as_str()),
+            );
         }
         if let Some(model) = &decision.model {
             headers.insert(MODEL_HEADER, model.clone());
@@ -502,9 +540,13 @@ impl Gateway {
         }
         // The upstream's own error answers count against its arm.
         let error = error.or_else(|| decision.variant.and(UpstreamErrorKind::from_status(status)));
+        let cut = deadlines
+            .is_some()
+            .then(|| (self.drain.signal(), config.drain_timeout));
         let observation = Observation {
             usage_format,
             deadlines,
+            cut,
             error_event,
             ..self.observation(&live, decision, status, error, started, request_id)
         };
@@ -551,7 +593,9 @@ impl Gateway {
             places: std::mem::take(&mut decision.places),
             event,
             deadlines: None,
+            cut: None,
             error_event: false,
+            fallback: decision.fallback,
         }
     }
 
@@ -590,7 +634,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        live: &Live,
+        live: &Arc<Live>,
         request: Request<Incoming>,
         decision: &mut Decision,
         started: Instant,
@@ -657,23 +701,24 @@ impl Gateway {
         let upstream = config.upstream(variant);
 
         // Rewrite.
+        let mut resend = None;
         let (body, content_length) = match body {
             ClientBody::Json(bytes, fields) => {
-                let bytes = match &upstream.model {
-                    Some(model) => {
-                        decision.model = Some(model.header.clone());
-                        json::rewrite_model(&bytes, &fields.model_spans, &model.json)
-                    }
-                    None => {
-                        decision.model = fields
-                            .model
-                            .as_deref()
-                            .and_then(|m| HeaderValue::from_str(m).ok());
-                        bytes
-                    }
-                };
-                let length = bytes.len();
-                (Body::full(bytes), Some(length))
+                let (rewritten, model) = fallback::rewrite_for(upstream, &bytes, &fields);
+                decision.model = model;
+                if variant == Variant::Treatment && config.fallback_to_control {
+                    // Kept as the client sent it: control gets its own
+                    // model and credentials.
+                    resend = Some(fallback::Resend {
+                        method: parts.method.clone(),
+                        uri: parts.uri.clone(),
+                        headers: parts.headers.clone(),
+                        body: bytes,
+                        fields,
+                    });
+                }
+                let length = rewritten.len();
+                (Body::full(rewritten), Some(length))
             }
             ClientBody::Stream(body) => (Body::Stream(body), None),
         };
@@ -681,8 +726,38 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
 
-        // Forward: headers within first_byte_ms, unless the total ends sooner.
-        let sent = live.client.request(Request::from_parts(parts, body));
+        // Forward, and fall back to control if treatment fails before answering.
+        let request = Request::from_parts(parts, body);
+        let attempt = self.send(live, request, variant, total_at, decision).await;
+        let response = match (resend, fallback::failure(&attempt)) {
+            (Some(resend), Some(failure)) => {
+                self.fall_back(live, resend, attempt, failure, decision, started, total_at)
+                    .await?
+            }
+            _ => attempt?,
+        };
+
+        // Answer: the upstream's status, headers and body stream, as is.
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::Stream(body)))
+    }
+}
+
+impl Gateway {
+    /// Sends `request` to `variant`'s upstream and waits for the response
+    /// headers: within `timeouts.first_byte_ms`, unless `total_at` comes
+    /// sooner. The wait is added to the decision's upstream wait.
+    async fn send(
+        &self,
+        live: &Live,
+        request: Request<Body>,
+        variant: Variant,
+        total_at: Instant,
+        decision: &mut Decision,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let config = &live.config;
+        let sent = live.client.request(request);
         let waiting = Instant::now();
         let first_byte_at = waiting + config.first_byte_timeout;
         let (deadline, timeout, limit) = if total_at < first_byte_at {
@@ -691,23 +766,83 @@ impl Gateway {
             (first_byte_at, Timeout::FirstByte, config.first_byte_timeout)
         };
         let response = tokio::time::timeout_at(deadline.into(), sent).await;
-        decision.upstream_wait = waiting.elapsed();
-        let response = match response {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) => return Err(classify_client_error(&err, variant, config)),
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout {
-                    variant,
-                    timeout,
-                    timeout_ms: limit.as_millis(),
-                })
-            }
-        };
+        decision.upstream_wait += waiting.elapsed();
+        match response {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify_client_error(&err, variant, config)),
+            Err(_) => Err(ProxyError::UpstreamTimeout {
+                variant,
+                timeout,
+                timeout_ms: limit.as_millis(),
+            }),
+        }
+    }
 
-        // Answer: the upstream's status, headers and body stream, as is.
-        let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Stream(body)))
+    /// Treatment's upstream failed before answering (`failure`: the status
+    /// its client would get, and the kind): records that as treatment's
+    /// answer, exactly as without fallback, then sends the request once
+    /// to control, whose answer (or failure) the client gets. Past
+    /// control's in-flight cap, treatment's `attempt` stands.
+    #[allow(clippy::too_many_arguments)]
+    async fn fall_back(
+        &self,
+        live: &Arc<Live>,
+        resend: fallback::Resend,
+        attempt: Result<Response<Incoming>, ProxyError>,
+        (status, kind): (u16, UpstreamErrorKind),
+        decision: &mut Decision,
+        started: Instant,
+        total_at: Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let config = &live.config;
+        if let Some(max) = config.config.limits.max_inflight_per_variant {
+            match self.inflight.admit_to(Variant::Control, max) {
+                // Treatment's place is given back as control's is taken.
+                Some(place) => decision.places.upstream = Some(place),
+                None => return attempt,
+            }
+        }
+        match &attempt {
+            Ok(response) => tracing::warn!(
+                status = response.status().as_u16(),
+                "the treatment upstream answered with a server error; falling back to control"
+            ),
+            Err(err) => tracing::warn!(kind = err.kind(), "{err}; falling back to control"),
+        }
+        // Its body (a 5xx answer) is dropped unread, closing its connection.
+        drop(attempt);
+        let request_id = live
+            .request_ids
+            .issue(Variant::Treatment, &config.experiment);
+        let failed = Decision {
+            variant: Some(Variant::Treatment),
+            model: decision.model.clone(),
+            route: decision.route,
+            stream: decision.stream,
+            upstream_wait: decision.upstream_wait,
+            event_user_id: decision.event_user_id.clone(),
+            ..Decision::default()
+        };
+        ObservedBody::record_unanswered(self.observation(
+            live,
+            failed,
+            status,
+            Some(kind),
+            started,
+            request_id.clone(),
+        ));
+        decision.request_id = Some(request_id);
+        decision.fallback = true;
+        let (request, model) = resend.request_for(&config.control)?;
+        decision.model = model;
+        let answer = self
+            .send(live, request, Variant::Control, total_at, decision)
+            .await;
+        let served = answer
+            .as_ref()
+            .is_ok_and(|response| !response.status().is_server_error());
+        self.metrics.fallback(&config.experiment, kind, served);
+        answer
     }
 }
 

@@ -15,7 +15,8 @@
 //! events gets a last `event: error` and ends cleanly; any other body is
 //! aborted (the client sees the connection or HTTP/2 stream reset, never a
 //! truncated answer passed off as complete). Either way the upstream's
-//! body is dropped at once, which closes its connection.
+//! body is dropped at once, which closes its connection. A shutdown that
+//! runs out of `server.drain_timeout_ms` ends answers the same way.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use http_body::{Body as _, Frame, SizeHint};
 
 use crate::assign::Variant;
 use crate::body::{Body, BoxError};
+use crate::drain::CutSignal;
 use crate::events::{Event, EventSink};
 use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
 use crate::proxy::admission::Places;
@@ -72,9 +74,15 @@ pub struct Observation {
     /// Idle and total deadlines of an upstream's body; none for the
     /// gateway's own answers.
     pub deadlines: Option<Deadlines>,
+    /// Fires when a shutdown cuts what is still running; with `deadlines`.
+    pub cut: Option<(CutSignal, Duration)>,
     /// Whether a failure mid-body may be told with an SSE error event: the
     /// body is an uncompressed event stream without a declared length.
     pub error_event: bool,
+    /// Control's answer served after treatment's upstream failed: that
+    /// failure was recorded as the request, so this answer is recorded in
+    /// no arm's series (nor as an event); control's stay control's own.
+    pub fallback: bool,
 }
 
 /// The parts of an event known when the response starts.
@@ -95,6 +103,8 @@ pub struct ObservedBody {
     bytes: u64,
     usage: UsageReader,
     deadlines: Option<Deadlines>,
+    /// The shutdown's cut, and the drain timeout it tells the client.
+    cut: Option<(CutSignal, Duration)>,
     error_event: bool,
     /// The last bytes passed on: whether an SSE stream is between events.
     tail: [u8; 4],
@@ -109,6 +119,7 @@ impl ObservedBody {
         Self {
             inner,
             deadlines: observation.deadlines.take(),
+            cut: observation.cut.take(),
             error_event: observation.error_event,
             observation: Some(observation),
             first_byte: None,
@@ -178,6 +189,9 @@ impl ObservedBody {
         let Some(observation) = self.observation.take() else {
             return;
         };
+        if observation.fallback {
+            return;
+        }
         let (prompt_tokens, completion_tokens, valid) = self.usage.finish();
         // A 2xx JSON answer that is not JSON is the upstream's fault even
         // though its status says otherwise.
@@ -296,6 +310,16 @@ impl http_body::Body for ObservedBody {
                     .map(|deadlines| deadlines.poll_expired(cx))
                 {
                     return this.break_off(this.timed_out(timeout));
+                }
+                let drain_timeout = this.cut.as_mut().and_then(|(cut, drain_timeout)| {
+                    cut.poll_cut(cx).is_ready().then_some(*drain_timeout)
+                });
+                if let Some(drain_timeout) = drain_timeout {
+                    let error = ProxyError::ShuttingDown {
+                        variant: Some(this.variant()),
+                        drain_timeout_ms: drain_timeout.as_millis(),
+                    };
+                    return this.break_off(error);
                 }
             }
         }

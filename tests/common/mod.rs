@@ -333,6 +333,18 @@ where
 pub const SSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
 
+/// Starts an SSE answer on `socket`, sends one event, then resets the
+/// connection (RST, not a clean close): a stream that breaks midway.
+pub async fn one_event_then_reset(mut socket: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = socket.write_all(SSE_HEAD).await;
+    let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+    let _ = socket.write_all(&chunk(event)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    socket.set_zero_linger().unwrap();
+    drop(socket);
+}
+
 /// One chunk of a chunked body.
 pub fn chunk(data: &[u8]) -> Vec<u8> {
     let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();

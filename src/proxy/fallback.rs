@@ -1,0 +1,88 @@
+//! Falling back to control. With `fallback_to_control` on treatment, a
+//! request whose treatment upstream failed before answering (see
+//! [`UpstreamErrorKind::FALLS_BACK`]) is sent once more, to control, with
+//! control's model and credentials, and control's answer is served.
+//!
+//! Only what failed before the first byte can be resent: after that the
+//! client already has part of treatment's answer. Only JSON bodies can be
+//! resent, because only they are held whole (for the `model` rewrite);
+//! bodies streamed through (multipart uploads) are gone once sent.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
+use http::uri::Uri;
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::error::ProxyError;
+use super::json::{self, BodyFields};
+use crate::body::Body;
+use crate::config::Upstream;
+use crate::metrics::UpstreamErrorKind;
+
+/// What is kept of a request so that it can be sent again: the client's
+/// own method, path, headers and body, before any rewrite for treatment.
+pub struct Resend {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub fields: BodyFields,
+}
+
+impl Resend {
+    /// The request as it goes to `upstream`, and the model it names.
+    pub fn request_for(
+        &self,
+        upstream: &Upstream,
+    ) -> Result<(Request<Body>, Option<HeaderValue>), ProxyError> {
+        let (body, model) = rewrite_for(upstream, &self.body, &self.fields);
+        let mut headers = self.headers.clone();
+        super::headers::prepare_upstream_request(&mut headers, upstream, Some(body.len()));
+        let mut request = Request::new(Body::full(body));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = super::upstream_uri(upstream, &self.uri)?;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        Ok((request, model))
+    }
+}
+
+/// A JSON body with `upstream`'s model spliced in (or the client's kept),
+/// and the model it names, for the `x-abgate-model` header.
+pub fn rewrite_for(
+    upstream: &Upstream,
+    body: &Bytes,
+    fields: &BodyFields,
+) -> (Bytes, Option<HeaderValue>) {
+    match &upstream.model {
+        Some(model) => (
+            json::rewrite_model(body, &fields.model_spans, &model.json),
+            Some(model.header.clone()),
+        ),
+        None => (
+            body.clone(),
+            fields
+                .model
+                .as_deref()
+                .and_then(|m| HeaderValue::from_str(m).ok()),
+        ),
+    }
+}
+
+/// How a treatment attempt failed, if it is a failure worth resending:
+/// the status its client would get without fallback, and its kind.
+pub fn failure(
+    attempt: &Result<Response<Incoming>, ProxyError>,
+) -> Option<(u16, UpstreamErrorKind)> {
+    let (status, kind) = match attempt {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, UpstreamErrorKind::from_status(status)?)
+        }
+        Err(err) => (err.status().as_u16(), err.upstream_kind()?),
+    };
+    UpstreamErrorKind::FALLS_BACK
+        .contains(&kind)
+        .then_some((status, kind))
+}
