@@ -23,7 +23,7 @@
 # generators; abgate's own counts from /metrics (requests by arm and status
 # class, upstream errors by kind, reloads by result) taken before and after;
 # abgate's RSS before and after. Writes loadtest/results/<date>-soak.{md,json}.
-# Ports 18101-18104 and 18110-18111 on 127.0.0.1 must be free.
+# Ports 18101, 18102, 18110 and 18111 on 127.0.0.1 must be free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -77,17 +77,8 @@ stop_all() {
 }
 trap 'stop_all; echo "logs and raw results: $RUN" >&2' EXIT
 
-wait_port() {
-  local port=$1
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$port; see the logs in $RUN" >&2
-  exit 1
-}
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
 
 seconds() {
   case "$1" in
@@ -355,7 +346,7 @@ jq -n \
       last_reload_error: ($rollout.config.last_reload_error // $rollout.last_reload_error // null)
     },
     process: {
-      pid_rss_before_kib: $rss_before, rss_after_kib: $rss_after, peak_rss_kib: $peak_rss,
+      rss_before_kib: $rss_before, rss_after_kib: $rss_after, peak_rss_kib: $peak_rss,
       healthz: $healthz
     },
     final_config: {written_fraction: $final_fraction, running_fraction: $running_fraction}
@@ -407,7 +398,7 @@ jq -r '
   "- reloads: \(.gateway.reloads_ok) applied, \(.gateway.reloads_error) rejected",
   (.gateway.requests_by_series | to_entries[] | "- `\(.key)` \(.value)"),
   (.gateway.upstream_errors_by_series | to_entries[] | "- `\(.key)` \(.value)"),
-  "- RSS \(.process.pid_rss_before_kib | mib) before the load, \(.process.rss_after_kib | mib) after (peak \(.process.peak_rss_kib | mib)); healthz \(.process.healthz)",
+  "- RSS \(.process.rss_before_kib | mib) before the load, \(.process.rss_after_kib | mib) after (peak \(.process.peak_rss_kib | mib)); healthz \(.process.healthz)",
   "",
   "Faults as they happened (seconds from the start of the load): \(.faults.timeline | join("; ")).",
   "",
