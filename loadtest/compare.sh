@@ -95,17 +95,8 @@ stop_all() {
 }
 trap 'stop_all; echo "logs and raw results: $RUN" >&2' EXIT
 
-wait_port() {
-  local port=$1
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$port; see the logs in $RUN" >&2
-  exit 1
-}
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
 
 # nginx with RUN/<name>/ as its prefix (pid file, temp files).
 start_nginx() {

@@ -613,10 +613,18 @@ impl Config {
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path, env: &dyn Env) -> Result<Snapshot, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .map_err(|err| ConfigError::one("", format!("cannot read {}: {err}", path.display())))?;
+    load_bytes(path, &bytes, env)
+}
+
+/// Parses and validates `bytes`, already read from `path` (paths inside
+/// resolve beside it); the file is not read again.
+pub fn load_bytes(path: &Path, bytes: &[u8], env: &dyn Env) -> Result<Snapshot, ConfigError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|err| ConfigError::one("", format!("{} is not UTF-8: {err}", path.display())))?;
     let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
-    Config::parse(&text)?.validate(env, base_dir)
+    Config::parse(text)?.validate(env, base_dir)
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {

@@ -15,11 +15,36 @@ use crate::proxy::Gateway;
 /// How often the file is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Reads, validates and applies the file once; the error says why not.
+/// Reads the file once, then validates and applies what it read; the
+/// error says why not.
 pub fn reload(path: &Path, gateway: &Gateway) -> Result<(), String> {
-    let result = config::load(path, &ProcessEnv)
+    match std::fs::read(path) {
+        Ok(bytes) => reload_bytes(path, &bytes, gateway),
+        Err(err) => settle(
+            Err(format!(
+                "{} rejected: cannot read it: {err}",
+                path.display()
+            )),
+            gateway,
+        ),
+    }
+}
+
+/// Validates and applies `bytes`, the content just read from `path`,
+/// without reading the file again: the watcher judges exactly the bytes it
+/// compared with the last ones seen. Read twice, a file rewritten in place
+/// between the reads could be judged half-written while the watcher
+/// remembers the whole bytes as judged, and the good file would never be
+/// applied.
+pub fn reload_bytes(path: &Path, bytes: &[u8], gateway: &Gateway) -> Result<(), String> {
+    let result = config::load_bytes(path, bytes, &ProcessEnv)
         .map_err(|err| format!("{} rejected:\n{err}", path.display()))
         .and_then(|snapshot| gateway.apply(snapshot));
+    settle(result, gateway)
+}
+
+/// Logs the outcome of a reload and records a rejection.
+fn settle(result: Result<(), String>, gateway: &Gateway) -> Result<(), String> {
     match &result {
         Ok(()) => {
             let live = gateway.live();
@@ -72,7 +97,10 @@ async fn watch_loop(
                 tracing::info!("SIGHUP: reloading {}", path.display());
             }
             // Whatever the outcome, these bytes have been judged.
-            let _ = reload(&path, &gateway);
+            let _ = match &current {
+                Some(bytes) => reload_bytes(&path, bytes, &gateway),
+                None => reload(&path, &gateway),
+            };
             seen = current;
         }
     }

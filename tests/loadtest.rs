@@ -9,7 +9,9 @@ mod common;
 use std::path::Path;
 
 use abgate::mock::MockConfig;
-use common::{bounded, fresh_dir, spawn_mock};
+use common::{
+    bounded, chunk, config_toml, fresh_dir, gateway, scripted_upstream, spawn_mock, SSE_HEAD,
+};
 use serde_json::Value;
 
 /// Runs `loadtest ARGS...`; returns its stdout, failing on a non-zero exit.
@@ -32,6 +34,20 @@ async fn loadtest(args: &[&str]) -> String {
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Every request started in the window ended once: answered, failed or
+/// (never here) left unanswered.
+fn assert_accounted(result: &Value) {
+    let failed: u64 = result["errors"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    let sent = result["sent"].as_u64().unwrap();
+    assert_eq!(result["unanswered"], 0, "{result}");
+    assert_eq!(sent, result["ok"].as_u64().unwrap() + failed, "{result}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +85,8 @@ async fn an_open_loop_sends_exactly_its_schedule_and_charges_the_server() {
     let ok = result["ok"].as_u64().unwrap();
     assert!((99..=101).contains(&ok), "{result}");
     assert_eq!(result["errors"], serde_json::json!({}));
+    assert_eq!(result["sent"], ok);
+    assert_accounted(&result);
     assert_eq!(result["mode"], "open");
     assert_eq!(result["users"], 50);
     assert_eq!(result["latency_us"]["count"], ok);
@@ -114,6 +132,7 @@ async fn a_closed_loop_of_streams_counts_every_event() {
     assert_eq!(result["max_inflight"], 4);
     assert_eq!(result["connections"], 4, "one keep-alive connection each");
     assert!(result["ok"].as_u64().unwrap() > 0, "{result}");
+    assert_accounted(&result);
     // The role, five content chunks, the finish reason and [DONE].
     assert_eq!(result["events_per_stream"], 8.0);
     assert_eq!(result["first_chunk_us"]["count"], result["ok"]);
@@ -166,9 +185,49 @@ async fn failures_are_counted_by_kind() {
         };
         assert_eq!(errors.len(), 1, "{name}: {result}");
         assert!(errors[kind].as_u64().unwrap() >= 19, "{name}: {result}");
+        assert_accounted(&result);
         assert!(table.contains(&format!("({kind} ")), "{table}");
     }
     mock.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_off_after_its_200_is_a_failure() {
+    // The upstream sends one event and hangs up: the gateway has already
+    // answered 200 and ends the stream with an SSE error event.
+    let upstream = scripted_upstream(|_, mut socket| async move {
+        use tokio::io::AsyncWriteExt;
+        let mut answer = SSE_HEAD.to_vec();
+        answer.extend(chunk(b"data: {\"choices\":[]}\n\n"));
+        let _ = socket.write_all(&answer).await;
+    })
+    .await;
+    let gw = gateway(&config_toml(&upstream, &upstream, 0.0, "")).await;
+    let dir = fresh_dir("loadtest-broken-stream");
+    let json = dir.join("broken.json");
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let table = loadtest(&[
+        "run",
+        "--url",
+        &url,
+        "--rate",
+        "50",
+        "--stream",
+        "--warmup",
+        "0s",
+        "--duration",
+        "200ms",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    let result = read_json(&json);
+    assert_eq!(result["ok"], 0, "{result}");
+    let errors = result["errors"].as_object().unwrap();
+    assert_eq!(errors.len(), 1, "{result}");
+    assert!(errors["stream_error"].as_u64().unwrap() >= 9, "{result}");
+    assert_accounted(&result);
+    assert!(table.contains("(stream_error "), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,3 +237,31 @@ async fn a_stream_in_flight_finishes_on_the_config_it_started_with() {
     );
     assert_eq!(control.streams_finished(), 1);
 }
+
+#[tokio::test]
+async fn the_bytes_the_watcher_read_are_the_bytes_it_judges() {
+    // The watcher compares what it read with the bytes it last judged, then
+    // judges what it read. Were the file read a second time, a rewrite in
+    // place between the two reads (truncate, then write) would have the
+    // half-written file judged and rejected while the watcher remembers the
+    // whole new file as judged: the good file would never be applied.
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 1.0, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let path = temp_config("judged", "");
+    let read = config_toml(&control.url(), &treatment.url(), 0.0, "");
+
+    // The file is empty now (truncated for the rewrite): what was read is
+    // judged, not what the file holds.
+    abgate::reload::reload_bytes(&path, read.as_bytes(), &gw.gateway).unwrap();
+    let state = rollout(admin).await;
+    assert_eq!(state["treatment_fraction"], 0.0);
+    assert_eq!(state["config"]["generation"], 2);
+    assert!(state["config"]["last_reload_error"].is_null());
+
+    // Half a file is judged as half a file: rejected, the running config stays.
+    let half = &read.as_bytes()[..read.len() / 2];
+    let error = abgate::reload::reload_bytes(&path, half, &gw.gateway).unwrap_err();
+    assert!(error.contains("rejected"), "{error}");
+    assert_eq!(rollout(admin).await["treatment_fraction"], 0.0);
+}

@@ -16,7 +16,11 @@
 //!
 //! Only requests whose (intended) start falls inside the measurement
 //! window, after the warm-up, are recorded; requests still running when the
-//! window closes are waited for, up to the request timeout.
+//! window closes are waited for, up to the drain bound (`Plan::drain`).
+//! Each recorded request is counted once when it starts (`sent`) and once
+//! when it ends (`ok` or an error kind); one still running at the drain
+//! bound is counted `unanswered`, so `sent = ok + errors + unanswered`
+//! holds by two independent counts, not by construction.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -63,6 +67,16 @@ pub struct Plan {
     pub threads: usize,
     /// Longest one request may take once sent.
     pub timeout: Duration,
+}
+
+impl Plan {
+    /// How long after the window the requests still running are waited
+    /// for: a request's connect and its exchange are each bounded by the
+    /// timeout, so past both (and a second more) one still running is stuck
+    /// and is counted unanswered.
+    pub fn drain(&self) -> Duration {
+        self.timeout.saturating_mul(2) + Duration::from_secs(1)
+    }
 }
 
 /// The run's clock: load from `start`, recorded from `measure_from`, no new
@@ -227,6 +241,8 @@ struct Worker {
     inflight: Cell<usize>,
     max_inflight: Cell<usize>,
     connections: Cell<u64>,
+    /// Recorded requests started and not yet counted as ended.
+    open: Cell<u64>,
 }
 
 fn run_worker(
@@ -248,6 +264,7 @@ fn run_worker(
         inflight: Cell::new(0),
         max_inflight: Cell::new(0),
         connections: Cell::new(0),
+        open: Cell::new(0),
     });
     let local = LocalSet::new();
     local.block_on(&runtime, {
@@ -285,9 +302,12 @@ async fn open_loop(
         let (worker, idle, permits) = (worker.clone(), idle.clone(), permits.clone());
         // Counted before the task first runs, so the wait below sees it.
         let busy = worker.busy();
+        let measured = intended >= worker.window.measure_from;
+        if measured {
+            worker.sent();
+        }
         tokio::task::spawn_local(async move {
             let _busy = busy;
-            let measured = intended >= worker.window.measure_from;
             // Waiting for a connection is part of the latency.
             let Ok(_permit) = permits.acquire().await else {
                 return;
@@ -319,26 +339,33 @@ async fn open_loop(
             }
         });
     }
-    // The schedule is over: wait for the requests still running.
-    while worker.inflight.get() > 0 {
+    drain(&worker).await;
+}
+
+/// The load is over: waits for the requests still running, up to the drain
+/// bound, then counts those that have not ended as unanswered.
+async fn drain(worker: &Worker) {
+    let deadline = worker.window.end + worker.plan.drain();
+    while worker.inflight.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    worker.recorder.borrow_mut().unanswered = worker.open.get();
 }
 
 /// Runs `users` virtual users to the end of the window.
 async fn closed_loop(worker: Rc<Worker>, users: usize) {
     tokio::time::sleep_until(worker.window.start.into()).await;
-    let tasks: Vec<_> = (0..users)
-        .map(|_| tokio::task::spawn_local(virtual_user(worker.clone())))
-        .collect();
-    for task in tasks {
-        let _ = task.await;
+    for _ in 0..users {
+        // Counted before the task first runs, so the drain sees it.
+        let busy = worker.busy();
+        tokio::task::spawn_local(virtual_user(worker.clone(), busy));
     }
+    drain(&worker).await;
 }
 
 /// One request at a time on one connection, reconnecting after a failure.
-async fn virtual_user(worker: Rc<Worker>) {
-    let _busy = worker.busy();
+async fn virtual_user(worker: Rc<Worker>, busy: Busy) {
+    let _busy = busy;
     let mut kept: Option<Sender> = None;
     loop {
         let started = Instant::now();
@@ -346,6 +373,9 @@ async fn virtual_user(worker: Rc<Worker>) {
             break;
         }
         let measured = started >= worker.window.measure_from;
+        if measured {
+            worker.sent();
+        }
         let sender = match ready(kept.take()).await {
             Some(sender) => Ok(sender),
             None => worker.connect().await,
@@ -394,7 +424,15 @@ impl Worker {
         Busy(self.clone())
     }
 
+    /// A recorded request starts: it must end in `count` or be unanswered.
+    fn sent(&self) {
+        self.recorder.borrow_mut().sent += 1;
+        self.open.set(self.open.get() + 1);
+    }
+
+    /// A recorded request ended, answered 2xx or failed with `kind`.
     fn count(&self, result: Result<(), String>) {
+        self.open.set(self.open.get().saturating_sub(1));
         let mut recorder = self.recorder.borrow_mut();
         match result {
             Ok(()) => recorder.ok += 1,
@@ -439,7 +477,7 @@ impl Worker {
                 .map_err(|err| classify(&err).to_owned())?;
             let status = response.status();
             let mut body = response.into_body();
-            let mut reads = BodyReads::new(self.plan.stream && measured);
+            let mut reads = BodyReads::new(self.plan.stream, measured);
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|err| classify(&err).to_owned())?;
                 if let Ok(data) = frame.into_data() {
@@ -448,6 +486,11 @@ impl Worker {
             }
             if !status.is_success() {
                 return Err(format!("status_{}", status.as_u16()));
+            }
+            if reads.error_event {
+                // A stream that broke off after its 200: the gateway ends
+                // it with an SSE error event, which is a failure.
+                return Err("stream_error".to_owned());
             }
             Ok(reads)
         };
@@ -464,10 +507,21 @@ impl Worker {
     }
 }
 
+/// The line that starts an SSE error event (the gateway's way to end a
+/// stream that broke off after its 200).
+const ERROR_EVENT: &[u8] = b"event: error";
+
 /// Tracks one answer's body as it arrives.
 struct BodyReads {
     /// Record first chunk and gaps (streams inside the window).
     timed: bool,
+    /// Look for an SSE error event (streams).
+    stream: bool,
+    /// An SSE error event was read.
+    error_event: bool,
+    /// The end of the previous read, so an error event split between two
+    /// reads is still seen.
+    carry: Vec<u8>,
     last: Option<Instant>,
     /// The previous read ended in `\n`: a `\n` at the start of the next
     /// one ends an event.
@@ -477,9 +531,12 @@ struct BodyReads {
 }
 
 impl BodyReads {
-    fn new(timed: bool) -> Self {
+    fn new(stream: bool, measured: bool) -> Self {
         Self {
-            timed,
+            timed: stream && measured,
+            stream,
+            error_event: false,
+            carry: Vec::new(),
             last: None,
             pending_newline: false,
             events: 0,
@@ -502,7 +559,24 @@ impl BodyReads {
         self.last = Some(now);
         self.bytes += data.len() as u64;
         self.events += count_event_ends(data, &mut self.pending_newline);
+        if self.stream && !self.error_event {
+            self.error_event = find_error_event(&mut self.carry, data);
+        }
     }
+}
+
+/// Whether `data`, after the `carry` left by the previous read, holds an
+/// SSE error event; keeps the end of `data` in `carry` for the next read.
+fn find_error_event(carry: &mut Vec<u8>, data: &[u8]) -> bool {
+    carry.extend_from_slice(data);
+    let found = carry
+        .windows(ERROR_EVENT.len())
+        .any(|window| window == ERROR_EVENT);
+    let keep = ERROR_EVENT.len() - 1;
+    if carry.len() > keep {
+        carry.drain(..carry.len() - keep);
+    }
+    found
 }
 
 /// SSE events ended (`\n\n`) in `data`, carrying a trailing `\n` over to
@@ -562,5 +636,21 @@ mod tests {
         }
         assert!(!pending);
         assert_eq!(count_event_ends(b"\n\n\n\n", &mut pending), 2);
+    }
+
+    #[test]
+    fn an_error_event_split_across_reads_is_found() {
+        let stream = b"data: {\"a\":1}\n\nevent: error\ndata: {\"error\":{}}\n\n";
+        for cut in 0..stream.len() {
+            let (head, tail) = stream.split_at(cut);
+            let mut carry = Vec::new();
+            let found = find_error_event(&mut carry, head) || find_error_event(&mut carry, tail);
+            assert!(found, "cut at {cut}");
+        }
+        let mut carry = Vec::new();
+        assert!(!find_error_event(
+            &mut carry,
+            b"data: {\"a\":1}\n\ndata: [DONE]\n\n"
+        ));
     }
 }

@@ -88,10 +88,14 @@ pub struct Recorder {
     pub first_chunk: Latencies,
     /// Streams: time between consecutive body reads.
     pub chunk_gap: Latencies,
+    /// Requests started (each ends as `ok`, an error or `unanswered`).
+    pub sent: u64,
     /// Requests answered 2xx with their whole body read.
     pub ok: u64,
     /// Failed requests by kind (`connect`, `timeout`, `status_502`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// Requests still running when the generator stopped waiting.
+    pub unanswered: u64,
     /// SSE events read (blank-line terminated), over all streams.
     pub events: u64,
     /// Response body bytes read.
@@ -106,8 +110,10 @@ impl Recorder {
             schedule_lag: Latencies::new()?,
             first_chunk: Latencies::new()?,
             chunk_gap: Latencies::new()?,
+            sent: 0,
             ok: 0,
             errors: BTreeMap::new(),
+            unanswered: 0,
             events: 0,
             body_bytes: 0,
         })
@@ -124,7 +130,9 @@ impl Recorder {
         self.schedule_lag.merge(&other.schedule_lag);
         self.first_chunk.merge(&other.first_chunk);
         self.chunk_gap.merge(&other.chunk_gap);
+        self.sent += other.sent;
         self.ok += other.ok;
+        self.unanswered += other.unanswered;
         for (kind, count) in &other.errors {
             *self.errors.entry(kind.clone()).or_default() += count;
         }

@@ -26,10 +26,17 @@ pub struct RunResult {
     pub users: usize,
     pub warmup_seconds: f64,
     pub duration_seconds: f64,
+    /// Requests started inside the window: `ok + errors + unanswered`.
+    #[serde(default)]
+    pub sent: u64,
     /// Requests answered 2xx and read to the end.
     pub ok: u64,
     /// Failures by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Requests still running when the generator stopped waiting for them
+    /// (`Plan::drain` after the window).
+    #[serde(default)]
+    pub unanswered: u64,
     /// `ok` per second of the measurement window.
     pub throughput_rps: f64,
     /// Most requests in flight at once, waiting for a connection included.
@@ -89,10 +96,15 @@ impl RunResult {
                 .collect();
             format!("{} errors ({})", self.error_count(), kinds.join(", "))
         };
+        let unanswered = if self.unanswered > 0 {
+            format!(", {} UNANSWERED", self.unanswered)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  {} ok, {errors}, {:.1} req/s, {} connections, max {} in flight",
-            self.ok, self.throughput_rps, self.connections, self.max_inflight,
+            "  {} sent, {} ok, {errors}{unanswered}, {:.1} req/s, {} connections, max {} in flight",
+            self.sent, self.ok, self.throughput_rps, self.connections, self.max_inflight,
         );
         let _ = writeln!(
             out,
