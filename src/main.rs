@@ -25,6 +25,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "A/B inference gateway: splits users between a base and a fine-tuned model"
 )]
 struct Cli {
+    /// Threads that serve requests; by default one per CPU the process may
+    /// use (its affinity and cgroup quota). With one, the runtime is a
+    /// single-threaded one, with no work-stealing to pay for.
+    #[arg(long, global = true, value_name = "N", env = "ABGATE_WORKERS")]
+    workers: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -109,6 +114,7 @@ enum RolloutAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let workers = cli.workers;
     match cli.command {
         Command::Assign {
             fraction,
@@ -121,9 +127,9 @@ fn main() -> ExitCode {
             admin_url,
             token_env,
             reason,
-        } => run_async(rollout(action, admin_url, token_env, reason)),
-        Command::Serve { config, state_dir } => run_async(serve(config, state_dir)),
-        Command::Demo(args) => run_async(abgate::demo::run(args)),
+        } => run_async(workers, rollout(action, admin_url, token_env, reason)),
+        Command::Serve { config, state_dir } => run_async(workers, serve(config, state_dir)),
+        Command::Demo(args) => run_async(workers, abgate::demo::run(args)),
         Command::Mock {
             listen,
             name,
@@ -135,7 +141,7 @@ fn main() -> ExitCode {
                 fault_rate,
                 ..abgate::mock::MockConfig::named(&name)
             };
-            run_async(async move {
+            run_async(workers, async move {
                 let listener = abgate::server::bind(listen)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -156,12 +162,24 @@ fn init_logging() {
         .init();
 }
 
-fn run_async(job: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+fn run_async(
+    workers: Option<std::num::NonZeroUsize>,
+    job: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = workers
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, std::num::NonZeroUsize::get);
+    // On one CPU, a multi-threaded runtime only adds its bookkeeping: about
+    // a tenth of the CPU per proxied request (loadtest/README.md).
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("abgate: cannot start the runtime: {err}");

@@ -108,9 +108,15 @@ struct Serving {
 }
 
 impl Serving {
-    async fn start(name: &str, toml: &str) -> Self {
+    /// Started with `workers` serving threads (one: the single-threaded
+    /// runtime), or by default one per CPU.
+    async fn start(name: &str, toml: &str, workers: Option<&str>) -> Self {
         let path = temp_config(name, toml);
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_abgate"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_abgate"));
+        if let Some(workers) = workers {
+            command.args(["--workers", workers]);
+        }
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -180,7 +186,7 @@ impl Serving {
 async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
     let (control, treatment) = held_control_mocks().await;
     let toml = drain_config(&control.url(), &treatment.url(), 200, 30_000);
-    let serving = Serving::start("shutdown-drains", &toml).await;
+    let serving = Serving::start("shutdown-drains", &toml, None).await;
     let stream = held_stream(&serving.url()).await;
 
     serving.terminate();
@@ -202,7 +208,7 @@ async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
 async fn a_stream_longer_than_the_drain_timeout_is_cut_and_the_process_exits_0() {
     let (control, treatment) = held_control_mocks().await;
     let toml = drain_config(&control.url(), &treatment.url(), 0, 300);
-    let serving = Serving::start("shutdown-cuts", &toml).await;
+    let serving = Serving::start("shutdown-cuts", &toml, Some("1")).await;
     let stream = held_stream(&serving.url()).await;
 
     serving.terminate();
