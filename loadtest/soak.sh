@@ -18,6 +18,8 @@
 #   tenth write invalid (it must be rejected while the old config serves);
 # - the treatment mock is killed (SIGKILL) for SOAK_DOWN, then restarted on
 #   the same port for SOAK_UP, over and over.
+# - SOAK_FALLBACK=1 turns on `fallback_to_control` for treatment: requests
+#   whose treatment upstream is down are then answered by control.
 #
 # At the end: requests sent, answered and failed by kind from both
 # generators; abgate's own counts from /metrics (requests by arm and status
@@ -40,6 +42,7 @@ SOAK_FRACTIONS=${SOAK_FRACTIONS:-0.4 0.6}
 SOAK_DOWN=${SOAK_DOWN:-10}
 SOAK_UP=${SOAK_UP:-10}
 SOAK_HALF_GAP=${SOAK_HALF_GAP:-0.05}
+SOAK_FALLBACK=${SOAK_FALLBACK:-0}
 # The generator gives up on a request after this; the gateway's own
 # timeouts (below) are shorter, so a request that waits this long is one
 # abgate left without an answer.
@@ -118,6 +121,7 @@ model = "gpt-4o-mini"
 [variants.treatment]
 upstream = "http://127.0.0.1:$TREATMENT_PORT"
 model = "gpt-4o-mini:ft:support-v3"
+fallback_to_control = $([ "$SOAK_FALLBACK" = 1 ] && echo true || echo false)
 EOF
 }
 
@@ -161,12 +165,16 @@ sample_down_answer() {
   local user
   for user in $(seq 0 99); do
     SAMPLES=$((SAMPLES + 1))
-    curl -sS -o "$RUN/down-answer.txt" -w '%{http_code}' -H "x-user-id: sample-$user" \
-      -H 'content-type: application/json' \
+    curl -sS -o "$RUN/down-body.txt" -D "$RUN/down-headers.txt" -w '%{http_code}' \
+      -H "x-user-id: sample-$user" -H 'content-type: application/json' \
       -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' \
       "http://127.0.0.1:$LISTEN_PORT/v1/chat/completions" >"$RUN/down-status.txt" || true
-    if [ "$(cat "$RUN/down-status.txt")" != 200 ]; then
-      SAMPLES_5XX=1
+    # A user in treatment: an error, or (with fallback) control's answer.
+    if [ "$(cat "$RUN/down-status.txt")" != 200 ] ||
+      grep -qi '^x-abgate-fallback: true' "$RUN/down-headers.txt"; then
+      [ "$(cat "$RUN/down-status.txt")" != 200 ] && SAMPLES_5XX=1
+      { grep -i '^x-abgate-\(variant\|fallback\|served-by\)' "$RUN/down-headers.txt" | tr -d '\r'
+        cat "$RUN/down-body.txt"; } >"$RUN/down-answer.txt"
       return 0
     fi
   done
@@ -288,7 +296,7 @@ curl -fsS "http://127.0.0.1:$ADMIN_PORT/admin/rollout" >"$RUN/rollout.json" || e
 metric_deltas() {
   awk '
     FNR == NR { if ($1 !~ /^#/) before[$1] = $2; next }
-    $1 ~ /^abgate_(requests_total|upstream_errors_total|config_reloads_total)\{/ {
+    $1 ~ /^abgate_(requests_total|upstream_errors_total|config_reloads_total|fallbacks_total)\{/ {
       delta = $2 - before[$1]
       if (delta != 0) printf "%s\t%d\n", $1, delta
     }
@@ -340,6 +348,8 @@ jq -n \
       requests: sum_matching("^abgate_requests_total"),
       requests_by_series: ($gateway | with_entries(select(.key | test("^abgate_requests_total")))),
       upstream_errors_by_series: ($gateway | with_entries(select(.key | test("^abgate_upstream_errors_total")))),
+      fallbacks_served: sum_matching("^abgate_fallbacks_total.*result=\"served\""),
+      fallbacks_by_series: ($gateway | with_entries(select(.key | test("^abgate_fallbacks_total")))),
       reloads_ok: sum_matching("^abgate_config_reloads_total\\{result=\"ok\""),
       reloads_error: sum_matching("^abgate_config_reloads_total\\{result=\"error\""),
       reloads_by_series: ($gateway | with_entries(select(.key | test("^abgate_config_reloads_total")))),
@@ -363,16 +373,17 @@ jq -n \
       gateway_saw_every_request: (.gateway.requests == .sent + $samples),
       gateway_5xx_are_the_generators_5xx: (sum_matching("^abgate_requests_total.*status_class=\"5xx\"")
         == ([.plain.failed_by_kind, .stream.failed_by_kind | to_entries[]
-             | select(.key | test("^status_5")) | .value] | add // 0) + $samples_5xx),
+             | select(.key | test("^status_5")) | .value] | add // 0) + $samples_5xx
+           + .gateway.fallbacks_served),
       every_failure_is_an_upstream_error_at_the_gateway:
-        (sum_matching("^abgate_upstream_errors_total") == .failed + $samples_5xx),
+        (sum_matching("^abgate_upstream_errors_total") == .failed + $samples_5xx + .gateway.fallbacks_served),
       abgate_up: ($healthz == "200"),
       running_config_is_the_last_written: ($running_fraction == $final_fraction)
     }
   | .pass = (.checks | all)
 ' >"$RUN/soak.json"
 
-NAME=$DATE-soak
+NAME=$DATE-soak$([ "$SOAK_FALLBACK" = 1 ] && echo -fallback || true)
 cp "$RUN/soak.json" "$RESULTS/$NAME.json"
 jq -r '
   def kinds(k): if (k | length) == 0 then "–" else (k | to_entries | map("\(.key) \(.value)") | join(", ")) end;
@@ -396,6 +407,7 @@ jq -r '
   "",
   "- requests: \(.gateway.requests) (generators sent \(.sent), and \(.faults.sample_requests) sample requests below)",
   "- reloads: \(.gateway.reloads_ok) applied, \(.gateway.reloads_error) rejected",
+  "- treatment failures answered by control (fallback): \(.gateway.fallbacks_served)",
   (.gateway.requests_by_series | to_entries[] | "- `\(.key)` \(.value)"),
   (.gateway.upstream_errors_by_series | to_entries[] | "- `\(.key)` \(.value)"),
   "- RSS \(.process.rss_before_kib | mib) before the load, \(.process.rss_after_kib | mib) after (peak \(.process.peak_rss_kib | mib)); healthz \(.process.healthz)",
@@ -413,8 +425,8 @@ jq -r '
   "| sent = answered + failed + unanswered | \(check(.checks.every_request_accounted)) |",
   "| no request unanswered | \(check(.checks.none_unanswered)) |",
   "| abgate counted every request sent | \(check(.checks.gateway_saw_every_request)) |",
-  "| 5xx answered by abgate = status_5xx counted by the generators | \(check(.checks.gateway_5xx_are_the_generators_5xx)) |",
-  "| upstream errors counted by abgate = failures counted by the generators | \(check(.checks.every_failure_is_an_upstream_error_at_the_gateway)) |",
+  "| 5xx recorded by abgate = status_5xx counted by the generators + fallbacks served | \(check(.checks.gateway_5xx_are_the_generators_5xx)) |",
+  "| upstream errors counted by abgate = failures counted by the generators + fallbacks served | \(check(.checks.every_failure_is_an_upstream_error_at_the_gateway)) |",
   "| abgate up at the end (healthz) | \(check(.checks.abgate_up)) |",
   "| running config is the last one written (\(.final_config.written_fraction)) | \(check(.checks.running_config_is_the_last_written)) |",
   "",
