@@ -22,6 +22,7 @@
 //!    is recorded as `client_cancelled` when its future is dropped, which
 //!    also drops the upstream call.
 
+pub mod access;
 pub mod admission;
 pub mod client;
 pub mod deadline;
@@ -131,6 +132,19 @@ struct Decision {
     event_user_id: Option<String>,
     /// Places taken under the in-flight caps.
     places: Places,
+    /// The arm was forced (`x-abgate-force-variant`), not hashed.
+    forced: bool,
+}
+
+impl Decision {
+    /// The arm a request id names. A forced request's id says
+    /// `unassigned`, so feedback quoting it stays out of both arms.
+    fn id_variant(&self) -> Variant {
+        match self.variant {
+            Some(variant) if !self.forced => variant,
+            _ => Variant::Unassigned,
+        }
+    }
 }
 
 impl Default for Decision {
@@ -144,6 +158,7 @@ impl Default for Decision {
             upstream_wait: Duration::ZERO,
             event_user_id: None,
             places: Places::default(),
+            forced: false,
         }
     }
 }
@@ -168,10 +183,10 @@ impl Drop for Unanswered<'_> {
             return;
         }
         let decision = std::mem::take(&mut self.decision);
-        let request_id = self.live.request_ids.issue(
-            decision.variant.unwrap_or(Variant::Unassigned),
-            &self.live.config.experiment,
-        );
+        let request_id = self
+            .live
+            .request_ids
+            .issue(decision.id_variant(), &self.live.config.experiment);
         tracing::debug!(variant = ?decision.variant, "the client left before the answer");
         ObservedBody::record_unanswered(self.gateway.observation(
             self.live,
@@ -198,8 +213,15 @@ impl Gateway {
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
         let events = match &snapshot.config.events {
             Some(config) => Some(
-                EventSink::start(config, metrics.clone())
-                    .map_err(|err| format!("events.path {:?}: {err}", config.path))?,
+                EventSink::start(
+                    config,
+                    snapshot
+                        .events_user_id_key
+                        .as_ref()
+                        .map(|key| key.0.as_slice()),
+                    metrics.clone(),
+                )
+                .map_err(|err| format!("events.path {:?}: {err}", config.path))?,
             ),
             None => None,
         };
@@ -354,12 +376,12 @@ impl Gateway {
             .config
             .events
             .as_ref()
-            .map(|e| (&e.path, e.user_id, e.queue))
+            .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
             != snapshot
                 .config
                 .events
                 .as_ref()
-                .map(|e| (&e.path, e.user_id, e.queue))
+                .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
         {
             pending_restart.push("events".to_owned());
         }
@@ -473,6 +495,9 @@ impl Gateway {
                 (response, None, Some(deadlines))
             }
             Err(err) => {
+                if err.is_auth_failure() {
+                    self.metrics.auth_failed(err.kind());
+                }
                 if err.status().is_server_error() {
                     tracing::warn!(kind = err.kind(), variant = ?decision.variant, "{err}");
                 } else {
@@ -484,11 +509,13 @@ impl Gateway {
         let status = response.status().as_u16();
         let usage_format = usage_format(&response);
         let error_event = takes_error_event(&response);
-        let request_id = live.request_ids.issue(
-            decision.variant.unwrap_or(Variant::Unassigned),
-            &config.experiment,
-        );
+        let request_id = live
+            .request_ids
+            .issue(decision.id_variant(), &config.experiment);
         let headers = response.headers_mut();
+        if decision.forced {
+            headers.insert(access::FORCED_HEADER, HeaderValue::from_static("true"));
+        }
         if let Some(variant) = decision.variant {
             headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
         }
@@ -532,6 +559,7 @@ impl Gateway {
                     .and_then(|m| m.to_str().ok())
                     .map(str::to_owned),
                 user_id: decision.event_user_id.take(),
+                forced: decision.forced,
             };
             (sink.clone(), draft)
         });
@@ -541,6 +569,7 @@ impl Gateway {
             variant: decision.variant.unwrap_or(Variant::Unassigned),
             route: decision.route,
             stream: decision.stream,
+            forced: decision.forced,
             status,
             started,
             overhead: started.elapsed().saturating_sub(decision.upstream_wait),
@@ -564,6 +593,9 @@ impl Gateway {
                 });
             }
             let (parts, body) = request.into_parts();
+            if let Some(keys) = &live.config.gateway_keys {
+                access::authenticate(keys, &parts.headers)?;
+            }
             let body = read_body(body, &parts, feedback::MAX_BODY_BYTES).await?;
             let outcomes = &live.config.config.feedback.outcomes;
             let (attribution, outcome) =
@@ -583,7 +615,12 @@ impl Gateway {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 response
             }
-            Err(err) => err.to_response(),
+            Err(err) => {
+                if err.is_auth_failure() {
+                    self.metrics.auth_failed(err.kind());
+                }
+                err.to_response()
+            }
         }
     }
 
@@ -603,6 +640,12 @@ impl Gateway {
             path: truncate(parts.uri.path(), 200),
         })?;
         decision.route = route;
+
+        // Authenticate: the gateway key, and leave to force an arm.
+        if let Some(keys) = &config.gateway_keys {
+            access::authenticate(keys, &parts.headers)?;
+        }
+        let forced = access::forced_variant(config, &parts.headers)?;
 
         // Admit: shed load before reading anything, while it is cheap.
         decision.places.gateway = Some(self.inflight.admit(limits.max_inflight).ok_or(
@@ -635,14 +678,24 @@ impl Gateway {
             ClientBody::Stream(_) => None,
         };
         decision.stream = fields.is_some_and(|fields| fields.stream);
-        let (variant, bucket, user_id) = choose_variant(config, &parts, fields)?;
+        let (hashed, bucket, user_id) = choose_variant(config, &parts, fields)?;
         if let (Some(sink), Some(user_id)) = (&self.events, user_id) {
             decision.event_user_id = sink.user_id_field(user_id);
         }
+        // A forced arm is no random assignment: the split's counts skip it.
+        let variant = match forced {
+            Some(forced) => {
+                decision.forced = true;
+                forced
+            }
+            None => {
+                if let Some(bucket) = bucket {
+                    live.epoch.counts.count(hashed, bucket);
+                }
+                hashed
+            }
+        };
         decision.variant = Some(variant);
-        if let Some(bucket) = bucket {
-            live.epoch.counts.count(variant, bucket);
-        }
         if let Some(max) = limits.max_inflight_per_variant {
             decision.places.upstream = Some(self.inflight.admit_to(variant, max).ok_or(
                 ProxyError::Shed {
@@ -678,7 +731,12 @@ impl Gateway {
         };
         parts.uri = upstream_uri(upstream, &parts.uri)?;
         parts.version = Version::HTTP_11;
-        headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
+        headers::prepare_upstream_request(
+            &mut parts.headers,
+            upstream,
+            content_length,
+            config.gateway_keys.is_some(),
+        );
 
         // Forward: headers within first_byte_ms, unless the total ends sooner.
         let sent = live.client.request(Request::from_parts(parts, body));
