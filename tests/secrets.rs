@@ -49,36 +49,22 @@ const SECRETS: [&str; 9] = [
 const PROMPT: &str = "LEAKCHECK-prompt-please-keep-this-private";
 const USER_PREFIX: &str = "leakcheck-user-";
 
-/// The gateway's config: control on a mock that checks its key, treatment
-/// on a port nobody listens on (an upstream that is down).
-fn config(control: &str, dir: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[experiment]
-name = "leak-check"
-treatment_fraction = 0.5
-[variants.control]
-upstream = "{control}"
-model = "base-model"
-api_key_env = "UPSTREAM_KEY"
-[variants.treatment]
-upstream = "http://127.0.0.1:1"
-model = "ft-model"
-api_key_env = "UPSTREAM_KEY"
-[auth]
-api_keys_env = "GATEWAY_KEYS"
-[feedback]
-key_env = "REQUEST_ID_KEY"
-[events]
-path = {events:?}
-user_id_key_env = "USER_ID_KEY"
-{extra}
-"#,
-        events = dir.join("events.jsonl").display().to_string(),
-    )
+/// The gateway's config: control on a mock, treatment on a port nobody
+/// listens on (an upstream that is down). `broken` names variables whose
+/// values are unusable, as a bad reload might.
+fn config(control: &str, dir: &Path, broken: bool) -> String {
+    let (gateway_keys, treatment_key, signing_key) = if broken {
+        ("SHORT_KEY", "BAD_HEADER_KEY", "SHORT_KEY")
+    } else {
+        ("GATEWAY_KEYS", "UPSTREAM_KEY", "REQUEST_ID_KEY")
+    };
+    let extra = format!(
+        "[auth]\napi_keys_env = {gateway_keys:?}\n[feedback]\nkey_env = {signing_key:?}\n[events]\npath = {:?}\nuser_id_key_env = \"USER_ID_KEY\"",
+        dir.join("events.jsonl").display().to_string(),
+    );
+    let toml = config_toml(control, "http://127.0.0.1:1", 0.5, &extra);
+    let toml = with_api_key_env(&toml, &["control"], "UPSTREAM_KEY");
+    with_api_key_env(&toml, &["treatment"], treatment_key)
 }
 
 /// Everything the gateway said, collected for the search at the end.
@@ -200,7 +186,7 @@ async fn no_secret_reaches_an_answer_a_log_a_metric_or_a_file() {
     let control = spawn_mock(abgate::mock::MockConfig::named("base")).await;
     let dir = fresh_dir("secrets");
     let path = dir.join("abgate.toml");
-    std::fs::write(&path, config(&control.url(), &dir, "")).unwrap();
+    std::fs::write(&path, config(&control.url(), &dir, false)).unwrap();
     let mut gateway = spawn_gateway(&path).await;
     let (url, admin) = (gateway.proxy.clone(), gateway.admin);
     let mut said = Transcript::default();
@@ -339,13 +325,7 @@ async fn no_secret_reaches_an_answer_a_log_a_metric_or_a_file() {
     std::fs::write(&path, "[server\nlisten = ").unwrap();
     let syntax = reload_error_changes(admin, &before).await;
     said.text("reload error (syntax)", syntax.clone());
-    let unusable = config(&control.url(), &dir, "")
-        .replace("api_keys_env = \"GATEWAY_KEYS\"", "api_keys_env = \"SHORT_KEY\"")
-        .replace(
-            "[variants.treatment]\nupstream = \"http://127.0.0.1:1\"\nmodel = \"ft-model\"\napi_key_env = \"UPSTREAM_KEY\"",
-            "[variants.treatment]\nupstream = \"http://127.0.0.1:1\"\nmodel = \"ft-model\"\napi_key_env = \"BAD_HEADER_KEY\"",
-        )
-        .replace("key_env = \"REQUEST_ID_KEY\"", "key_env = \"SHORT_KEY\"");
+    let unusable = config(&control.url(), &dir, true);
     std::fs::write(&path, unusable).unwrap();
     let invalid = reload_error_changes(admin, &serde_json::json!(syntax)).await;
     assert!(invalid.contains("auth.api_keys_env"), "{invalid}");

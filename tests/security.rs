@@ -31,9 +31,10 @@ fn auth_section() -> &'static str {
 async fn the_proxy_port_needs_a_gateway_key_which_never_reaches_the_upstream() {
     let (control, treatment) = mocks().await;
     // Control injects its own key; treatment has none (a self-hosted model).
-    let toml = config_toml(&control.url(), &treatment.url(), 0.5, auth_section()).replace(
-        "model = \"base-model\"",
-        "model = \"base-model\"\napi_key_env = \"UP\"",
+    let toml = with_api_key_env(
+        &config_toml(&control.url(), &treatment.url(), 0.5, auth_section()),
+        &["control"],
+        "UP",
     );
     let gw = gateway_with_env(
         &toml,
@@ -162,9 +163,10 @@ async fn the_config_view_needs_the_token_and_redacts_every_secret() {
         "{}\n[feedback]\nkey_env = \"SIGN\"\n[guardrails]\nsource = \"prometheus\"\nprometheus_url = \"http://scraper:hunter2-password@prom:9090\"",
         auth_section()
     );
-    let toml = config_toml(&control.url(), &treatment.url(), 0.2, &extra).replace(
-        "model = \"ft:base-model:acme:v3\"",
-        "model = \"ft:base-model:acme:v3\"\napi_key_env = \"UP\"",
+    let toml = with_api_key_env(
+        &config_toml(&control.url(), &treatment.url(), 0.2, &extra),
+        &["treatment"],
+        "UP",
     );
     let gw = gateway_with_env(
         &toml,
