@@ -4,20 +4,26 @@
 //! Phases, in order (each a function below):
 //! 1. **route**: only `/v1/...` is proxied; anything else is a 404. Methods
 //!    no API uses (TRACE, CONNECT, …) get a 405, oversized headers a 431.
-//! 2. **admit**: past `limits.max_inflight` requests in flight, a 503 with
+//! 2. **authenticate**: with `[auth]`, no gateway key is a 401; a forced
+//!    arm without leave (`[qa] override` and the admin token) is a 403
+//!    (see `access`).
+//! 3. **admit**: past `limits.max_inflight` requests in flight, a 503 with
 //!    `Retry-After`, before anything is read.
-//! 3. **read**: JSON bodies are read whole (up to `max_body_bytes`, within
+//! 4. **read**: JSON bodies are read whole (up to `max_body_bytes`, within
 //!    `timeouts.total_ms`) because `model` is rewritten and the user ID may
 //!    be in them; other bodies (multipart uploads) stream through untouched.
-//! 4. **assign**: the user ID picks the variant; none means `unassigned`,
-//!    served by control. Past `limits.max_inflight_per_variant` requests to
+//! 5. **assign**: the user ID picks the variant; none means `unassigned`,
+//!    served by control; a forced arm replaces the hashed one and is
+//!    counted apart. Past `limits.max_inflight_per_variant` requests to
 //!    that upstream, a 503 naming the variant.
-//! 5. **rewrite**: `model` spliced in, host and credentials set.
-//! 6. **forward**: the pooled client sends it and waits for the headers
+//! 6. **rewrite**: `model` spliced in, host and credentials set; the
+//!    client's credentials dropped when the upstream gets the gateway's
+//!    own or they held a gateway key; every `x-abgate-*` header dropped.
+//! 7. **forward**: the pooled client sends it and waits for the headers
 //!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
 //!    body is the upstream's own stream, so SSE chunks reach the client as
 //!    they arrive, watched by the idle and total deadlines.
-//! 7. **answer**: `x-abgate-*` headers added; errors become JSON answers here
+//! 8. **answer**: `x-abgate-*` headers added; errors become JSON answers here
 //!    and only here. A request whose client leaves before the answer starts
 //!    is recorded as `client_cancelled` when its future is dropped, which
 //!    also drops the upstream call.
