@@ -54,6 +54,30 @@ pub struct Config {
     pub rollout: crate::rollout::RolloutConfig,
     #[serde(default)]
     pub guardrails: crate::guardrails::GuardrailsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub qa: QaConfig,
+}
+
+/// `[auth]`: who may use the proxy port.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Env var holding the gateway keys clients must present (comma- or
+    /// newline-separated). Absent: the proxy port is open.
+    #[serde(default)]
+    pub api_keys_env: Option<String>,
+}
+
+/// `[qa]`: testing aids that bypass the random split.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QaConfig {
+    /// Whether `x-abgate-force-variant` may pick the arm, for requests that
+    /// also carry the admin token.
+    #[serde(default, rename = "override")]
+    pub allow_override: bool,
 }
 
 /// `[admin]`
@@ -493,26 +517,11 @@ impl Config {
         if limits.max_header_bytes < 1024 {
             report("limits.max_header_bytes", "must be at least 1024".into());
         }
-        let feedback_key = match &self.feedback.key_env {
-            None => None,
-            Some(name) => match env.var(name) {
-                Some(key) if key.len() >= 16 => Some(Secret(key.into_bytes())),
-                Some(_) => {
-                    report(
-                        "feedback.key_env",
-                        format!("environment variable {name} must hold at least 16 characters"),
-                    );
-                    None
-                }
-                None => {
-                    report(
-                        "feedback.key_env",
-                        format!("environment variable {name} is not set"),
-                    );
-                    None
-                }
-            },
-        };
+        let feedback_key = self
+            .feedback
+            .key_env
+            .as_deref()
+            .and_then(|name| signing_key(env, name, "feedback.key_env", &mut report));
         if self.feedback.outcomes.is_empty() || self.feedback.outcomes.len() > 32 {
             report("feedback.outcomes", "must list 1 to 32 outcomes".into());
         }
@@ -539,6 +548,38 @@ impl Config {
                 );
             }
         }
+        if self.qa.allow_override && admin_token.is_none() {
+            report(
+                "qa.override",
+                format!(
+                    "needs the admin token (in {}), which forced requests must carry",
+                    self.admin.token_env
+                ),
+            );
+        }
+        let gateway_keys = match &self.auth.api_keys_env {
+            None => None,
+            Some(name) => match env.var(name) {
+                // Refuse to start open when keys were asked for.
+                None => {
+                    report(
+                        "auth.api_keys_env",
+                        format!("environment variable {name} is not set"),
+                    );
+                    None
+                }
+                Some(text) => match crate::credentials::KeySet::parse(&text) {
+                    Ok(keys) => Some(std::sync::Arc::new(keys)),
+                    Err(message) => {
+                        report(
+                            "auth.api_keys_env",
+                            format!("environment variable {name} {message}"),
+                        );
+                        None
+                    }
+                },
+            },
+        };
         if let Some(events) = &self.events {
             if events.path.is_empty() {
                 report("events.path", "must be a file path, or - for stdout".into());
@@ -547,6 +588,11 @@ impl Config {
                 report("events.queue", "must be greater than 0".into());
             }
         }
+        let events_user_id_key = self
+            .events
+            .as_ref()
+            .and_then(|events| events.user_id_key_env.as_deref())
+            .and_then(|name| signing_key(env, name, "events.user_id_key_env", &mut report));
 
         let schedule = self
             .rollout
@@ -594,7 +640,11 @@ impl Config {
                     control,
                     treatment,
                     feedback_key,
-                    admin_token: admin_token.map(Secret),
+                    events_user_id_key,
+                    admin_token: admin_token
+                        .map(|token| crate::credentials::SecretDigest::of(token.as_bytes())),
+                    gateway_keys,
+                    qa_override: self.qa.allow_override,
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
@@ -625,6 +675,30 @@ pub fn load_bytes(path: &Path, bytes: &[u8], env: &dyn Env) -> Result<Snapshot, 
         .map_err(|err| ConfigError::one("", format!("{} is not UTF-8: {err}", path.display())))?;
     let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
     Config::parse(text)?.validate(env, base_dir)
+}
+
+/// The key in env var `name` (at least 16 characters), or a problem at
+/// `path`; the key itself is never quoted.
+fn signing_key(
+    env: &dyn Env,
+    name: &str,
+    path: &str,
+    report: &mut dyn FnMut(&str, String),
+) -> Option<Secret<Vec<u8>>> {
+    match env.var(name) {
+        Some(key) if key.len() >= 16 => Some(Secret(key.into_bytes())),
+        Some(_) => {
+            report(
+                path,
+                format!("environment variable {name} must hold at least 16 characters"),
+            );
+            None
+        }
+        None => {
+            report(path, format!("environment variable {name} is not set"));
+            None
+        }
+    }
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -844,8 +918,17 @@ pub struct Snapshot {
     pub treatment: Upstream,
     /// Key request ids are signed with, from `feedback.key_env`.
     pub feedback_key: Option<Secret<Vec<u8>>>,
-    /// Bearer token for admin state changes, from `admin.token_env`.
-    pub admin_token: Option<Secret<String>>,
+    /// HMAC key for hashed user IDs in events, from
+    /// `events.user_id_key_env`.
+    pub events_user_id_key: Option<Secret<Vec<u8>>>,
+    /// Digest of the bearer token for admin calls (and forced variants),
+    /// from `admin.token_env`.
+    pub admin_token: Option<crate::credentials::SecretDigest>,
+    /// Keys clients must present on the proxy port, from
+    /// `auth.api_keys_env`; none means the port is open.
+    pub gateway_keys: Option<std::sync::Arc<crate::credentials::KeySet>>,
+    /// `[qa] override`: forced variants allowed (with the admin token).
+    pub qa_override: bool,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     /// Longest gap between response body frames.

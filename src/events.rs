@@ -22,7 +22,8 @@ use crate::metrics::Metrics;
 pub enum UserIdMode {
     /// As sent.
     Raw,
-    /// SHA-256 hex of the UTF-8 ID, joinable without storing the ID itself.
+    /// SHA-256 hex of the UTF-8 ID, joinable without storing the ID
+    /// itself; HMAC-SHA256 with the key in `user_id_key_env` when set.
     #[default]
     Hash,
     /// Left out.
@@ -37,6 +38,12 @@ pub struct EventsConfig {
     pub path: String,
     #[serde(default)]
     pub user_id: UserIdMode,
+    /// Env var holding a key that makes `hash` an HMAC-SHA256: a dictionary
+    /// of likely IDs (emails, sequential numbers) no longer reverses it, and
+    /// only holders of the key can compute the same value from their user
+    /// table. Absent: plain SHA-256, which anyone can recompute.
+    #[serde(default)]
+    pub user_id_key_env: Option<String>,
     /// Events held while the writer catches up; more are dropped.
     #[serde(default = "default_queue")]
     pub queue: usize,
@@ -64,6 +71,9 @@ pub struct Event {
     pub completion_tokens: Option<u64>,
     pub error_kind: Option<&'static str>,
     pub user_id: Option<String>,
+    /// The arm was forced by a QA request (`x-abgate-force-variant`): not
+    /// a random assignment, to be left out of any comparison of the arms.
+    pub forced: bool,
 }
 
 /// The sending side, cheap to clone into every request's recorder.
@@ -71,6 +81,8 @@ pub struct Event {
 pub struct EventSink {
     sender: mpsc::Sender<Event>,
     user_id: UserIdMode,
+    /// HMAC key for hashed user IDs; none means plain SHA-256.
+    user_id_key: Option<Arc<[u8]>>,
     metrics: Arc<Metrics>,
 }
 
@@ -83,8 +95,13 @@ impl std::fmt::Debug for EventSink {
 }
 
 impl EventSink {
-    /// Opens the destination and starts the writer task.
-    pub fn start(config: &EventsConfig, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    /// Opens the destination and starts the writer task; `user_id_key` is
+    /// the key of `user_id_key_env`, if any.
+    pub fn start(
+        config: &EventsConfig,
+        user_id_key: Option<&[u8]>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let writer: Box<dyn Write + Send> = if config.path == "-" {
             Box::new(std::io::stdout())
         } else {
@@ -104,6 +121,7 @@ impl EventSink {
         Ok(Self {
             sender,
             user_id: config.user_id,
+            user_id_key: user_id_key.map(Arc::from),
             metrics,
         })
     }
@@ -124,7 +142,10 @@ impl EventSink {
     pub fn user_id_field(&self, user_id: &str) -> Option<String> {
         match self.user_id {
             UserIdMode::Raw => Some(user_id.to_owned()),
-            UserIdMode::Hash => Some(sha256_hex(user_id.as_bytes())),
+            UserIdMode::Hash => Some(match &self.user_id_key {
+                Some(key) => hmac_sha256_hex(key, user_id.as_bytes()),
+                None => sha256_hex(user_id.as_bytes()),
+            }),
             UserIdMode::Omit => None,
         }
     }
@@ -152,6 +173,20 @@ fn sha256_hex(bytes: &[u8]) -> String {
     crate::hex::encode(&sha2::Sha256::digest(bytes))
 }
 
+/// HMAC-SHA256(key, bytes) in hex, as Python's
+/// `hmac.new(key, id, "sha256").hexdigest()` computes it.
+fn hmac_sha256_hex(key: &[u8], bytes: &[u8]) -> String {
+    use hmac::Mac;
+    match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(bytes);
+            crate::hex::encode(&mac.finalize().into_bytes())
+        }
+        // HMAC takes keys of any length; this branch cannot be reached.
+        Err(_) => sha256_hex(bytes),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +196,15 @@ mod tests {
         assert_eq!(
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn keyed_ids_are_hmac_sha256() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            hmac_sha256_hex(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
 }

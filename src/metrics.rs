@@ -185,7 +185,16 @@ pub struct Metrics {
     sample_ratio_mismatch: IntGaugeVec,
     guardrail_trips: IntCounterVec,
     fallbacks: IntCounterVec,
+    auth_failures: IntCounterVec,
+    forced_requests: IntCounterVec,
 }
+
+/// Kinds of `abgate_auth_failures_total`, each an error `code`.
+pub const AUTH_FAILURE_KINDS: [&str; 3] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "forced_variant_refused",
+];
 
 fn histogram(
     name: &str,
@@ -311,6 +320,23 @@ impl Metrics {
         for check in crate::guardrails::Check::ALL {
             guardrail_trips.with_label_values(&[check.as_str()]);
         }
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "abgate_auth_failures_total",
+                "Requests refused for their credentials: no gateway key, a wrong one, or a forced variant without leave.",
+            ),
+            &["kind"],
+        )?;
+        for kind in AUTH_FAILURE_KINDS {
+            auth_failures.with_label_values(&[kind]);
+        }
+        let forced_requests = IntCounterVec::new(
+            Opts::new(
+                "abgate_forced_requests_total",
+                "Requests whose arm was forced by x-abgate-force-variant; kept out of every other per-arm family.",
+            ),
+            &["experiment", "variant", "status_class"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "abgate_build_info",
@@ -339,6 +365,8 @@ impl Metrics {
             Box::new(sample_ratio_mismatch.clone()),
             Box::new(guardrail_trips.clone()),
             Box::new(fallbacks.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(forced_requests.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -365,7 +393,15 @@ impl Metrics {
             sample_ratio_mismatch,
             guardrail_trips,
             fallbacks,
+            auth_failures,
+            forced_requests,
         })
+    }
+
+    /// Counts a request refused for its credentials; `kind` is one of
+    /// [`AUTH_FAILURE_KINDS`].
+    pub fn auth_failed(&self, kind: &'static str) {
+        self.auth_failures.with_label_values(&[kind]).inc();
     }
 
     /// Counts a request resent from treatment to control after treatment's
@@ -551,8 +587,15 @@ impl Metrics {
                 inflight: self.inflight.with_label_values(&[variant]),
             }
         };
+        let forced = [Variant::Control, Variant::Treatment].map(|variant| {
+            STATUS_CLASSES.map(|class| {
+                self.forced_requests
+                    .with_label_values(&[experiment, variant.as_str(), class])
+            })
+        });
         ExperimentMetrics {
             arms: VARIANTS.map(per_variant),
+            forced,
             overhead: ROUTES.map(|route| self.overhead.with_label_values(&[route.as_str()])),
             fraction: self.treatment_fraction.with_label_values(&[experiment]),
         }
@@ -593,6 +636,8 @@ struct ArmMetrics {
 /// Pre-resolved children for one experiment; recording is atomics only.
 pub struct ExperimentMetrics {
     arms: [ArmMetrics; 3],
+    /// Forced requests by arm (control, treatment) and status class.
+    forced: [[IntCounter; 3]; 2],
     overhead: [Histogram; 6],
     fraction: Gauge,
 }
@@ -633,6 +678,16 @@ impl ExperimentMetrics {
     /// Sets the treatment fraction gauge.
     pub fn set_fraction(&self, fraction: f64) {
         self.fraction.set(fraction);
+    }
+
+    /// Records a finished request whose arm was forced: counted apart, so
+    /// that the arms' numbers hold only randomly assigned requests.
+    pub fn record_forced(&self, variant: Variant, status: u16) {
+        let arm = match variant {
+            Variant::Treatment => 1,
+            Variant::Control | Variant::Unassigned => 0,
+        };
+        self.forced[arm][status_class_index(status)].inc();
     }
 
     /// Records a finished request.

@@ -147,6 +147,13 @@ fn secrets_named(config: &Config) -> Vec<(&'static str, String)> {
     let mut named = vec![("admin.token_env", config.admin.token_env.clone())];
     named.extend(
         config
+            .auth
+            .api_keys_env
+            .clone()
+            .map(|name| ("auth.api_keys_env", name)),
+    );
+    named.extend(
+        config
             .feedback
             .key_env
             .clone()
@@ -231,6 +238,8 @@ fn configmap_config_is_valid_with_the_deployments_secrets() {
     // with a random key of its own and cannot verify the others'.
     assert!(snapshot.feedback_key.is_some());
     assert!(snapshot.admin_token.is_some());
+    // The proxy port is reachable from the whole cluster: it takes keys.
+    assert!(snapshot.gateway_keys.is_some());
 }
 
 #[test]
@@ -240,7 +249,7 @@ fn every_secret_the_config_names_is_given_by_the_deployment() {
     let secret_example = repo_file("deploy/kubernetes/secret.example.yaml");
 
     let named = secrets_named(&config);
-    assert_eq!(named.len(), 4, "{named:?}");
+    assert_eq!(named.len(), 5, "{named:?}");
     for (key, name) in named {
         match env.get(&name) {
             Some(EnvSource::Secret {

@@ -236,3 +236,48 @@ fn only_treatment_may_fall_back() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_fallback_never_forwards_the_clients_gateway_key() {
+    let control = spawn_mock(MockConfig {
+        record: true,
+        ..MockConfig::named("base")
+    })
+    .await;
+    // Control has no key of its own: the gateway key must still not reach it.
+    let toml = config_toml(
+        &control.url(),
+        "http://127.0.0.1:1",
+        1.0,
+        "fallback_to_control = true\n[auth]\napi_keys_env = \"GW_KEYS\"",
+    );
+    let key = "gw-key-fallback-0123456789";
+    let gw = gateway_with_env(
+        &toml,
+        BTreeMap::from([("GW_KEYS".to_owned(), key.to_owned())]),
+    )
+    .await;
+    let bearer = format!("Bearer {key}");
+    let answer = post(
+        &gw.url(),
+        "/v1/chat/completions",
+        &[
+            ("authorization", bearer.as_str()),
+            ("x-api-key", key),
+            ("x-user-id", "u"),
+        ],
+        r#"{"model":"m","messages":[{"role":"user","content":"Hi there"}]}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-abgate-fallback"), "true");
+    let seen = control.requests();
+    assert_eq!(seen.len(), 1);
+    for (name, value) in &seen[0].headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !value.contains(key),
+            "the gateway key reached control in {name}"
+        );
+    }
+}

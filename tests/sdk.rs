@@ -6,10 +6,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
+
+/// The key the SDKs are given.
+const GATEWAY_KEY: &str = "sdk-gateway-key-0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_sdks_work_through_the_gateway() {
@@ -25,9 +29,15 @@ async fn official_sdks_work_through_the_gateway() {
     );
 
     let (control, treatment) = mocks().await;
-    // A short idle timeout, for the tests of a stream the gateway cuts off.
-    let extra = "[timeouts]\nidle_ms = 500";
-    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, extra)).await;
+    // A short idle timeout, for the tests of a stream the gateway cuts off,
+    // and gateway keys, which the SDKs send as their api_key.
+    let extra = "[timeouts]\nidle_ms = 500\n[auth]\napi_keys_env = \"GW_KEYS\"";
+    let keys = BTreeMap::from([("GW_KEYS".to_owned(), GATEWAY_KEY.to_owned())]);
+    let gw = gateway_with_env(
+        &config_toml(&control.url(), &treatment.url(), 0.5, extra),
+        keys,
+    )
+    .await;
     let venv =
         std::env::var("ABGATE_SDK_VENV").unwrap_or_else(|_| format!("{root}/target/sdk-venv"));
     let pytest = tokio::process::Command::new(format!("{venv}/bin/python"))
@@ -35,6 +45,7 @@ async fn official_sdks_work_through_the_gateway() {
         .current_dir(root)
         .env("ABGATE_URL", gw.url())
         .env("ABGATE_FRACTION", "0.5")
+        .env("ABGATE_API_KEY", GATEWAY_KEY)
         .env("ABGATE_CONTROL_MODEL", "base-model")
         .env("ABGATE_TREATMENT_MODEL", "ft:base-model:acme:v3")
         .env("ABGATE_CONTROL_NAME", "base")
@@ -52,4 +63,11 @@ async fn official_sdks_work_through_the_gateway() {
     assert!(output.status.success(), "SDK tests failed:\n{out}");
     assert!(out.contains(" passed"), "pytest ran no test:\n{out}");
     assert!(control.request_count() > 0 && treatment.request_count() > 0);
+    // The SDKs sent the gateway key; no upstream ever saw it.
+    for request in control.requests().iter().chain(&treatment.requests()) {
+        assert!(request.headers.values().all(|value| !value
+            .as_bytes()
+            .windows(GATEWAY_KEY.len())
+            .any(|w| w == GATEWAY_KEY.as_bytes())));
+    }
 }

@@ -119,6 +119,14 @@ pub enum ProxyError {
         path: &'static str,
         allowed: &'static str,
     },
+    #[error("no gateway API key: send it as Authorization: Bearer <key> or x-api-key: <key>")]
+    MissingApiKey,
+    #[error("the API key is not one of the gateway's keys")]
+    InvalidApiKey,
+    #[error("x-abgate-force-variant is not allowed here: {reason}")]
+    ForcedVariantRefused { reason: &'static str },
+    #[error("x-abgate-force-variant must be control or treatment")]
+    InvalidForcedVariant,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -145,7 +153,10 @@ impl ProxyError {
             | ProxyError::UserIdNotUtf8 { .. }
             | ProxyError::UserIdTooLong { .. }
             | ProxyError::UserIdRequired { .. }
+            | ProxyError::InvalidForcedVariant
             | ProxyError::InvalidFeedback(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MissingApiKey | ProxyError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ProxyError::ForcedVariantRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
@@ -178,6 +189,10 @@ impl ProxyError {
             ProxyError::UserIdRequired { .. } => "missing_user_id",
             ProxyError::NotFound { .. } => "not_found",
             ProxyError::InvalidFeedback(_) => "invalid_feedback",
+            ProxyError::MissingApiKey => "missing_api_key",
+            ProxyError::InvalidApiKey => "invalid_api_key",
+            ProxyError::ForcedVariantRefused { .. } => "forced_variant_refused",
+            ProxyError::InvalidForcedVariant => "invalid_forced_variant",
             ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
                 "method_not_allowed"
             }
@@ -223,10 +238,24 @@ impl ProxyError {
         }
     }
 
-    /// The error `type`, in OpenAI's and Anthropic's vocabulary.
+    /// Whether the request was refused for its credentials (counted in
+    /// `abgate_auth_failures_total` under its [`Self::kind`]).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::MissingApiKey
+                | ProxyError::InvalidApiKey
+                | ProxyError::ForcedVariantRefused { .. }
+        )
+    }
+
+    /// The error `type`, in OpenAI's and Anthropic's vocabulary (a wrong
+    /// API key is OpenAI's `invalid_request_error` with code
+    /// `invalid_api_key`).
     fn error_type(&self) -> &'static str {
         match self.status() {
             StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             status if status.is_client_error() => "invalid_request_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
@@ -241,6 +270,9 @@ impl ProxyError {
         match self {
             ProxyError::WrongFieldType { field, .. } => Some(field),
             ProxyError::UserIdNotUtf8 { header } => Some(header),
+            ProxyError::ForcedVariantRefused { .. } | ProxyError::InvalidForcedVariant => {
+                Some("x-abgate-force-variant")
+            }
             _ => None,
         }
     }

@@ -32,13 +32,21 @@ pub struct Resend {
 
 impl Resend {
     /// The request as it goes to `upstream`, and the model it names.
+    /// `gateway_auth`: the client's credential headers hold a gateway key,
+    /// which is never forwarded.
     pub fn request_for(
         &self,
         upstream: &Upstream,
+        gateway_auth: bool,
     ) -> Result<(Request<Body>, Option<HeaderValue>), ProxyError> {
         let (body, model) = rewrite_for(upstream, &self.body, &self.fields);
         let mut headers = self.headers.clone();
-        super::headers::prepare_upstream_request(&mut headers, upstream, Some(body.len()));
+        super::headers::prepare_upstream_request(
+            &mut headers,
+            upstream,
+            Some(body.len()),
+            gateway_auth,
+        );
         let mut request = Request::new(Body::full(body));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = super::upstream_uri(upstream, &self.uri)?;

@@ -67,11 +67,14 @@ fn is_reserved(name: &HeaderName) -> bool {
 }
 
 /// Rewrites a client's request headers for `upstream`: credential, and the
-/// body length when the body was rewritten.
+/// body length when the body was rewritten. With `gateway_auth` the
+/// client's credential headers held the gateway key, which never leaves
+/// the gateway: they are removed whether or not the upstream gets its own.
 pub fn prepare_upstream_request(
     headers: &mut HeaderMap,
     upstream: &Upstream,
     content_length: Option<usize>,
+    gateway_auth: bool,
 ) {
     strip_hop_by_hop(headers);
     strip_reserved(headers);
@@ -83,10 +86,12 @@ pub fn prepare_upstream_request(
     if let Some(length) = content_length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    if let Some(credential) = &upstream.credential {
+    if gateway_auth || upstream.credential.is_some() {
         for name in &CLIENT_CREDENTIALS {
             headers.remove(name);
         }
+    }
+    if let Some(credential) = &upstream.credential {
         match upstream.provider {
             Provider::Openai => {
                 headers.insert(header::AUTHORIZATION, credential.clone());

@@ -4,24 +4,31 @@
 //! Phases, in order (each a function below):
 //! 1. **route**: only `/v1/...` is proxied; anything else is a 404. Methods
 //!    no API uses (TRACE, CONNECT, …) get a 405, oversized headers a 431.
-//! 2. **admit**: past `limits.max_inflight` requests in flight, a 503 with
+//! 2. **authenticate**: with `[auth]`, no gateway key is a 401; a forced
+//!    arm without leave (`[qa] override` and the admin token) is a 403
+//!    (see `access`).
+//! 3. **admit**: past `limits.max_inflight` requests in flight, a 503 with
 //!    `Retry-After`, before anything is read.
-//! 3. **read**: JSON bodies are read whole (up to `max_body_bytes`, within
+//! 4. **read**: JSON bodies are read whole (up to `max_body_bytes`, within
 //!    `timeouts.total_ms`) because `model` is rewritten and the user ID may
 //!    be in them; other bodies (multipart uploads) stream through untouched.
-//! 4. **assign**: the user ID picks the variant; none means `unassigned`,
-//!    served by control. Past `limits.max_inflight_per_variant` requests to
+//! 5. **assign**: the user ID picks the variant; none means `unassigned`,
+//!    served by control; a forced arm replaces the hashed one and is
+//!    counted apart. Past `limits.max_inflight_per_variant` requests to
 //!    that upstream, a 503 naming the variant.
-//! 5. **rewrite**: `model` spliced in, host and credentials set.
-//! 6. **forward**: the pooled client sends it and waits for the headers
+//! 6. **rewrite**: `model` spliced in, host and credentials set; the
+//!    client's credentials dropped when the upstream gets the gateway's
+//!    own or they held a gateway key; every `x-abgate-*` header dropped.
+//! 7. **forward**: the pooled client sends it and waits for the headers
 //!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
 //!    body is the upstream's own stream, so SSE chunks reach the client as
 //!    they arrive, watched by the idle and total deadlines.
-//! 7. **answer**: `x-abgate-*` headers added; errors become JSON answers here
+//! 8. **answer**: `x-abgate-*` headers added; errors become JSON answers here
 //!    and only here. A request whose client leaves before the answer starts
 //!    is recorded as `client_cancelled` when its future is dropped, which
 //!    also drops the upstream call.
 
+pub mod access;
 pub mod admission;
 pub mod client;
 pub mod deadline;
@@ -145,6 +152,19 @@ struct Decision {
     fallback: bool,
     /// The request id, when it was issued before the answer (fallbacks).
     request_id: Option<String>,
+    /// The arm was forced (`x-abgate-force-variant`), not hashed.
+    forced: bool,
+}
+
+impl Decision {
+    /// The arm a request id names. A forced request's id says
+    /// `unassigned`, so feedback quoting it stays out of both arms.
+    fn id_variant(&self) -> Variant {
+        match self.variant {
+            Some(variant) if !self.forced => variant,
+            _ => Variant::Unassigned,
+        }
+    }
 }
 
 impl Default for Decision {
@@ -160,6 +180,7 @@ impl Default for Decision {
             places: Places::default(),
             fallback: false,
             request_id: None,
+            forced: false,
         }
     }
 }
@@ -184,10 +205,10 @@ impl Drop for Unanswered<'_> {
             return;
         }
         let decision = std::mem::take(&mut self.decision);
-        let request_id = self.live.request_ids.issue(
-            decision.variant.unwrap_or(Variant::Unassigned),
-            &self.live.config.experiment,
-        );
+        let request_id = self
+            .live
+            .request_ids
+            .issue(decision.id_variant(), &self.live.config.experiment);
         tracing::debug!(variant = ?decision.variant, "the client left before the answer");
         ObservedBody::record_unanswered(self.gateway.observation(
             self.live,
@@ -214,8 +235,15 @@ impl Gateway {
         let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
         let events = match &snapshot.config.events {
             Some(config) => Some(
-                EventSink::start(config, metrics.clone())
-                    .map_err(|err| format!("events.path {:?}: {err}", config.path))?,
+                EventSink::start(
+                    config,
+                    snapshot
+                        .events_user_id_key
+                        .as_ref()
+                        .map(|key| key.0.as_slice()),
+                    metrics.clone(),
+                )
+                .map_err(|err| format!("events.path {:?}: {err}", config.path))?,
             ),
             None => None,
         };
@@ -371,12 +399,12 @@ impl Gateway {
             .config
             .events
             .as_ref()
-            .map(|e| (&e.path, e.user_id, e.queue))
+            .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
             != snapshot
                 .config
                 .events
                 .as_ref()
-                .map(|e| (&e.path, e.user_id, e.queue))
+                .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
         {
             pending_restart.push("events".to_owned());
         }
@@ -503,6 +531,9 @@ impl Gateway {
                 (response, None, Some(deadlines))
             }
             Err(err) => {
+                if err.is_auth_failure() {
+                    self.metrics.auth_failed(err.kind());
+                }
                 if err.status().is_server_error() {
                     tracing::warn!(kind = err.kind(), variant = ?decision.variant, "{err}");
                 } else {
@@ -515,12 +546,13 @@ impl Gateway {
         let usage_format = usage_format(&response);
         let error_event = takes_error_event(&response);
         let request_id = decision.request_id.take().unwrap_or_else(|| {
-            live.request_ids.issue(
-                decision.variant.unwrap_or(Variant::Unassigned),
-                &config.experiment,
-            )
+            live.request_ids
+                .issue(decision.id_variant(), &config.experiment)
         });
         let headers = response.headers_mut();
+        if decision.forced {
+            headers.insert(access::FORCED_HEADER, HeaderValue::from_static("true"));
+        }
         if let Some(variant) = decision.variant {
             headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
         }
@@ -575,6 +607,7 @@ impl Gateway {
                     .and_then(|m| m.to_str().ok())
                     .map(str::to_owned),
                 user_id: decision.event_user_id.take(),
+                forced: decision.forced,
             };
             (sink.clone(), draft)
         });
@@ -584,6 +617,7 @@ impl Gateway {
             variant: decision.variant.unwrap_or(Variant::Unassigned),
             route: decision.route,
             stream: decision.stream,
+            forced: decision.forced,
             status,
             started,
             overhead: started.elapsed().saturating_sub(decision.upstream_wait),
@@ -609,6 +643,9 @@ impl Gateway {
                 });
             }
             let (parts, body) = request.into_parts();
+            if let Some(keys) = &live.config.gateway_keys {
+                access::authenticate(keys, &parts.headers)?;
+            }
             let body = read_body(body, &parts, feedback::MAX_BODY_BYTES).await?;
             let outcomes = &live.config.config.feedback.outcomes;
             let (attribution, outcome) =
@@ -628,7 +665,12 @@ impl Gateway {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 response
             }
-            Err(err) => err.to_response(),
+            Err(err) => {
+                if err.is_auth_failure() {
+                    self.metrics.auth_failed(err.kind());
+                }
+                err.to_response()
+            }
         }
     }
 
@@ -648,6 +690,12 @@ impl Gateway {
             path: truncate(parts.uri.path(), 200),
         })?;
         decision.route = route;
+
+        // Authenticate: the gateway key, and leave to force an arm.
+        if let Some(keys) = &config.gateway_keys {
+            access::authenticate(keys, &parts.headers)?;
+        }
+        let forced = access::forced_variant(config, &parts.headers)?;
 
         // Admit: shed load before reading anything, while it is cheap.
         decision.places.gateway = Some(self.inflight.admit(limits.max_inflight).ok_or(
@@ -680,14 +728,24 @@ impl Gateway {
             ClientBody::Stream(_) => None,
         };
         decision.stream = fields.is_some_and(|fields| fields.stream);
-        let (variant, bucket, user_id) = choose_variant(config, &parts, fields)?;
+        let (hashed, bucket, user_id) = choose_variant(config, &parts, fields)?;
         if let (Some(sink), Some(user_id)) = (&self.events, user_id) {
             decision.event_user_id = sink.user_id_field(user_id);
         }
+        // A forced arm is no random assignment: the split's counts skip it.
+        let variant = match forced {
+            Some(forced) => {
+                decision.forced = true;
+                forced
+            }
+            None => {
+                if let Some(bucket) = bucket {
+                    live.epoch.counts.count(hashed, bucket);
+                }
+                hashed
+            }
+        };
         decision.variant = Some(variant);
-        if let Some(bucket) = bucket {
-            live.epoch.counts.count(variant, bucket);
-        }
         if let Some(max) = limits.max_inflight_per_variant {
             decision.places.upstream = Some(self.inflight.admit_to(variant, max).ok_or(
                 ProxyError::Shed {
@@ -724,7 +782,12 @@ impl Gateway {
         };
         parts.uri = upstream_uri(upstream, &parts.uri)?;
         parts.version = Version::HTTP_11;
-        headers::prepare_upstream_request(&mut parts.headers, upstream, content_length);
+        headers::prepare_upstream_request(
+            &mut parts.headers,
+            upstream,
+            content_length,
+            config.gateway_keys.is_some(),
+        );
 
         // Forward, and fall back to control if treatment fails before answering.
         let request = Request::from_parts(parts, body);
@@ -813,9 +876,11 @@ impl Gateway {
         drop(attempt);
         let request_id = live
             .request_ids
-            .issue(Variant::Treatment, &config.experiment);
+            .issue(decision.id_variant(), &config.experiment);
         let failed = Decision {
             variant: Some(Variant::Treatment),
+            // A forced request stays out of treatment's series, failed or not.
+            forced: decision.forced,
             model: decision.model.clone(),
             route: decision.route,
             stream: decision.stream,
@@ -833,7 +898,8 @@ impl Gateway {
         ));
         decision.request_id = Some(request_id);
         decision.fallback = true;
-        let (request, model) = resend.request_for(&config.control)?;
+        let (request, model) =
+            resend.request_for(&config.control, config.gateway_keys.is_some())?;
         decision.model = model;
         let answer = self
             .send(live, request, Variant::Control, total_at, decision)

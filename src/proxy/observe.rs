@@ -61,6 +61,8 @@ pub struct Observation {
     pub variant: Variant,
     pub route: Route,
     pub stream: bool,
+    /// The arm was forced: counted apart from the experiment's numbers.
+    pub forced: bool,
     pub status: u16,
     pub started: Instant,
     pub overhead: Duration,
@@ -93,6 +95,8 @@ pub struct EventDraft {
     pub model: Option<String>,
     /// Already in the form events carry (raw, hashed or none).
     pub user_id: Option<String>,
+    /// The arm was forced, not hashed.
+    pub forced: bool,
 }
 
 /// A response body that records its request when it ends.
@@ -209,7 +213,13 @@ impl ObservedBody {
             error: observation.error.or(error),
             overhead: observation.overhead,
         };
-        observation.metrics.record(&record);
+        if observation.forced {
+            observation
+                .metrics
+                .record_forced(record.variant, record.status);
+        } else {
+            observation.metrics.record(&record);
+        }
         if let Some((sink, draft)) = observation.event {
             let millis = |d: Duration| d.as_secs_f64() * 1000.0;
             sink.emit(Event {
@@ -228,6 +238,7 @@ impl ObservedBody {
                 completion_tokens,
                 error_kind: record.error.map(UpstreamErrorKind::as_str),
                 user_id: draft.user_id,
+                forced: draft.forced,
             });
         }
     }

@@ -68,6 +68,20 @@ model = "ft:base-model:acme:v3"
     )
 }
 
+/// `toml` from [`config_toml`] with `api_key_env = "{env}"` added to the
+/// named variants (`control`, `treatment`).
+pub fn with_api_key_env(toml: &str, variants: &[&str], env: &str) -> String {
+    let mut toml = toml.to_owned();
+    for variant in variants {
+        let model = match *variant {
+            "control" => r#"model = "base-model""#,
+            _ => r#"model = "ft:base-model:acme:v3""#,
+        };
+        toml = toml.replace(model, &format!("{model}\napi_key_env = \"{env}\""));
+    }
+    toml
+}
+
 pub async fn gateway(toml: &str) -> Running {
     gateway_with_env(toml, BTreeMap::new()).await
 }

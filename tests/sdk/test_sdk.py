@@ -19,6 +19,8 @@ MODELS = {
     "control": os.environ["ABGATE_CONTROL_MODEL"],
     "treatment": os.environ["ABGATE_TREATMENT_MODEL"],
 }
+# The gateway requires a gateway key ([auth]); the SDKs send it as their api_key.
+GATEWAY_KEY = os.environ.get("ABGATE_API_KEY", "sk-client")
 NAMES = {
     "control": os.environ["ABGATE_CONTROL_NAME"],
     "treatment": os.environ["ABGATE_TREATMENT_NAME"],
@@ -47,13 +49,13 @@ CASES = [(v, uid) for v in ("control", "treatment") for uid in users_in(v)]
 
 def openai_client(**headers) -> openai.OpenAI:
     return openai.OpenAI(
-        base_url=f"{URL}/v1", api_key="sk-client", default_headers=headers, max_retries=0, timeout=10
+        base_url=f"{URL}/v1", api_key=GATEWAY_KEY, default_headers=headers, max_retries=0, timeout=10
     )
 
 
 def anthropic_client(**headers) -> anthropic.Anthropic:
     return anthropic.Anthropic(
-        base_url=URL, api_key="sk-ant-client", default_headers=headers, max_retries=0, timeout=10
+        base_url=URL, api_key=GATEWAY_KEY, default_headers=headers, max_retries=0, timeout=10
     )
 
 
@@ -119,6 +121,22 @@ def test_openai_sdk_reads_gateway_errors():
     assert "at most 512 bytes" in err.value.message
 
 
+def test_openai_sdk_raises_an_authentication_error_for_a_wrong_gateway_key():
+    client = openai.OpenAI(base_url=f"{URL}/v1", api_key="not-a-gateway-key-0000", max_retries=0, timeout=10)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 401
+    assert err.value.code == "invalid_api_key"
+
+
+def test_anthropic_sdk_raises_an_authentication_error_for_a_wrong_gateway_key():
+    client = anthropic.Anthropic(base_url=URL, api_key="not-a-gateway-key-0000", max_retries=0, timeout=10)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client.messages.create(model="claude-test-model", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 401
+    assert err.value.body["error"]["code"] == "invalid_api_key"
+
+
 def test_openai_sdk_sees_upstream_errors_unchanged():
     client = openai_client(**{"x-user-id": "rate-limited", "x-mock-status": "429"})
     with pytest.raises(openai.RateLimitError):
@@ -165,7 +183,11 @@ def test_unicode_user_ids_in_the_header_follow_the_reference():
     for user in ["ユーザー-1", "Zoë", "😀-user", "e\u0301"]:
         connection = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
         body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]})
-        headers = {"content-type": "application/json", "x-user-id": user.encode("utf-8").decode("latin-1")}
+        headers = {
+            "content-type": "application/json",
+            "x-user-id": user.encode("utf-8").decode("latin-1"),
+            "authorization": f"Bearer {GATEWAY_KEY}",
+        }
         connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
         response = connection.getresponse()
         assert response.status == 200
