@@ -13,11 +13,6 @@ use clap::{Parser, Subcommand};
 use abgate::assign;
 use abgate::config::{self, ProcessEnv};
 
-/// mimalloc: each request allocates and frees many small buffers (headers,
-/// bodies, futures); glibc's malloc spent about 7% of the gateway's CPU on them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "abgate",
