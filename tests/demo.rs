@@ -56,3 +56,26 @@ fn demo_traffic_prints_a_per_variant_table_matching_the_split() {
     assert_eq!(control.3, 40 - treated_users, "{out}");
     assert_eq!(treatment.1, treated_users * 10, "{out}");
 }
+
+/// The README's first command is `cargo run --release -- demo …`: with more
+/// than one binary in the package, that only works while `default-run`
+/// names the gateway.
+#[test]
+fn the_readmes_cargo_run_reaches_the_gateway() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let first = readme
+        .lines()
+        .find(|line| line.starts_with("cargo "))
+        .expect("a command in the README");
+    assert!(first.starts_with("cargo run --release -- demo"), "{first}");
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap()).unwrap();
+    // Binaries come from [[bin]] and from src/bin/ alike, so this holds
+    // whether or not a second one exists today.
+    assert_eq!(
+        manifest["package"].get("default-run").and_then(|v| v.as_str()),
+        Some("abgate"),
+        "`cargo run` must know which binary is the gateway"
+    );
+}
