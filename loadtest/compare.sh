@@ -3,7 +3,7 @@
 # same upstream, same CPU budget.
 #
 #   loadtest/compare.sh            plain requests: direct / abgate / nginx / haproxy
-#   loadtest/compare.sh --stream   SSE: direct / abgate, 1000 streams of 200 chunks
+#   loadtest/compare.sh --stream   SSE: direct / abgate / nginx / haproxy, 1000 streams of 200 chunks
 #                                  from the built-in mock
 #
 # Installs nginx and HAProxy from Debian if missing, builds the release
@@ -64,7 +64,7 @@ if [ "$MODE" = plain ]; then
   TARGETS=${TARGETS:-direct abgate nginx haproxy}
   ROUNDS=${ROUNDS:-2}
 else
-  TARGETS=${TARGETS:-direct abgate}
+  TARGETS=${TARGETS:-direct abgate nginx haproxy}
   ROUNDS=${ROUNDS:-1}
 fi
 
