@@ -74,7 +74,9 @@ fn the_readmes_cargo_run_reaches_the_gateway() {
     // Binaries come from [[bin]] and from src/bin/ alike, so this holds
     // whether or not a second one exists today.
     assert_eq!(
-        manifest["package"].get("default-run").and_then(|v| v.as_str()),
+        manifest["package"]
+            .get("default-run")
+            .and_then(|v| v.as_str()),
         Some("abgate"),
         "`cargo run` must know which binary is the gateway"
     );
