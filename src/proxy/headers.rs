@@ -6,90 +6,101 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{Provider, Upstream};
 
-/// Headers that describe one connection, never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// What forwarding does with a header, known from its name alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Passed on as is.
+    EndToEnd,
+    /// Describes one connection (RFC 9110 §7.6.1): never forwarded in
+    /// either direction. `Connection` may name more of them.
+    HopByHop,
+    /// Carries or scopes the client's credential.
+    Credential,
+    /// Meant for the gateway's own hop: `Host` and `Expect` of the
+    /// client's request, and the gateway's `x-abgate-*` namespace.
+    Local,
+}
 
-/// Headers that carry or scope the client's credential.
-const CLIENT_CREDENTIALS: [HeaderName; 5] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("openai-organization"),
-    HeaderName::from_static("openai-project"),
-];
+fn class(name: &HeaderName) -> Class {
+    match name.as_str() {
+        "connection"
+        | "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade" => Class::HopByHop,
+        "authorization" | "x-api-key" | "api-key" | "openai-organization" | "openai-project" => {
+            Class::Credential
+        }
+        "host" | "expect" => Class::Local,
+        name if name.starts_with("x-abgate-") => Class::Local,
+        _ => Class::EndToEnd,
+    }
+}
+
+/// Removes the headers whose class `remove` picks, and with hop-by-hop
+/// ones those `Connection` lists. One pass over the names finds them:
+/// most requests and answers carry none, and then nothing else is done
+/// (looking each name up instead costs a hash per name, on every request).
+fn remove_where(headers: &mut HeaderMap, remove: impl Fn(Class) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if remove(class(name)) {
+            doomed.push(name.clone());
+        }
+    }
+    if doomed.is_empty() {
+        return;
+    }
+    if remove(Class::HopByHop) && headers.contains_key(header::CONNECTION) {
+        let listed = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+        doomed.extend(listed);
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+}
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+    remove_where(headers, |class| class == Class::HopByHop);
 }
 
-/// Removes request headers in the gateway's own namespace, so a client
-/// cannot pass off its own `x-abgate-*` values as the gateway's.
-pub fn strip_reserved(headers: &mut HeaderMap) {
-    if headers.keys().any(is_reserved) {
-        let reserved: Vec<HeaderName> =
-            headers.keys().filter(|n| is_reserved(n)).cloned().collect();
-        for name in reserved {
-            headers.remove(name);
-        }
-    }
-}
-
-fn is_reserved(name: &HeaderName) -> bool {
-    name.as_str().starts_with("x-abgate-")
-}
-
-/// Rewrites a client's request headers for `upstream`: credential, and the
-/// body length when the body was rewritten. With `gateway_auth` the
-/// client's credential headers held the gateway key, which never leaves
-/// the gateway: they are removed whether or not the upstream gets its own.
+/// Rewrites a client's request headers for `upstream`: hop-by-hop headers,
+/// `Host`, `Expect` and the gateway's `x-abgate-*` namespace removed (a
+/// client cannot pass off its own values as the gateway's), the
+/// credential, and the body length when the body was rewritten. With
+/// `gateway_auth` the client's credential headers held the gateway key,
+/// which never leaves the gateway: they are removed whether or not the
+/// upstream gets its own.
 pub fn prepare_upstream_request(
     headers: &mut HeaderMap,
     upstream: &Upstream,
     content_length: Option<usize>,
     gateway_auth: bool,
 ) {
-    strip_hop_by_hop(headers);
-    strip_reserved(headers);
-    // The body is already read (or streamed as is): nothing to wait for.
-    headers.remove(header::EXPECT);
-    // The client sets Host (HTTP/1.1) or :authority (HTTP/2) from the
-    // upstream URI; the client's Host names the gateway, not the upstream.
-    headers.remove(header::HOST);
+    // Host: the HTTP client sets Host (HTTP/1.1) or :authority (HTTP/2)
+    // from the upstream URI; the client's names the gateway. Expect: the
+    // body is already read (or streamed as is), nothing to wait for.
+    let strip_credentials = gateway_auth || upstream.credential.is_some();
+    remove_where(headers, |class| match class {
+        Class::EndToEnd => false,
+        Class::Credential => strip_credentials,
+        Class::HopByHop | Class::Local => true,
+    });
     if let Some(length) = content_length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    }
-    if gateway_auth || upstream.credential.is_some() {
-        for name in &CLIENT_CREDENTIALS {
-            headers.remove(name);
-        }
     }
     if let Some(credential) = &upstream.credential {
         match upstream.provider {
@@ -109,6 +120,49 @@ pub fn prepare_upstream_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::uri::Scheme;
+
+    /// The names left, sorted (removal does not keep the order).
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn upstream(provider: Provider, credential: Option<&'static str>) -> Upstream {
+        Upstream {
+            scheme: Scheme::HTTP,
+            authority: "127.0.0.1:1".parse().unwrap(),
+            path_prefix: String::new(),
+            model: None,
+            provider,
+            credential: credential.map(HeaderValue::from_static),
+            anthropic_version: HeaderValue::from_static("2023-06-01"),
+            ca_file: None,
+        }
+    }
+
+    /// Everything a client might send, one header of each kind.
+    fn client_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("host", "gateway.internal"),
+            ("expect", "100-continue"),
+            ("authorization", "Bearer client-key"),
+            ("openai-organization", "org-1"),
+            ("x-abgate-variant", "treatment"),
+            ("content-type", "application/json"),
+            ("x-user-id", "user-1"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        headers
+    }
 
     #[test]
     fn connection_listed_headers_are_removed() {
@@ -123,11 +177,81 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-        headers.insert("x-abgate-variant", HeaderValue::from_static("treatment"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
-        strip_reserved(&mut headers);
-        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, ["x-kept"]);
+        assert_eq!(names(&headers), ["x-kept"]);
+    }
+
+    #[test]
+    fn an_answer_without_hop_by_hop_headers_is_left_as_is() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(
+            "x-abgate-upstream",
+            HeaderValue::from_static("kept on answers"),
+        );
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn the_client_keeps_its_credential_when_the_upstream_has_none() {
+        let mut headers = client_headers();
+        prepare_upstream_request(
+            &mut headers,
+            &upstream(Provider::Openai, None),
+            Some(42),
+            false,
+        );
+        assert_eq!(
+            names(&headers),
+            [
+                "authorization",
+                "content-length",
+                "content-type",
+                "openai-organization",
+                "x-user-id"
+            ]
+        );
+        assert_eq!(headers["authorization"], "Bearer client-key");
+        assert_eq!(headers["content-length"], "42");
+    }
+
+    #[test]
+    fn an_injected_key_replaces_every_client_credential() {
+        let mut headers = client_headers();
+        let openai = upstream(Provider::Openai, Some("Bearer upstream-key"));
+        prepare_upstream_request(&mut headers, &openai, None, false);
+        assert_eq!(
+            names(&headers),
+            ["authorization", "content-type", "x-user-id"]
+        );
+        assert_eq!(headers["authorization"], "Bearer upstream-key");
+
+        let mut headers = client_headers();
+        let anthropic = upstream(Provider::Anthropic, Some("upstream-key"));
+        prepare_upstream_request(&mut headers, &anthropic, None, false);
+        assert_eq!(
+            names(&headers),
+            [
+                "anthropic-version",
+                "content-type",
+                "x-api-key",
+                "x-user-id"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_gateway_key_never_reaches_an_upstream_without_its_own() {
+        let mut headers = client_headers();
+        headers.insert("x-api-key", HeaderValue::from_static("gateway-key"));
+        headers.insert("api-key", HeaderValue::from_static("gateway-key"));
+        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), None, true);
+        assert_eq!(names(&headers), ["content-type", "x-user-id"]);
     }
 }
