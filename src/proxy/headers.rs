@@ -2,7 +2,7 @@
 //! their own connection, and the client's credentials stay with the client
 //! when a variant injects its own.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 
 use crate::config::{Provider, Upstream};
 
@@ -46,13 +46,21 @@ fn class(name: &HeaderName) -> Class {
 /// most requests and answers carry none, and then nothing else is done
 /// (looking each name up instead costs a hash per name, on every request).
 fn remove_where(headers: &mut HeaderMap, remove: impl Fn(Class) -> bool) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // A request always has Host, sometimes one or two more: these fit
+    // without allocating. Standard names clone without allocating too.
+    let mut doomed: [Option<HeaderName>; 4] = Default::default();
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut found = 0;
     for name in headers.keys() {
         if remove(class(name)) {
-            doomed.push(name.clone());
+            match doomed.get_mut(found) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more.push(name.clone()),
+            }
+            found += 1;
         }
     }
-    if doomed.is_empty() {
+    if found == 0 {
         return;
     }
     if remove(Class::HopByHop) && headers.contains_key(header::CONNECTION) {
@@ -62,9 +70,9 @@ fn remove_where(headers: &mut HeaderMap, remove: impl Fn(Class) -> bool) {
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
-        doomed.extend(listed);
+        more.extend(listed);
     }
-    for name in doomed {
+    for name in doomed.into_iter().flatten().chain(more) {
         headers.remove(name);
     }
 }
@@ -80,14 +88,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Rewrites a client's request headers for `upstream`: hop-by-hop headers,
 /// `Host`, `Expect` and the gateway's `x-abgate-*` namespace removed (a
 /// client cannot pass off its own values as the gateway's), the
-/// credential, and the body length when the body was rewritten. With
+/// credential, and no stale `Content-Length` when the body was rewritten. With
 /// `gateway_auth` the client's credential headers held the gateway key,
 /// which never leaves the gateway: they are removed whether or not the
 /// upstream gets its own.
 pub fn prepare_upstream_request(
     headers: &mut HeaderMap,
     upstream: &Upstream,
-    content_length: Option<usize>,
+    body_rewritten: bool,
     gateway_auth: bool,
 ) {
     // Host: the HTTP client sets Host (HTTP/1.1) or :authority (HTTP/2)
@@ -99,8 +107,9 @@ pub fn prepare_upstream_request(
         Class::Credential => strip_credentials,
         Class::HopByHop | Class::Local => true,
     });
-    if let Some(length) = content_length {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if body_rewritten {
+        // The HTTP client sets the new length from the body's exact size.
+        headers.remove(header::CONTENT_LENGTH);
     }
     if let Some(credential) = &upstream.credential {
         match upstream.provider {
@@ -120,6 +129,7 @@ pub fn prepare_upstream_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
     use http::uri::Scheme;
 
     /// The names left, sorted (removal does not keep the order).
@@ -157,6 +167,7 @@ mod tests {
             ("openai-organization", "org-1"),
             ("x-abgate-variant", "treatment"),
             ("content-type", "application/json"),
+            ("content-length", "999"),
             ("x-user-id", "user-1"),
         ] {
             headers.insert(name, HeaderValue::from_static(value));
@@ -201,31 +212,24 @@ mod tests {
     #[test]
     fn the_client_keeps_its_credential_when_the_upstream_has_none() {
         let mut headers = client_headers();
-        prepare_upstream_request(
-            &mut headers,
-            &upstream(Provider::Openai, None),
-            Some(42),
-            false,
-        );
+        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), true, false);
         assert_eq!(
             names(&headers),
             [
                 "authorization",
-                "content-length",
                 "content-type",
                 "openai-organization",
                 "x-user-id"
             ]
         );
         assert_eq!(headers["authorization"], "Bearer client-key");
-        assert_eq!(headers["content-length"], "42");
     }
 
     #[test]
     fn an_injected_key_replaces_every_client_credential() {
         let mut headers = client_headers();
         let openai = upstream(Provider::Openai, Some("Bearer upstream-key"));
-        prepare_upstream_request(&mut headers, &openai, None, false);
+        prepare_upstream_request(&mut headers, &openai, true, false);
         assert_eq!(
             names(&headers),
             ["authorization", "content-type", "x-user-id"]
@@ -234,11 +238,13 @@ mod tests {
 
         let mut headers = client_headers();
         let anthropic = upstream(Provider::Anthropic, Some("upstream-key"));
-        prepare_upstream_request(&mut headers, &anthropic, None, false);
+        // A body streamed through as sent keeps its length.
+        prepare_upstream_request(&mut headers, &anthropic, false, false);
         assert_eq!(
             names(&headers),
             [
                 "anthropic-version",
+                "content-length",
                 "content-type",
                 "x-api-key",
                 "x-user-id"
@@ -251,7 +257,7 @@ mod tests {
         let mut headers = client_headers();
         headers.insert("x-api-key", HeaderValue::from_static("gateway-key"));
         headers.insert("api-key", HeaderValue::from_static("gateway-key"));
-        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), None, true);
+        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), true, true);
         assert_eq!(names(&headers), ["content-type", "x-user-id"]);
     }
 }

@@ -762,7 +762,7 @@ impl Gateway {
 
         // Rewrite.
         let mut resend = None;
-        let (body, content_length) = match body {
+        let (body, rewritten) = match body {
             ClientBody::Json(bytes, fields) => {
                 let (rewritten, model) = fallback::rewrite_for(upstream, &bytes, &fields);
                 decision.model = model;
@@ -777,17 +777,16 @@ impl Gateway {
                         fields,
                     });
                 }
-                let length = rewritten.len();
-                (Body::full(rewritten), Some(length))
+                (Body::full(rewritten), true)
             }
-            ClientBody::Stream(body) => (Body::Stream(body), None),
+            ClientBody::Stream(body) => (Body::Stream(body), false),
         };
         parts.uri = upstream_uri(upstream, &parts.uri)?;
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(
             &mut parts.headers,
             upstream,
-            content_length,
+            rewritten,
             config.gateway_keys.is_some(),
         );
 
