@@ -166,14 +166,18 @@ async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
     let (_mocks, gw) = started(0.25, extra).await;
     // Batches of 20 requests: after a promotion, the rest of a batch cannot
     // make the next stage ready too (30 requests per arm) before it is seen.
+    // Paced, so that the stage's minimum time passes however fast the
+    // requests are answered.
     let mut promoted = None;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         traffic(&gw.url(), "user-", 1000, 20, 4).await;
         let state = get(&gw, "/admin/rollout").await;
         if state["treatment_fraction"] != 0.25 {
             promoted = Some(state);
             break;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let Some(promoted) = promoted else {
         panic!(
