@@ -1,21 +1,96 @@
 //! The pooled HTTP client that talks to upstreams: HTTP/1.1 or HTTP/2 (by
-//! ALPN) over rustls, plain HTTP/1.1 for `http://` upstreams.
+//! ALPN) over rustls, plain HTTP/1.1 for `http://` upstreams, each of
+//! those with connections of its own ([`Http1Pool`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Scheme;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::h1pool::{Http1Pool, PoolError};
 use crate::body::Body;
 use crate::config::{read_pem_certs, Snapshot};
 
-/// The upstream client; cloning shares the connection pool.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+type GeneralClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// Builds the client for a config: public web roots plus every `ca_file`.
+/// The upstream client; cloning shares the connections.
+#[derive(Clone)]
+pub struct HttpClient {
+    /// TLS upstreams, and any other URL (a Prometheus server).
+    general: GeneralClient,
+    /// The config's plain-HTTP upstreams.
+    plain: Arc<[Arc<Http1Pool>]>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").finish_non_exhaustive()
+    }
+}
+
+/// Why a request got no answer, from whichever connections it used.
+#[derive(Debug)]
+pub enum ClientError {
+    General(hyper_util::client::legacy::Error),
+    Plain(PoolError),
+}
+
+impl ClientError {
+    /// No connection could be made (refused, unreachable, timed out).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            ClientError::General(err) => err.is_connect(),
+            ClientError::Plain(err) => matches!(err, PoolError::Connect(_)),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::General(err) => write!(f, "{err}"),
+            ClientError::Plain(err) => write!(f, "client error: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::General(err) => err.source(),
+            ClientError::Plain(err) => err.source(),
+        }
+    }
+}
+
+impl HttpClient {
+    /// Sends `request` (absolute URI) and waits for the answer's headers.
+    pub async fn request(&self, request: Request<Body>) -> Result<Response<Incoming>, ClientError> {
+        let uri = request.uri();
+        if uri.scheme() == Some(&Scheme::HTTP) {
+            let pool = self
+                .plain
+                .iter()
+                .find(|pool| uri.authority() == Some(pool.authority()));
+            if let Some(pool) = pool {
+                return pool.send(request).await.map_err(ClientError::Plain);
+            }
+        }
+        self.general
+            .request(request)
+            .await
+            .map_err(ClientError::General)
+    }
+}
+
+/// Builds the client for a config: public web roots plus every `ca_file`,
+/// and connections of their own for plain-HTTP upstreams.
 pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -45,9 +120,25 @@ pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    let general = Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+        .build(https);
+    let mut plain: Vec<Arc<Http1Pool>> = Vec::new();
+    for upstream in [&snapshot.control, &snapshot.treatment] {
+        let known = plain
+            .iter()
+            .any(|pool| *pool.authority() == upstream.authority);
+        if upstream.scheme == Scheme::HTTP && !known {
+            if let Some(pool) = Http1Pool::new(upstream.authority.clone(), snapshot.connect_timeout)
+            {
+                plain.push(Arc::new(pool));
+            }
+        }
+    }
+    Ok(HttpClient {
+        general,
+        plain: plain.into(),
+    })
 }

@@ -35,6 +35,7 @@ pub mod deadline;
 pub mod error;
 pub mod fallback;
 pub mod feedback;
+mod h1pool;
 pub mod headers;
 pub mod json;
 pub mod observe;
@@ -929,12 +930,23 @@ impl crate::server::Handler for Gateway {
 }
 
 /// Settings baked into the upstream client: a change rebuilds it.
-fn transport(config: &Snapshot) -> (std::time::Duration, [Option<&std::path::PathBuf>; 2]) {
+#[allow(clippy::type_complexity)]
+fn transport(
+    config: &Snapshot,
+) -> (
+    std::time::Duration,
+    [Option<&std::path::PathBuf>; 2],
+    [(&http::uri::Scheme, &http::uri::Authority); 2],
+) {
     (
         config.connect_timeout,
         [
             config.control.ca_file.as_ref(),
             config.treatment.ca_file.as_ref(),
+        ],
+        [
+            (&config.control.scheme, &config.control.authority),
+            (&config.treatment.scheme, &config.treatment.authority),
         ],
     )
 }
@@ -1125,7 +1137,7 @@ fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, ProxyError> 
 
 /// Maps a client failure to connect, timeout or reset, naming the variant.
 fn classify_client_error(
-    err: &hyper_util::client::legacy::Error,
+    err: &client::ClientError,
     variant: Variant,
     config: &Snapshot,
 ) -> ProxyError {
