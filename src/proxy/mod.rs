@@ -19,7 +19,8 @@
 //! 6. **rewrite**: `model` spliced in, host and credentials set; the
 //!    client's credentials dropped when the upstream gets the gateway's
 //!    own or they held a gateway key; every `x-abgate-*` header dropped.
-//! 7. **forward**: the pooled client sends it and waits for the headers
+//! 7. **forward**: sent on a kept-alive upstream connection (`client`,
+//!    `h1pool`), waiting for the headers
 //!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
 //!    body is the upstream's own stream, so SSE chunks reach the client as
 //!    they arrive, watched by the idle and total deadlines.
