@@ -137,6 +137,12 @@ pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
             }
         }
     }
+    // Outside a runtime (a config checked offline) nothing is ever idle.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        for pool in &plain {
+            runtime.spawn(super::h1pool::reap_idle(Arc::downgrade(pool)));
+        }
+    }
     Ok(HttpClient {
         general,
         plain: plain.into(),

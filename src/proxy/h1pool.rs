@@ -14,7 +14,7 @@
 //! connection is sent again on a new one. A request already written is
 //! never resent (a completion costs tokens).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, HOST};
@@ -145,12 +145,7 @@ impl Http1Pool {
             return;
         };
         let now = Instant::now();
-        // The oldest are first: close those idle too long.
-        let expired = idle
-            .iter()
-            .take_while(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
-            .count();
-        idle.drain(..expired);
+        expire(&mut idle, now);
         idle.push((sender, now));
     }
 
@@ -183,5 +178,32 @@ impl Http1Pool {
             }
         });
         Ok(sender)
+    }
+}
+
+/// Closes the connections idle for longer than [`IDLE_TIMEOUT`]; the
+/// oldest are first.
+fn expire(idle: &mut Vec<(SendRequest<Body>, Instant)>, now: Instant) {
+    let expired = idle
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        .count();
+    idle.drain(..expired);
+}
+
+/// Closes `pool`'s expired idle connections every third of
+/// [`IDLE_TIMEOUT`], so that they go when traffic stops too; ends with the
+/// pool (a config that no longer names its upstream).
+pub async fn reap_idle(pool: Weak<Http1Pool>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        if let Ok(mut idle) = pool.idle.lock() {
+            expire(&mut idle, Instant::now());
+        };
     }
 }
