@@ -207,3 +207,33 @@ pub async fn reap_idle(pool: Weak<Http1Pool>) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender on an in-memory connection: enough to be kept or expired.
+    async fn sender() -> SendRequest<Body> {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let (sender, connection) = http1::handshake(TokioIo::new(ours)).await.unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_timeout_are_closed_and_the_rest_kept() {
+        // Ahead of the clock, so that subtracting cannot go before its start.
+        let now = Instant::now() + IDLE_TIMEOUT * 2;
+        let mut idle = vec![
+            (sender().await, now - IDLE_TIMEOUT - Duration::from_secs(5)),
+            (sender().await, now - IDLE_TIMEOUT - Duration::from_secs(1)),
+            (sender().await, now - IDLE_TIMEOUT + Duration::from_secs(1)),
+            (sender().await, now),
+        ];
+        expire(&mut idle, now);
+        let left: Vec<Instant> = idle.iter().map(|(_, since)| *since).collect();
+        assert_eq!(left, [now - IDLE_TIMEOUT + Duration::from_secs(1), now]);
+        expire(&mut idle, now + IDLE_TIMEOUT + Duration::from_secs(1));
+        assert!(idle.is_empty());
+    }
+}
