@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::h1pool::{Http1Pool, PoolError};
+use super::h1pool::Http1Pool;
 use crate::body::Body;
 use crate::config::{read_pem_certs, Snapshot};
 
@@ -37,8 +37,13 @@ impl std::fmt::Debug for HttpClient {
 /// Why a request got no answer, from whichever connections it used.
 #[derive(Debug)]
 pub enum ClientError {
+    /// From hyper-util's client (TLS upstreams, other URLs).
     General(hyper_util::client::legacy::Error),
-    Plain(PoolError),
+    /// A plain-HTTP upstream: no connection (refused, unreachable, a name
+    /// that does not resolve, or past the connect timeout: `TimedOut`).
+    Connect(std::io::Error),
+    /// A plain-HTTP upstream's connection failed before the answer's headers.
+    Http(hyper::Error),
 }
 
 impl ClientError {
@@ -46,7 +51,8 @@ impl ClientError {
     pub fn is_connect(&self) -> bool {
         match self {
             ClientError::General(err) => err.is_connect(),
-            ClientError::Plain(err) => matches!(err, PoolError::Connect(_)),
+            ClientError::Connect(_) => true,
+            ClientError::Http(_) => false,
         }
     }
 }
@@ -55,7 +61,8 @@ impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientError::General(err) => write!(f, "{err}"),
-            ClientError::Plain(err) => write!(f, "client error: {err}"),
+            ClientError::Connect(err) => write!(f, "client error: tcp connect error: {err}"),
+            ClientError::Http(err) => write!(f, "client error: {err}"),
         }
     }
 }
@@ -64,7 +71,8 @@ impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientError::General(err) => err.source(),
-            ClientError::Plain(err) => err.source(),
+            ClientError::Connect(err) => Some(err),
+            ClientError::Http(err) => Some(err),
         }
     }
 }
@@ -79,7 +87,7 @@ impl HttpClient {
                 .iter()
                 .find(|pool| uri.authority() == Some(pool.authority()));
             if let Some(pool) = pool {
-                return pool.send(request).await.map_err(ClientError::Plain);
+                return pool.send(request).await;
             }
         }
         self.general

@@ -25,6 +25,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::client::ClientError;
 use crate::body::Body;
 
 /// Idle connections older than this are closed.
@@ -37,34 +38,6 @@ pub struct Http1Pool {
     connect_timeout: Duration,
     /// Idle senders with the time each became idle; the newest last.
     idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
-}
-
-/// Why a request got no answer.
-#[derive(Debug)]
-pub enum PoolError {
-    /// No connection: refused, unreachable, a name that does not resolve, or
-    /// past the connect timeout (`TimedOut`).
-    Connect(std::io::Error),
-    /// The connection failed before the answer's headers.
-    Http(hyper::Error),
-}
-
-impl std::fmt::Display for PoolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PoolError::Connect(err) => write!(f, "tcp connect error: {err}"),
-            PoolError::Http(err) => write!(f, "{err}"),
-        }
-    }
-}
-
-impl std::error::Error for PoolError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            PoolError::Connect(err) => Some(err),
-            PoolError::Http(err) => Some(err),
-        }
-    }
 }
 
 impl Http1Pool {
@@ -88,7 +61,7 @@ impl Http1Pool {
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<Response<Incoming>, ClientError> {
         // HTTP/1.1 wants origin-form and a Host header.
         if let Some(path) = request.uri().path_and_query().cloned() {
             *request.uri_mut() = Uri::from(path);
@@ -107,7 +80,7 @@ impl Http1Pool {
                 Err(mut err) => match err.take_message() {
                     // Not written: the idle connection had closed meanwhile.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(PoolError::Http(err.into_error())),
+                    _ => return Err(ClientError::Http(err.into_error())),
                 },
             }
         }
@@ -149,7 +122,7 @@ impl Http1Pool {
         idle.push((sender, now));
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, PoolError> {
+    async fn connect(&self) -> Result<SendRequest<Body>, ClientError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(80);
         let connect = async {
@@ -161,9 +134,9 @@ impl Http1Pool {
         };
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => return Err(PoolError::Connect(err)),
+            Ok(Err(err)) => return Err(ClientError::Connect(err)),
             Err(_) => {
-                return Err(PoolError::Connect(std::io::Error::new(
+                return Err(ClientError::Connect(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no connection within {:?}", self.connect_timeout),
                 )))
@@ -171,7 +144,7 @@ impl Http1Pool {
         };
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(PoolError::Http)?;
+            .map_err(ClientError::Http)?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "upstream connection ended with an error");
