@@ -20,8 +20,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Body {
     /// A body the gateway holds whole (rewritten JSON, errors, mock answers).
     Full(Option<Bytes>),
-    /// A body streamed through untouched, frame by frame.
+    /// A client's body streamed through untouched, frame by frame.
     Stream(Incoming),
+    /// An upstream's answer streamed through untouched, frame by frame.
+    Upstream(crate::proxy::client::UpstreamBody),
     /// A body produced by the gateway itself, chunk by chunk (mock SSE).
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// A response body being measured on its way to the client.
@@ -60,6 +62,7 @@ impl http_body::Body for Body {
             Body::Stream(incoming) => Pin::new(incoming)
                 .poll_frame(cx)
                 .map_err(|err| Box::new(err) as BoxError),
+            Body::Upstream(body) => Pin::new(body).poll_frame(cx),
             Body::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
@@ -71,6 +74,7 @@ impl http_body::Body for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
+            Body::Upstream(body) => body.is_end_stream(),
             Body::Channel(_) => false,
             Body::Observed(observed) => observed.is_end_stream(),
         }
@@ -81,6 +85,7 @@ impl http_body::Body for Body {
             Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(incoming) => incoming.size_hint(),
+            Body::Upstream(body) => body.size_hint(),
             Body::Channel(_) => SizeHint::default(),
             Body::Observed(observed) => observed.size_hint(),
         }

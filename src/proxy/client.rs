@@ -2,8 +2,13 @@
 //! ALPN) over rustls, plain HTTP/1.1 for `http://` upstreams, each of
 //! those with connections of its own ([`Http1Pool`]).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -14,7 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h1pool::Http1Pool;
-use crate::body::Body;
+use super::h1wire::{ResponseBody, WireError};
+use crate::body::{Body, BoxError};
 use crate::config::{read_pem_certs, Snapshot};
 
 type GeneralClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -43,7 +49,7 @@ pub enum ClientError {
     /// that does not resolve, or past the connect timeout: `TimedOut`).
     Connect(std::io::Error),
     /// A plain-HTTP upstream's connection failed before the answer's headers.
-    Http(hyper::Error),
+    Wire(WireError),
 }
 
 impl ClientError {
@@ -52,7 +58,7 @@ impl ClientError {
         match self {
             ClientError::General(err) => err.is_connect(),
             ClientError::Connect(_) => true,
-            ClientError::Http(_) => false,
+            ClientError::Wire(_) => false,
         }
     }
 }
@@ -62,7 +68,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::General(err) => write!(f, "{err}"),
             ClientError::Connect(err) => write!(f, "client error: tcp connect error: {err}"),
-            ClientError::Http(err) => write!(f, "client error: {err}"),
+            ClientError::Wire(err) => write!(f, "client error: {err}"),
         }
     }
 }
@@ -72,14 +78,17 @@ impl std::error::Error for ClientError {
         match self {
             ClientError::General(err) => err.source(),
             ClientError::Connect(err) => Some(err),
-            ClientError::Http(err) => Some(err),
+            ClientError::Wire(err) => Some(err),
         }
     }
 }
 
 impl HttpClient {
     /// Sends `request` (absolute URI) and waits for the answer's headers.
-    pub async fn request(&self, request: Request<Body>) -> Result<Response<Incoming>, ClientError> {
+    pub async fn request(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, ClientError> {
         let uri = request.uri();
         if uri.scheme() == Some(&Scheme::HTTP) {
             let pool = self
@@ -87,13 +96,54 @@ impl HttpClient {
                 .iter()
                 .find(|pool| uri.authority() == Some(pool.authority()));
             if let Some(pool) = pool {
-                return pool.send(request).await;
+                let response = pool.send(request).await?;
+                return Ok(response.map(UpstreamBody::Plain));
             }
         }
-        self.general
+        let response = self
+            .general
             .request(request)
             .await
-            .map_err(ClientError::General)
+            .map_err(ClientError::General)?;
+        Ok(response.map(UpstreamBody::General))
+    }
+}
+
+/// An upstream's answer body, from whichever connections carried it.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    General(Incoming),
+    Plain(ResponseBody),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::General(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map_err(|err| Box::new(err) as BoxError),
+            UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::General(incoming) => incoming.is_end_stream(),
+            UpstreamBody::Plain(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::General(incoming) => incoming.size_hint(),
+            UpstreamBody::Plain(body) => body.size_hint(),
+        }
     }
 }
 

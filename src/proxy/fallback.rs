@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use http::uri::Uri;
 use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
 
+use super::client::UpstreamBody;
 use super::error::ProxyError;
 use super::json::{self, BodyFields};
 use crate::body::Body;
@@ -76,7 +76,7 @@ pub fn rewrite_for(
 /// How a treatment attempt failed, if it is a failure worth resending:
 /// the status its client would get without fallback, and its kind.
 pub fn failure(
-    attempt: &Result<Response<Incoming>, ProxyError>,
+    attempt: &Result<Response<UpstreamBody>, ProxyError>,
 ) -> Option<(u16, UpstreamErrorKind)> {
     let (status, kind) = match attempt {
         Ok(response) => {

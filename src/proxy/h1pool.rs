@@ -1,11 +1,12 @@
-//! Connections to one plain-HTTP upstream: HTTP/1.1 senders kept idle and
-//! reused, the most recently used first.
+//! Connections to one plain-HTTP upstream: HTTP/1.1 connections kept idle
+//! and reused, the most recently used first.
 //!
 //! hyper-util's general pool serves any URL: on every request it clones the
 //! connector, keys a locked map by scheme and authority, and builds the Host
-//! header from the URI. An upstream of the config is known in advance, so
-//! its connections sit in a list of their own with its Host value ready.
-//! The HTTP/1.1 protocol itself is hyper's.
+//! header from the URI; each of hyper's connections is a task of its own,
+//! fed through channels. An upstream of the config is known in advance, so
+//! its connections sit in a list of their own with its Host value ready,
+//! and the request's own task speaks HTTP/1.1 on them ([`super::h1wire`]).
 //!
 //! A connection goes back to the list once it can take another request,
 //! that is when the previous answer's body has been read to its end. The
@@ -17,27 +18,26 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, HOST};
+use http::header::HeaderValue;
 use http::uri::Authority;
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
 use tokio::net::TcpStream;
 
 use super::client::ClientError;
+use super::h1wire::{self, BodyFraming, Connection, ResponseBody, WireError, WriteFailed};
 use crate::body::Body;
 
 /// Idle connections older than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One upstream's HTTP/1.1 connections.
+#[derive(Debug)]
 pub struct Http1Pool {
     authority: Authority,
     host: HeaderValue,
     connect_timeout: Duration,
-    /// Idle senders with the time each became idle; the newest last.
-    idle: Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    /// Idle connections with the time each became idle; the newest last.
+    idle: Mutex<Vec<(Connection, Instant)>>,
 }
 
 impl Http1Pool {
@@ -56,73 +56,64 @@ impl Http1Pool {
         &self.authority
     }
 
-    /// Sends `request` (its URI absolute or origin-form) and waits for the
-    /// answer's headers.
+    /// Sends `request` (its URI absolute or origin-form: only the path and
+    /// query are used) and waits for the answer's headers.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, ClientError> {
-        // HTTP/1.1 wants origin-form and a Host header.
-        if let Some(path) = request.uri().path_and_query().cloned() {
-            *request.uri_mut() = Uri::from(path);
-        }
-        request.headers_mut().insert(HOST, self.host.clone());
-        loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
+        request: Request<Body>,
+    ) -> Result<Response<ResponseBody>, ClientError> {
+        let (parts, body) = request.into_parts();
+        let framing = BodyFraming::of(&parts, &body);
+        let mut connection = loop {
+            let (mut connection, reused) = match self.checkout() {
+                Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.checkin_when_ready(sender);
-                    return Ok(response);
+            match connection.write_head(&parts, &self.host, &framing).await {
+                Ok(()) => break connection,
+                // Not a byte written: the idle connection had closed
+                // meanwhile, and the request can go on another one.
+                Err(WriteFailed { written: 0, .. }) if reused => continue,
+                Err(WriteFailed { error, .. }) => {
+                    return Err(ClientError::Wire(WireError::Io(error)))
                 }
-                Err(mut err) => match err.take_message() {
-                    // Not written: the idle connection had closed meanwhile.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(ClientError::Http(err.into_error())),
-                },
             }
-        }
+        };
+        connection
+            .write_body(framing, body)
+            .await
+            .map_err(ClientError::Wire)?;
+        let head = connection
+            .read_head(&parts.method)
+            .await
+            .map_err(ClientError::Wire)?;
+        Ok(h1wire::response(head, connection, Arc::clone(self)))
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    fn checkout(&self) -> Option<Connection> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some((sender, _)) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        while let Some((connection, _)) = idle.pop() {
+            if connection.is_reusable() {
+                return Some(connection);
             }
             // Closed by the upstream (or broken): dropped here.
         }
         None
     }
 
-    /// Puts `sender` back once it can take another request: at once when
-    /// the answer had no body left to read, otherwise from a small task.
-    fn checkin_when_ready(self: &Arc<Self>, mut sender: SendRequest<Body>) {
-        if sender.is_ready() {
-            self.checkin(sender);
-            return;
-        }
-        let pool = Arc::clone(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool.checkin(sender);
-            }
-        });
-    }
-
-    fn checkin(&self, sender: SendRequest<Body>) {
+    /// Keeps `connection`, whose last answer has been read to its end, for
+    /// the next request.
+    pub(super) fn checkin(&self, connection: Connection) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
         let now = Instant::now();
         expire(&mut idle, now);
-        idle.push((sender, now));
+        idle.push((connection, now));
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, ClientError> {
+    async fn connect(&self) -> Result<Connection, ClientError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(80);
         let connect = async {
@@ -132,31 +123,20 @@ impl Http1Pool {
             stream.set_nodelay(true)?;
             Ok::<_, std::io::Error>(stream)
         };
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => return Err(ClientError::Connect(err)),
-            Err(_) => {
-                return Err(ClientError::Connect(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", self.connect_timeout),
-                )))
-            }
-        };
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(ClientError::Http)?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => Ok(Connection::new(stream)),
+            Ok(Err(err)) => Err(ClientError::Connect(err)),
+            Err(_) => Err(ClientError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            ))),
+        }
     }
 }
 
 /// Closes the connections idle for longer than [`IDLE_TIMEOUT`]; the
 /// oldest are first.
-fn expire(idle: &mut Vec<(SendRequest<Body>, Instant)>, now: Instant) {
+fn expire<C>(idle: &mut Vec<(C, Instant)>, now: Instant) {
     let expired = idle
         .iter()
         .take_while(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
@@ -183,25 +163,151 @@ pub async fn reap_idle(pool: Weak<Http1Pool>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use bytes::Bytes;
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
-    /// A sender on an in-memory connection: enough to be kept or expired.
-    async fn sender() -> SendRequest<Body> {
-        let (ours, _theirs) = tokio::io::duplex(1024);
-        let (sender, connection) = http1::handshake(TokioIo::new(ours)).await.unwrap();
-        tokio::spawn(connection);
-        sender
+    fn idle_count(pool: &Http1Pool) -> usize {
+        pool.idle.lock().unwrap().len()
+    }
+
+    /// Reads from `socket` until `buffer` ends with `end`.
+    async fn read_until(socket: &mut TcpStream, buffer: &mut Vec<u8>, end: &[u8]) {
+        while !buffer.ends_with(end) {
+            let mut bytes = [0u8; 1024];
+            let read = socket.read(&mut bytes).await.unwrap();
+            assert!(
+                read > 0,
+                "closed after {:?}",
+                String::from_utf8_lossy(buffer)
+            );
+            buffer.extend_from_slice(&bytes[..read]);
+        }
+    }
+
+    async fn listener() -> (TcpListener, Arc<Http1Pool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
+        let pool = Http1Pool::new(authority, Duration::from_secs(5)).unwrap();
+        (listener, Arc::new(pool))
+    }
+
+    fn post(body: Body) -> Request<Body> {
+        Request::post("http://upstream/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
     }
 
     #[tokio::test]
-    async fn connections_idle_past_the_timeout_are_closed_and_the_rest_kept() {
+    async fn a_connection_goes_back_only_once_its_answer_has_ended_cleanly() {
+        let (listener, pool) = listener().await;
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            read_until(&mut socket, &mut request, b"\r\n\r\n{}").await;
+            let head = String::from_utf8(request).unwrap();
+            assert!(
+                head.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+                "{head}"
+            );
+            assert!(head.contains(&format!("host: {}\r\n", socket.local_addr().unwrap())));
+            assert!(head.contains("content-length: 2\r\n"), "{head}");
+            // The body in two writes, the second after a pause.
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello";
+            socket.write_all(answer).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            socket.write_all(b"world").await.unwrap();
+            // The same connection carries the next request; its chunked
+            // answer is followed by bytes nobody asked for.
+            let mut request = Vec::new();
+            read_until(&mut socket, &mut request, b"\r\n\r\n{}").await;
+            let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                5\r\nagain\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n";
+            socket.write_all(answer).await.unwrap();
+            // So a third request comes on a new connection.
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            read_until(&mut socket, &mut request, b"\r\n\r\n{}").await;
+            socket
+                .write_all(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            // The gateway drops that connection after its last request.
+            socket.read_to_end(&mut rest).await.unwrap();
+        });
+
+        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(idle_count(&pool), 0, "lent out while its body is unread");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"helloworld");
+        assert_eq!(idle_count(&pool), 1);
+
+        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"again");
+        assert_eq!(idle_count(&pool), 0, "not reused after stray bytes");
+
+        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        assert_eq!(response.status(), 503);
+        // Dropped before its end: the connection is closed, not kept.
+        drop(response);
+        assert_eq!(idle_count(&pool), 0);
+        tokio::time::timeout(Duration::from_secs(5), upstream)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_of_unknown_length_goes_in_chunks() {
+        let (listener, pool) = listener().await;
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            read_until(&mut socket, &mut request, b"0\r\n\r\n").await;
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        sender.send(Bytes::from_static(b"first")).await.unwrap();
+        sender
+            .send(Bytes::from_static(b"and a second piece"))
+            .await
+            .unwrap();
+        drop(sender);
+        let response = pool.send(post(Body::Channel(receiver))).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.body().is_end_stream());
+        assert_eq!(idle_count(&pool), 1, "an empty answer ends at once");
+        let request = tokio::time::timeout(Duration::from_secs(5), upstream)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            request.ends_with("transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n12\r\nand a second piece\r\n0\r\n\r\n"),
+            "{request}"
+        );
+    }
+
+    #[test]
+    fn connections_idle_past_the_timeout_are_closed_and_the_rest_kept() {
         // Ahead of the clock, so that subtracting cannot go before its start.
         let now = Instant::now() + IDLE_TIMEOUT * 2;
         let mut idle = vec![
-            (sender().await, now - IDLE_TIMEOUT - Duration::from_secs(5)),
-            (sender().await, now - IDLE_TIMEOUT - Duration::from_secs(1)),
-            (sender().await, now - IDLE_TIMEOUT + Duration::from_secs(1)),
-            (sender().await, now),
+            ("connection", now - IDLE_TIMEOUT - Duration::from_secs(5)),
+            ("connection", now - IDLE_TIMEOUT - Duration::from_secs(1)),
+            ("connection", now - IDLE_TIMEOUT + Duration::from_secs(1)),
+            ("connection", now),
         ];
         expire(&mut idle, now);
         let left: Vec<Instant> = idle.iter().map(|(_, since)| *since).collect();

@@ -20,7 +20,7 @@
 //!    client's credentials dropped when the upstream gets the gateway's
 //!    own or they held a gateway key; every `x-abgate-*` header dropped.
 //! 7. **forward**: sent on a kept-alive upstream connection (`client`,
-//!    `h1pool`), waiting for the headers
+//!    `h1pool`, `h1wire`), waiting for the headers
 //!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
 //!    body is the upstream's own stream, so SSE chunks reach the client as
 //!    they arrive, watched by the idle and total deadlines.
@@ -37,6 +37,7 @@ pub mod error;
 pub mod fallback;
 pub mod feedback;
 mod h1pool;
+mod h1wire;
 pub mod headers;
 pub mod json;
 pub mod observe;
@@ -65,7 +66,7 @@ use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKin
 use crate::request_id::RequestIds;
 use crate::rollout::{RuntimeState, SplitEpoch};
 use admission::{Inflight, Places};
-use client::HttpClient;
+use client::{HttpClient, UpstreamBody};
 use deadline::Deadlines;
 use error::{ProxyError, Timeout};
 use json::BodyFields;
@@ -811,7 +812,7 @@ impl Gateway {
         // Answer: the upstream's status, headers and body stream, as is.
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Stream(body)))
+        Ok(Response::from_parts(parts, Body::Upstream(body)))
     }
 }
 
@@ -826,7 +827,7 @@ impl Gateway {
         variant: Variant,
         total_at: Instant,
         decision: &mut Decision,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let config = &live.config;
         let sent = live.client.request(request);
         let waiting = Instant::now();
@@ -859,12 +860,12 @@ impl Gateway {
         &self,
         live: &Arc<Live>,
         resend: fallback::Resend,
-        attempt: Result<Response<Incoming>, ProxyError>,
+        attempt: Result<Response<UpstreamBody>, ProxyError>,
         (status, kind): (u16, UpstreamErrorKind),
         decision: &mut Decision,
         started: Instant,
         total_at: Instant,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let config = &live.config;
         if let Some(max) = config.config.limits.max_inflight_per_variant {
             match self.inflight.admit_to(Variant::Control, max) {

@@ -1,0 +1,959 @@
+//! HTTP/1.1 on the wire to a plain-HTTP upstream, spoken by the task that
+//! serves the client.
+//!
+//! The request head is written straight from the request's parts into a
+//! buffer the connection keeps; the answer's head is parsed with httparse,
+//! its header values left in the read buffer they arrived in; its body is
+//! decoded (a length, chunks, or up to the close) in place, and each piece
+//! is passed on the moment it is read. There is no connection task and no
+//! channel between it and the request: the bytes go from the upstream's
+//! socket to the client's answer, and the connection goes back to its pool
+//! when the answer's last byte has been read.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::h1pool::Http1Pool;
+use crate::body::{Body, BoxError};
+
+/// The most header fields an answer may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// The longest answer head accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest chunk-size line (with extensions) or trailer section.
+const MAX_FRAMING_BYTES: usize = 16 * 1024;
+/// Read buffers keep at least this much room before each read.
+const READ_ROOM: usize = 4 * 1024;
+/// A fresh read buffer's size: the typical answer's head and body.
+const READ_BUFFER: usize = 8 * 1024;
+/// A whole request body up to this size is copied behind the head and
+/// written with it in one system call; a larger one is written on its own.
+const INLINE_BODY: usize = 64 * 1024;
+
+/// An open connection to the upstream and its buffers, kept between
+/// requests.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+/// What went wrong on a connection to a plain-HTTP upstream.
+#[derive(Debug)]
+pub enum WireError {
+    /// The socket failed (reset, broken pipe, ...).
+    Io(io::Error),
+    /// The upstream closed the connection before the answer ended.
+    Closed,
+    /// The upstream's answer is not valid HTTP/1.1.
+    Invalid(&'static str),
+    /// The client's request body failed while it was being sent on.
+    RequestBody(BoxError),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Io(err) => write!(f, "connection error: {err}"),
+            WireError::Closed => {
+                f.write_str("the upstream closed the connection before the answer ended")
+            }
+            WireError::Invalid(what) => write!(f, "invalid answer from the upstream: {what}"),
+            WireError::RequestBody(err) => write!(f, "the request body failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WireError::Io(err) => Some(err),
+            WireError::RequestBody(err) => Some(err.as_ref()),
+            WireError::Closed | WireError::Invalid(_) => None,
+        }
+    }
+}
+
+/// A write that failed, and how many bytes of it went out first: none
+/// means the request may still be sent on another connection.
+pub struct WriteFailed {
+    pub error: io::Error,
+    pub written: usize,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            read: BytesMut::with_capacity(READ_BUFFER),
+            write: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Whether the connection, idle since its last answer, is still open
+    /// with nothing unasked-for to read. Costs a system call only when the
+    /// socket has signalled something since (tokio tracks readiness).
+    pub fn is_reusable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(err) => err.kind() == io::ErrorKind::WouldBlock,
+            // Closed (0), or bytes that answer nothing.
+            Ok(_) => false,
+        }
+    }
+
+    /// Writes the request head, and a small whole body with it, in one
+    /// write.
+    pub async fn write_head(
+        &mut self,
+        parts: &Parts,
+        host: &HeaderValue,
+        framing: &BodyFraming,
+    ) -> Result<(), WriteFailed> {
+        self.write.clear();
+        encode_head(&mut self.write, parts, host, framing);
+        if let BodyFraming::Whole(Some(bytes)) = framing {
+            if bytes.len() <= INLINE_BODY {
+                self.write.extend_from_slice(bytes);
+            }
+        }
+        let mut written = 0;
+        while written < self.write.len() {
+            let rest = self.write.get(written..).unwrap_or_default();
+            match self.stream.write(rest).await {
+                Ok(0) => {
+                    return Err(WriteFailed {
+                        error: io::ErrorKind::WriteZero.into(),
+                        written,
+                    })
+                }
+                Ok(n) => written += n,
+                Err(error) => return Err(WriteFailed { error, written }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what of `body` [`Connection::write_head`] left out.
+    pub async fn write_body(&mut self, framing: BodyFraming, body: Body) -> Result<(), WireError> {
+        match framing {
+            BodyFraming::Whole(Some(bytes)) if bytes.len() > INLINE_BODY => {
+                self.stream.write_all(&bytes).await.map_err(WireError::Io)
+            }
+            BodyFraming::Whole(_) => Ok(()),
+            BodyFraming::Declared | BodyFraming::Chunked => {
+                let chunked = framing == BodyFraming::Chunked;
+                let mut body = body;
+                while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                    let frame = frame.map_err(WireError::RequestBody)?;
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers are not forwarded
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.write.clear();
+                    if chunked {
+                        self.write
+                            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    }
+                    self.write.extend_from_slice(&data);
+                    if chunked {
+                        self.write.extend_from_slice(b"\r\n");
+                    }
+                    self.stream
+                        .write_all(&self.write)
+                        .await
+                        .map_err(WireError::Io)?;
+                }
+                if chunked {
+                    self.stream
+                        .write_all(b"0\r\n\r\n")
+                        .await
+                        .map_err(WireError::Io)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads until the answer's head is complete (informational answers
+    /// skipped) and parses it.
+    pub async fn read_head(&mut self, method: &Method) -> Result<Head, WireError> {
+        loop {
+            if let Some(head) = parse_head(&mut self.read, method)? {
+                return Ok(head);
+            }
+            let read = poll_fn(|cx| self.poll_fill(cx)).await?;
+            if read == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    /// Reads what the socket has into the read buffer: 0 at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, WireError>> {
+        if self.read.capacity() - self.read.len() < READ_ROOM {
+            self.read.reserve(READ_BUFFER);
+        }
+        // tokio-util's reader marks the socket not ready after a short read,
+        // so that the next read waits for data instead of trying first.
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
+            .map_err(WireError::Io)
+    }
+}
+
+/// How a request's body follows its head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// A body held whole: its length is in the head.
+    Whole(Option<Bytes>),
+    /// A streamed body with the client's own `Content-Length`.
+    Declared,
+    /// A streamed body of unknown length, sent in chunks.
+    Chunked,
+}
+
+impl BodyFraming {
+    /// How `body` goes out with `parts`.
+    pub fn of(parts: &Parts, body: &Body) -> Self {
+        match body {
+            Body::Full(bytes) => BodyFraming::Whole(bytes.clone()),
+            _ if parts.headers.contains_key(CONTENT_LENGTH) => BodyFraming::Declared,
+            _ => BodyFraming::Chunked,
+        }
+    }
+}
+
+/// Writes the request line and headers: origin-form target, the
+/// upstream's Host, and the body's framing.
+fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &BodyFraming) {
+    let whole = matches!(framing, BodyFraming::Whole(_));
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        // Host is the upstream's; a whole body's length is its own.
+        let skip = *name == HOST || (*name == CONTENT_LENGTH && whole);
+        if !skip {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match framing {
+        BodyFraming::Whole(bytes) => {
+            let length = bytes.as_ref().map_or(0, Bytes::len);
+            // A GET or the like without a body says nothing of one.
+            if length > 0
+                || !matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+                )
+            {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(length.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyFraming::Declared => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed answer head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    framing: Framing,
+    /// Whether the connection may carry another request after this answer.
+    keep_alive: bool,
+}
+
+/// How an answer's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// After this many bytes.
+    Length(u64),
+    /// After the last chunk.
+    Chunked,
+    /// When the upstream closes the connection.
+    UntilClose,
+}
+
+/// Parses a complete answer head off the front of `buffer`, skipping
+/// informational (1xx) answers; `None` until the head is complete.
+fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+    loop {
+        // Where each field sits in the head, to take it from the buffer
+        // without copying once parsing lets go of it.
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let (length, code, minor, fields) = {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut slots);
+            let length = match response.parse(buffer) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD_BYTES => {
+                    return Err(WireError::Invalid("head too large"))
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(WireError::Invalid("too many header fields"))
+                }
+                Err(_) => return Err(WireError::Invalid("malformed head")),
+            };
+            let start = buffer.as_ptr() as usize;
+            let mut fields = 0;
+            for (header, span) in response.headers.iter().zip(spans.iter_mut()) {
+                let name = header.name.as_ptr() as usize - start;
+                let value = header.value.as_ptr() as usize - start;
+                *span = (
+                    name,
+                    name + header.name.len(),
+                    value,
+                    value + header.value.len(),
+                );
+                fields += 1;
+            }
+            (
+                length,
+                response.code.unwrap_or(0),
+                response.version.unwrap_or(1),
+                fields,
+            )
+        };
+        let head = buffer.split_to(length).freeze();
+        match code {
+            101 => return Err(WireError::Invalid("switching protocols was not asked for")),
+            100..=199 => continue,
+            _ => {}
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("status code"))?;
+        let mut headers = HeaderMap::with_capacity(fields);
+        for &(name_start, name_end, value_start, value_end) in spans.iter().take(fields) {
+            let name = head
+                .get(name_start..name_end)
+                .and_then(|name| HeaderName::from_bytes(name).ok())
+                .ok_or(WireError::Invalid("header name"))?;
+            if value_end > head.len() || value_start > value_end {
+                return Err(WireError::Invalid("header value"));
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| WireError::Invalid("header value"))?;
+            headers.append(name, value);
+        }
+        let version = if minor == 1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        let (framing, keep_alive) = framing_of(status, method, &headers)?;
+        let closes = headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|value| has_token(value, "close"));
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive: keep_alive && version == Version::HTTP_11 && !closes,
+        }));
+    }
+}
+
+/// The body's framing, and whether it leaves the connection reusable.
+fn framing_of(
+    status: StatusCode,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), WireError> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Length(0), true));
+    }
+    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        let chunked = last
+            .as_bytes()
+            .rsplit(|byte| *byte == b',')
+            .next()
+            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        // With a Content-Length too, the connection is not to be trusted
+        // again (RFC 9112 §6.3).
+        let reusable = chunked && !headers.contains_key(CONTENT_LENGTH);
+        let framing = if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        };
+        return Ok((framing, reusable));
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|byte| *byte == b',') {
+            let parsed = std::str::from_utf8(item.trim_ascii())
+                .ok()
+                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or(WireError::Invalid("content-length"))?;
+            if length.is_some_and(|known| known != parsed) {
+                return Err(WireError::Invalid("conflicting content-length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(length) => (Framing::Length(length), true),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|byte| *byte == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The answer for `head`, its body read from `connection`, which goes
+/// back to `pool` when the body has been read to its end.
+pub fn response(
+    head: Head,
+    connection: Connection,
+    pool: Arc<Http1Pool>,
+) -> Response<ResponseBody> {
+    let decoder = match head.framing {
+        Framing::Length(length) => Decoder::Length(length),
+        Framing::Chunked => Decoder::Chunked(Chunked::Size { size: 0, digits: 0 }),
+        Framing::UntilClose => Decoder::UntilClose,
+    };
+    let mut body = ResponseBody {
+        connection: Some(connection),
+        pool: head.keep_alive.then_some(pool),
+        decoder,
+    };
+    body.settle();
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    *response.headers_mut() = head.headers;
+    response
+}
+
+/// An answer's body, read from the upstream's connection as the client's
+/// side asks for it.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// `None` once the body has ended or failed.
+    connection: Option<Connection>,
+    /// Where the connection goes at the end, if it can be reused.
+    pool: Option<Arc<Http1Pool>>,
+    decoder: Decoder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// Where a chunked body's decoding stands (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Reading a chunk's size, in hex.
+    Size { size: u64, digits: u8 },
+    /// Past the size: extensions, up to the end of the line.
+    SizeLine { size: u64, read: usize },
+    /// This many bytes of the chunk's data still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data (`cr`: its CR has been read).
+    DataEnd { cr: bool },
+    /// The trailer section after the last chunk: `line` bytes into its
+    /// current line, `read` bytes in all.
+    Trailers { line: usize, read: usize },
+    /// The last chunk and its trailers have been read.
+    Done,
+}
+
+/// One step of decoding what the read buffer holds.
+enum Step {
+    /// A piece of the body.
+    Data(Bytes),
+    /// The body has ended.
+    End,
+    /// More must be read first.
+    More,
+}
+
+impl Chunked {
+    /// Consumes framing bytes from the front of `buffer` until data or
+    /// the end is reached, or the buffer runs out.
+    fn advance(&mut self, buffer: &mut BytesMut) -> Result<(), WireError> {
+        let mut used = 0;
+        let result = loop {
+            match *self {
+                Chunked::Done => break Ok(()),
+                Chunked::Data(0) => {
+                    *self = Chunked::DataEnd { cr: false };
+                    continue;
+                }
+                Chunked::Data(_) => break Ok(()),
+                _ => {}
+            }
+            let Some(&byte) = buffer.get(used) else {
+                break Ok(());
+            };
+            used += 1;
+            match self.next(byte) {
+                Ok(next) => *self = next,
+                Err(error) => break Err(error),
+            }
+        };
+        buffer.advance(used);
+        result
+    }
+
+    /// The state after one more framing byte.
+    fn next(self, byte: u8) -> Result<Chunked, WireError> {
+        Ok(match (self, byte) {
+            (Chunked::DataEnd { cr: false }, b'\r') => Chunked::DataEnd { cr: true },
+            // A bare LF is taken too, as most decoders do.
+            (Chunked::DataEnd { .. }, b'\n') => Chunked::Size { size: 0, digits: 0 },
+            (Chunked::DataEnd { .. }, _) => {
+                return Err(WireError::Invalid("chunk data not followed by CRLF"))
+            }
+            (Chunked::Size { size, digits }, byte) if byte.is_ascii_hexdigit() => {
+                if digits >= 15 {
+                    return Err(WireError::Invalid("chunk size too large"));
+                }
+                let value = (byte as char).to_digit(16).unwrap_or(0);
+                Chunked::Size {
+                    size: size * 16 + u64::from(value),
+                    digits: digits + 1,
+                }
+            }
+            (Chunked::Size { digits: 0, .. }, _) => {
+                return Err(WireError::Invalid("chunk size missing"))
+            }
+            (Chunked::Size { size, .. }, b'\n') | (Chunked::SizeLine { size, .. }, b'\n') => {
+                Self::after_size_line(size)
+            }
+            (Chunked::Size { size, .. }, _) => Chunked::SizeLine { size, read: 1 },
+            (Chunked::SizeLine { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+                return Err(WireError::Invalid("chunk size line too long"))
+            }
+            (Chunked::SizeLine { size, read }, _) => Chunked::SizeLine {
+                size,
+                read: read + 1,
+            },
+            (Chunked::Trailers { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+                return Err(WireError::Invalid("trailer section too long"))
+            }
+            (Chunked::Trailers { line: 0, .. }, b'\n') => Chunked::Done,
+            (Chunked::Trailers { read, .. }, b'\n') => Chunked::Trailers {
+                line: 0,
+                read: read + 1,
+            },
+            (Chunked::Trailers { line, read }, b'\r') => Chunked::Trailers {
+                line,
+                read: read + 1,
+            },
+            (Chunked::Trailers { line, read }, _) => Chunked::Trailers {
+                line: line + 1,
+                read: read + 1,
+            },
+            (state @ (Chunked::Data(_) | Chunked::Done), _) => state,
+        })
+    }
+
+    fn after_size_line(size: u64) -> Chunked {
+        if size == 0 {
+            Chunked::Trailers { line: 0, read: 0 }
+        } else {
+            Chunked::Data(size)
+        }
+    }
+}
+
+/// Takes up to `limit` bytes off the front of `buffer`.
+fn take(buffer: &mut BytesMut, limit: u64) -> Bytes {
+    let length = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .min(buffer.len());
+    buffer.split_to(length).freeze()
+}
+
+impl ResponseBody {
+    /// Decodes one step from what has been read.
+    fn step(&mut self) -> Result<Step, WireError> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Ok(Step::End);
+        };
+        let buffer = &mut connection.read;
+        match &mut self.decoder {
+            Decoder::Length(0) => Ok(Step::End),
+            Decoder::Length(left) => {
+                if buffer.is_empty() {
+                    return Ok(Step::More);
+                }
+                let data = take(buffer, *left);
+                *left -= data.len() as u64;
+                Ok(Step::Data(data))
+            }
+            Decoder::Chunked(state) => {
+                state.advance(buffer)?;
+                match state {
+                    Chunked::Done => Ok(Step::End),
+                    Chunked::Data(left) if !buffer.is_empty() => {
+                        let data = take(buffer, *left);
+                        *left -= data.len() as u64;
+                        Ok(Step::Data(data))
+                    }
+                    _ => Ok(Step::More),
+                }
+            }
+            Decoder::UntilClose if buffer.is_empty() => Ok(Step::More),
+            Decoder::UntilClose => Ok(Step::Data(buffer.split().freeze())),
+        }
+    }
+
+    /// Ends the body if what is buffered already completes it, handing
+    /// the connection back: an answer's end is known as soon as its last
+    /// byte is, not at the next read.
+    fn settle(&mut self) {
+        let complete = match &mut self.decoder {
+            Decoder::Length(left) => *left == 0,
+            Decoder::Chunked(state) => match self.connection.as_mut() {
+                Some(connection) => {
+                    state.advance(&mut connection.read).is_ok() && *state == Chunked::Done
+                }
+                None => false,
+            },
+            Decoder::UntilClose => false,
+        };
+        if complete {
+            self.finish();
+        }
+    }
+
+    /// The body has ended: its connection goes back to the pool if it can
+    /// carry another request and nothing unasked-for followed the answer.
+    fn finish(&mut self) {
+        let connection = self.connection.take();
+        if let (Some(connection), Some(pool)) = (connection, self.pool.take()) {
+            if connection.read.is_empty() {
+                pool.checkin(connection);
+            }
+        }
+        self.decoder = Decoder::Length(0);
+    }
+
+    fn fail(&mut self, error: WireError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.connection = None;
+        self.pool = None;
+        Poll::Ready(Some(Err(Box::new(error))))
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.step() {
+                Ok(Step::Data(data)) => {
+                    this.settle();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(error) => return this.fail(error),
+            }
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(connection.poll_fill(cx)) {
+                Ok(0) if this.decoder == Decoder::UntilClose => {
+                    // The close is this body's end; the connection is spent.
+                    this.connection = None;
+                    this.pool = None;
+                    this.decoder = Decoder::Length(0);
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(WireError::Closed),
+                Ok(_) => {}
+                Err(error) => return this.fail(error),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.connection.is_none() && self.decoder == Decoder::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            Decoder::Chunked(_) | Decoder::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// Decodes `wire` as a chunked body fed `piece` bytes at a time:
+    /// the data, and whether the decoder reached the end.
+    fn decode_chunked(wire: &[u8], piece: usize) -> Result<(Vec<u8>, bool), WireError> {
+        let mut state = Chunked::Size { size: 0, digits: 0 };
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        for bytes in wire.chunks(piece) {
+            buffer.extend_from_slice(bytes);
+            loop {
+                state.advance(&mut buffer)?;
+                match &mut state {
+                    Chunked::Data(left) if !buffer.is_empty() => {
+                        let taken = take(&mut buffer, *left);
+                        *left -= taken.len() as u64;
+                        data.extend_from_slice(&taken);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok((data, state == Chunked::Done && buffer.is_empty()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads_split() {
+        let wire: &[u8] = b"5\r\nhello\r\n1A;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n\
+            3\n, w\n0\r\nx-trailer: 1\r\n\r\n";
+        for piece in 1..=wire.len() {
+            let (data, ended) = decode_chunked(wire, piece).unwrap();
+            assert_eq!(
+                data, b"helloabcdefghijklmnopqrstuvwxyz, w",
+                "pieces of {piece}"
+            );
+            assert!(ended, "pieces of {piece}");
+        }
+        // Stopped short of the last chunk: not ended.
+        let (data, ended) = decode_chunked(b"5\r\nhello\r\n", 4).unwrap();
+        assert_eq!(data, b"hello");
+        assert!(!ended);
+    }
+
+    #[test]
+    fn broken_chunk_framing_is_an_error() {
+        for wire in [
+            &b"\r\nhello"[..],
+            b"zz\r\n",
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            let err = decode_chunked(wire, wire.len()).err();
+            assert!(
+                matches!(err, Some(WireError::Invalid(_))),
+                "{:?}: {err:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let endless = [b"1;".as_slice(), &[b'x'; MAX_FRAMING_BYTES + 1]].concat();
+        assert!(decode_chunked(&endless, 1000).is_err());
+    }
+
+    fn head(wire: &str, method: Method) -> Result<Option<Head>, WireError> {
+        parse_head(&mut BytesMut::from(wire), &method)
+    }
+
+    #[test]
+    fn heads_are_parsed_with_their_framing_and_reuse() {
+        let ok = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx-a: b\r\n\r\n",
+            Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.status, StatusCode::OK);
+        assert_eq!(ok.headers["x-a"], "b");
+        assert_eq!((ok.framing, ok.keep_alive), (Framing::Length(12), true));
+
+        let cases = [
+            // Chunked wins over a length, and the connection is not kept.
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::POST,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                Method::POST,
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::POST,
+                Framing::UntilClose,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                Method::POST,
+                Framing::UntilClose,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n",
+                Method::POST,
+                Framing::Length(5),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::POST,
+                Framing::Length(5),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+                Method::POST,
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::HEAD,
+                Framing::Length(0),
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                Method::POST,
+                Framing::Length(0),
+                true,
+            ),
+            // An informational answer first is skipped.
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+                Method::POST,
+                Framing::Length(0),
+                true,
+            ),
+        ];
+        for (wire, method, framing, keep_alive) in cases {
+            let parsed = head(wire, method).unwrap().unwrap();
+            assert_eq!(
+                (parsed.framing, parsed.keep_alive),
+                (framing, keep_alive),
+                "{wire:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn incomplete_and_invalid_heads() {
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-le", Method::GET)
+            .unwrap()
+            .is_none());
+        for wire in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 OK\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(wire, Method::GET), Err(WireError::Invalid(_))),
+                "{wire:?}"
+            );
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let wire = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert!(matches!(
+            head(&wire, Method::GET),
+            Err(WireError::Invalid(_))
+        ));
+        let endless = format!("HTTP/1.1 200 OK\r\nx-long: {}", "v".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(
+            head(&endless, Method::GET),
+            Err(WireError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn request_heads_carry_the_upstreams_host_and_the_bodys_framing() {
+        let request = http::Request::post("http://upstream/v1/chat?x=1")
+            .header("host", "client.example")
+            .header("content-length", "999")
+            .header("x-keep", "yes")
+            .body(())
+            .unwrap();
+        let (parts, ()) = request.into_parts();
+        let host = HeaderValue::from_static("127.0.0.1:9");
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            &parts,
+            &host,
+            &BodyFraming::Whole(Some(Bytes::from_static(b"{}"))),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-keep: yes\r\ncontent-length: 2\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, &host, &BodyFraming::Declared);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("content-length: 999\r\n"));
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, &host, &BodyFraming::Chunked);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("transfer-encoding: chunked\r\n\r\n"));
+
+        let (parts, ()) = http::Request::get("/models").body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, &host, &BodyFraming::Whole(None));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /models HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n"
+        );
+    }
+}
