@@ -309,9 +309,15 @@ fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, Wi
         // without copying once parsing lets go of it.
         let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         let (length, code, minor, fields) = {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut slots);
-            let length = match response.parse(buffer) {
+            // Left uninitialised: httparse writes the fields it finds.
+            let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                buffer,
+                &mut slots,
+            );
+            let length = match parsed {
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD_BYTES => {
                     return Err(WireError::Invalid("head too large"))
