@@ -83,8 +83,15 @@ impl Http1Pool {
             .write_body(framing, body)
             .await
             .map_err(ClientError::Wire)?;
+        // The client's header values and path are slices of the buffer its
+        // connection reads into: let go of them now, so that the buffer can
+        // be read into again while the answer is awaited, not replaced.
+        let method = parts.method;
+        drop(parts.headers);
+        drop(parts.uri);
+        drop(parts.extensions);
         let head = connection
-            .read_head(&parts.method)
+            .read_head(&method)
             .await
             .map_err(ClientError::Wire)?;
         Ok(h1wire::response(head, connection, Arc::clone(self)))

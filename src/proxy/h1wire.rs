@@ -37,6 +37,9 @@ const MAX_FRAMING_BYTES: usize = 16 * 1024;
 const READ_ROOM: usize = 4 * 1024;
 /// A fresh read buffer's size: the typical answer's head and body.
 const READ_BUFFER: usize = 8 * 1024;
+/// Room kept in an answer's header map for the headers the gateway adds
+/// (`x-abgate-*`), so that adding them does not grow it.
+const GATEWAY_HEADERS: usize = 8;
 /// A whole request body up to this size is copied behind the head and
 /// written with it in one system call; a larger one is written on its own.
 const INLINE_BODY: usize = 64 * 1024;
@@ -355,7 +358,7 @@ fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, Wi
             _ => {}
         }
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("status code"))?;
-        let mut headers = HeaderMap::with_capacity(fields);
+        let mut headers = HeaderMap::with_capacity(fields + GATEWAY_HEADERS);
         for &(name_start, name_end, value_start, value_end) in spans.iter().take(fields) {
             let name = head
                 .get(name_start..name_end)
