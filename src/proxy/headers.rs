@@ -46,34 +46,54 @@ fn class(name: &HeaderName) -> Class {
 /// most requests and answers carry none, and then nothing else is done
 /// (looking each name up instead costs a hash per name, on every request).
 fn remove_where(headers: &mut HeaderMap, remove: impl Fn(Class) -> bool) {
-    // A request always has Host, sometimes one or two more: these fit
-    // without allocating. Standard names clone without allocating too.
-    let mut doomed: [Option<HeaderName>; 4] = Default::default();
-    let mut more: Vec<HeaderName> = Vec::new();
-    let mut found = 0;
+    let mut doomed = Doomed::default();
     for name in headers.keys() {
         if remove(class(name)) {
-            match doomed.get_mut(found) {
-                Some(slot) => *slot = Some(name.clone()),
-                None => more.push(name.clone()),
-            }
-            found += 1;
+            doomed.push(name.clone());
         }
     }
-    if found == 0 {
+    if doomed.found == 0 {
         return;
     }
-    if remove(Class::HopByHop) && headers.contains_key(header::CONNECTION) {
-        let listed = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
-        more.extend(listed);
+    if remove(Class::HopByHop) {
+        for value in headers.get_all(header::CONNECTION) {
+            let listed = value.to_str().unwrap_or("").split(',').map(str::trim);
+            for name in listed {
+                // `close` and `keep-alive` are options, or headers already
+                // found above: most answers list nothing else.
+                let option =
+                    name.eq_ignore_ascii_case("close") || name.eq_ignore_ascii_case("keep-alive");
+                if option || name.is_empty() {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    doomed.push(name);
+                }
+            }
+        }
     }
-    for name in doomed.into_iter().flatten().chain(more) {
+    for name in doomed.slots.into_iter().flatten().chain(doomed.more) {
         headers.remove(name);
+    }
+}
+
+/// Names to remove. A request always has Host, sometimes one or two more:
+/// these fit without allocating. Standard names clone without allocating
+/// too.
+#[derive(Default)]
+struct Doomed {
+    slots: [Option<HeaderName>; 4],
+    more: Vec<HeaderName>,
+    found: usize,
+}
+
+impl Doomed {
+    fn push(&mut self, name: HeaderName) {
+        match self.slots.get_mut(self.found) {
+            Some(slot) => *slot = Some(name),
+            None => self.more.push(name),
+        }
+        self.found += 1;
     }
 }
 
@@ -189,6 +209,22 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["x-kept"]);
+
+        // More names than fit without allocating, over two fields.
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-a, x-b"),
+        );
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-c,x-d , x-e"),
+        );
+        for name in ["x-a", "x-b", "x-c", "x-d", "x-e", "x-kept"] {
+            headers.insert(name, HeaderValue::from_static("1"));
+        }
         strip_hop_by_hop(&mut headers);
         assert_eq!(names(&headers), ["x-kept"]);
     }
