@@ -293,6 +293,16 @@ pub struct Head {
     keep_alive: bool,
 }
 
+impl Head {
+    /// The same answer on a connection that is not to be used again.
+    pub fn closing(self) -> Self {
+        Self {
+            keep_alive: false,
+            ..self
+        }
+    }
+}
+
 /// How an answer's body ends (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
