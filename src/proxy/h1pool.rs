@@ -79,7 +79,6 @@ impl Http1Pool {
                 }
             }
         };
-        let written = connection.write_body(framing, body).await;
         // The client's header values and path are slices of the buffer its
         // connection reads into: let go of them now, so that the buffer can
         // be read into again while the answer is awaited, not replaced.
@@ -87,15 +86,9 @@ impl Http1Pool {
         drop(parts.headers);
         drop(parts.uri);
         drop(parts.extensions);
-        let head = match written {
-            Ok(()) => connection.read_head(&method).await,
-            // The upstream may answer (413, 401) and close before it has
-            // read the whole body: that answer is the one to pass on, if it
-            // came. The connection is spent either way.
-            Err(WireError::Io(error)) => match connection.read_head(&method).await {
-                Ok(head) => Ok(head.closing()),
-                Err(_) => Err(WireError::Io(error)),
-            },
+        let head = match connection.write_body(framing, body, &method).await {
+            Ok(None) => connection.read_head(&method).await,
+            Ok(Some(early)) => Ok(early),
             Err(error) => Err(error),
         }
         .map_err(ClientError::Wire)?;
@@ -277,10 +270,10 @@ mod tests {
             .unwrap();
     }
 
-    #[tokio::test]
-    async fn an_answer_given_before_the_whole_body_was_read_is_passed_on() {
-        let (listener, pool) = listener().await;
-        let upstream = tokio::spawn(async move {
+    /// An upstream that answers 413 on a request's head and never reads
+    /// its body; with `hold`, it keeps the connection open after.
+    fn refuse_on_the_head(listener: TcpListener, hold: bool) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut head = Vec::new();
             while !head.windows(4).any(|end| end == b"\r\n\r\n") {
@@ -289,26 +282,36 @@ mod tests {
                 assert!(read > 0);
                 head.extend_from_slice(&bytes[..read]);
             }
-            // Refused on its head alone; the body is never read.
             socket
                 .write_all(b"HTTP/1.1 413 Too Large\r\ncontent-length: 4\r\n\r\nbig!")
                 .await
                 .unwrap();
-        });
-        let body = Body::full(vec![b'x'; 16 * 1024 * 1024]);
-        let response = tokio::time::timeout(Duration::from_secs(10), pool.send(post(body)))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(response.status(), 413);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"big!");
-        assert_eq!(
-            idle_count(&pool),
-            0,
-            "a connection cut mid-request is not kept"
-        );
-        upstream.await.unwrap();
+            if hold {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn an_answer_given_before_the_whole_body_was_read_is_passed_on() {
+        for hold in [false, true] {
+            let (listener, pool) = listener().await;
+            let upstream = refuse_on_the_head(listener, hold);
+            let body = Body::full(vec![b'x'; 16 * 1024 * 1024]);
+            let response = tokio::time::timeout(Duration::from_secs(10), pool.send(post(body)))
+                .await
+                .expect("the early answer, not a wait for the body to be read")
+                .unwrap();
+            assert_eq!(response.status(), 413, "hold: {hold}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"big!");
+            assert_eq!(
+                idle_count(&pool),
+                0,
+                "a connection cut mid-request is not kept"
+            );
+            upstream.abort();
+        }
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TR
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1pool::Http1Pool;
@@ -149,73 +149,132 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends what of `body` [`Connection::write_head`] left out.
-    pub async fn write_body(&mut self, framing: BodyFraming, body: Body) -> Result<(), WireError> {
-        match framing {
-            BodyFraming::Whole(Some(bytes)) if bytes.len() > INLINE_BODY => {
-                self.stream.write_all(&bytes).await.map_err(WireError::Io)
+    /// Sends what of `body` [`Connection::write_head`] left out, while
+    /// watching for an answer that comes first: an upstream may refuse a
+    /// request on its head (413, 401) and stop reading its body. Such an
+    /// answer is returned, on a connection not to be used again; so is one
+    /// that came before a failed write.
+    pub async fn write_body(
+        &mut self,
+        framing: BodyFraming,
+        body: Body,
+        method: &Method,
+    ) -> Result<Option<Head>, WireError> {
+        if let BodyFraming::Whole(bytes) = &framing {
+            if bytes
+                .as_ref()
+                .map_or(true, |bytes| bytes.len() <= INLINE_BODY)
+            {
+                return Ok(None); // sent with the head
             }
-            BodyFraming::Whole(_) => Ok(()),
-            BodyFraming::Declared | BodyFraming::Chunked => {
-                let chunked = framing == BodyFraming::Chunked;
-                let mut body = body;
-                while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-                    let frame = frame.map_err(WireError::RequestBody)?;
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers are not forwarded
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    self.write.clear();
-                    if chunked {
-                        self.write
-                            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    }
-                    self.write.extend_from_slice(&data);
-                    if chunked {
-                        self.write.extend_from_slice(b"\r\n");
-                    }
-                    self.stream
-                        .write_all(&self.write)
-                        .await
-                        .map_err(WireError::Io)?;
-                }
-                if chunked {
-                    self.stream
-                        .write_all(b"0\r\n\r\n")
-                        .await
-                        .map_err(WireError::Io)?;
-                }
-                Ok(())
-            }
+        }
+        let Connection {
+            stream,
+            read,
+            write,
+        } = self;
+        let (mut reader, mut writer) = stream.split();
+        let sending = send_body(&mut writer, write, framing, body);
+        let answer = read_head(&mut reader, read, method);
+        tokio::pin!(sending, answer);
+        tokio::select! {
+            sent = &mut sending => match sent {
+                Ok(()) => Ok(None),
+                Err(WireError::Io(error)) => match answer.await {
+                    Ok(head) => Ok(Some(head.closing())),
+                    Err(_) => Err(WireError::Io(error)),
+                },
+                Err(error) => Err(error),
+            },
+            head = &mut answer => head.map(|head| Some(head.closing())),
         }
     }
 
     /// Reads until the answer's head is complete (informational answers
     /// skipped) and parses it.
     pub async fn read_head(&mut self, method: &Method) -> Result<Head, WireError> {
-        loop {
-            if let Some(head) = parse_head(&mut self.read, method)? {
-                return Ok(head);
-            }
-            let read = poll_fn(|cx| self.poll_fill(cx)).await?;
-            if read == 0 {
-                return Err(WireError::Closed);
-            }
-        }
+        read_head(&mut self.stream, &mut self.read, method).await
     }
 
     /// Reads what the socket has into the read buffer: 0 at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, WireError>> {
-        if self.read.capacity() - self.read.len() < READ_ROOM {
-            self.read.reserve(READ_BUFFER);
-        }
-        // tokio-util's reader marks the socket not ready after a short read,
-        // so that the next read waits for data instead of trying first.
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
-            .map_err(WireError::Io)
+        poll_fill(&mut self.stream, &mut self.read, cx)
     }
+}
+
+/// Writes a body that follows its head: whole, as it comes with the
+/// client's length, or in chunks.
+async fn send_body(
+    writer: &mut (impl AsyncWrite + Unpin),
+    buffer: &mut Vec<u8>,
+    framing: BodyFraming,
+    mut body: Body,
+) -> Result<(), WireError> {
+    let chunked = match framing {
+        BodyFraming::Whole(Some(bytes)) => {
+            return writer.write_all(&bytes).await.map_err(WireError::Io)
+        }
+        BodyFraming::Whole(None) => return Ok(()),
+        BodyFraming::Declared => false,
+        BodyFraming::Chunked => true,
+    };
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(WireError::RequestBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        buffer.clear();
+        if chunked {
+            buffer.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        buffer.extend_from_slice(&data);
+        if chunked {
+            buffer.extend_from_slice(b"\r\n");
+        }
+        writer.write_all(buffer).await.map_err(WireError::Io)?;
+    }
+    if chunked {
+        writer
+            .write_all(b"0\r\n\r\n")
+            .await
+            .map_err(WireError::Io)?;
+    }
+    Ok(())
+}
+
+/// Reads into `buffer` until an answer's head is complete (informational
+/// answers skipped) and parses it.
+async fn read_head(
+    reader: &mut (impl AsyncRead + Unpin),
+    buffer: &mut BytesMut,
+    method: &Method,
+) -> Result<Head, WireError> {
+    loop {
+        if let Some(head) = parse_head(buffer, method)? {
+            return Ok(head);
+        }
+        let read = poll_fn(|cx| poll_fill(reader, buffer, cx)).await?;
+        if read == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// Reads what `reader` has into `buffer`: 0 at its end.
+fn poll_fill(
+    reader: &mut (impl AsyncRead + Unpin),
+    buffer: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<Result<usize, WireError>> {
+    if buffer.capacity() - buffer.len() < READ_ROOM {
+        buffer.reserve(READ_BUFFER);
+    }
+    // tokio-util's reader marks the socket not ready after a short read,
+    // so that the next read waits for data instead of trying first.
+    tokio_util::io::poll_read_buf(Pin::new(reader), cx, buffer).map_err(WireError::Io)
 }
 
 /// How a request's body follows its head.
