@@ -63,13 +63,16 @@ impl Http1Pool {
         request: Request<Body>,
     ) -> Result<Response<ResponseBody>, ClientError> {
         let (parts, body) = request.into_parts();
-        let framing = BodyFraming::of(&parts, &body);
+        let mut framing = BodyFraming::of(&parts, &body);
         let mut connection = loop {
             let (mut connection, reused) = match self.checkout() {
                 Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
-            match connection.write_head(&parts, &self.host, &framing).await {
+            match connection
+                .write_head(&parts, &self.host, &mut framing)
+                .await
+            {
                 Ok(()) => break connection,
                 // Not a byte written: the idle connection had closed
                 // meanwhile, and the request can go on another one.

@@ -40,9 +40,13 @@ const READ_BUFFER: usize = 8 * 1024;
 /// Room kept in an answer's header map for the headers the gateway adds
 /// (`x-abgate-*`), so that adding them does not grow it.
 const GATEWAY_HEADERS: usize = 8;
-/// A whole request body up to this size is copied behind the head and
-/// written with it in one system call; a larger one is written on its own.
-const INLINE_BODY: usize = 64 * 1024;
+/// A whole request body up to this size is copied behind the head, and
+/// the two go out in one plain write; a larger one goes in a vectored
+/// write with the head, uncopied.
+const COPIED_BODY: usize = 4 * 1024;
+/// A connection's write buffer is let go past this size, so that a large
+/// request head or body chunk does not stay with it while it idles.
+const KEPT_WRITE_BUFFER: usize = 8 * 1024;
 
 /// An open connection to the upstream and its buffers, kept between
 /// requests.
@@ -117,25 +121,38 @@ impl Connection {
         }
     }
 
-    /// Writes the request head, and a small whole body with it, in one
-    /// write.
+    /// Writes the request head, with as much of a whole body as the
+    /// socket takes in the same system call: a small body copied behind
+    /// the head, a larger one in a vectored write. What of the body is
+    /// left stays in `framing`.
     pub async fn write_head(
         &mut self,
         parts: &Parts,
         host: &HeaderValue,
-        framing: &BodyFraming,
+        framing: &mut BodyFraming,
     ) -> Result<(), WriteFailed> {
         self.write.clear();
         encode_head(&mut self.write, parts, host, framing);
-        if let BodyFraming::Whole(Some(bytes)) = framing {
-            if bytes.len() <= INLINE_BODY {
+        let body = match framing {
+            BodyFraming::Whole(Some(bytes)) if bytes.len() <= COPIED_BODY => {
                 self.write.extend_from_slice(bytes);
+                bytes.clear();
+                Bytes::new()
             }
-        }
+            BodyFraming::Whole(Some(bytes)) => bytes.clone(),
+            _ => Bytes::new(),
+        };
+        let head = self.write.len();
         let mut written = 0;
-        while written < self.write.len() {
+        while written < head {
             let rest = self.write.get(written..).unwrap_or_default();
-            match self.stream.write(rest).await {
+            let sent = if body.is_empty() {
+                self.stream.write(rest).await
+            } else {
+                let slices = [io::IoSlice::new(rest), io::IoSlice::new(&body)];
+                self.stream.write_vectored(&slices).await
+            };
+            match sent {
                 Ok(0) => {
                     return Err(WriteFailed {
                         error: io::ErrorKind::WriteZero.into(),
@@ -146,10 +163,16 @@ impl Connection {
                 Err(error) => return Err(WriteFailed { error, written }),
             }
         }
+        if let BodyFraming::Whole(Some(bytes)) = framing {
+            bytes.advance((written - head).min(bytes.len()));
+        }
+        if self.write.capacity() > KEPT_WRITE_BUFFER {
+            self.write = Vec::new();
+        }
         Ok(())
     }
 
-    /// Sends what of `body` [`Connection::write_head`] left out, while
+    /// Sends what of the body [`Connection::write_head`] left, while
     /// watching for an answer that comes first: an upstream may refuse a
     /// request on its head (413, 401) and stop reading its body. Such an
     /// answer is returned, on a connection not to be used again; so is one
@@ -161,11 +184,8 @@ impl Connection {
         method: &Method,
     ) -> Result<Option<Head>, WireError> {
         if let BodyFraming::Whole(bytes) = &framing {
-            if bytes
-                .as_ref()
-                .map_or(true, |bytes| bytes.len() <= INLINE_BODY)
-            {
-                return Ok(None); // sent with the head
+            if bytes.as_ref().map_or(true, Bytes::is_empty) {
+                return Ok(None); // all sent with the head
             }
         }
         let Connection {
@@ -241,6 +261,9 @@ async fn send_body(
             .write_all(b"0\r\n\r\n")
             .await
             .map_err(WireError::Io)?;
+    }
+    if buffer.capacity() > KEPT_WRITE_BUFFER {
+        *buffer = Vec::new();
     }
     Ok(())
 }
@@ -1033,6 +1056,50 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /models HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_large_body_is_sent_whole_and_its_buffers_not_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let body = Bytes::from(vec![b'x'; 4 * 1024 * 1024]);
+        let head_value = "v".repeat(20 * 1024);
+        let upstream = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut received = Vec::new();
+            socket.read_to_end(&mut received).await.unwrap();
+            received
+        });
+        let stream = TcpStream::connect(address).await.unwrap();
+        let mut connection = Connection::new(stream);
+        let (parts, ()) = http::Request::post("/v1/chat/completions")
+            .header("x-large", head_value.as_str())
+            .body(())
+            .unwrap()
+            .into_parts();
+        let host = HeaderValue::from_static("upstream");
+        let mut framing = BodyFraming::Whole(Some(body.clone()));
+        connection
+            .write_head(&parts, &host, &mut framing)
+            .await
+            .map_err(|failed| failed.error)
+            .unwrap();
+        assert!(connection.write.capacity() <= KEPT_WRITE_BUFFER);
+        let early = connection
+            .write_body(framing, Body::empty(), &Method::POST)
+            .await
+            .unwrap();
+        assert!(early.is_none());
+        drop(connection);
+        let received = upstream.await.unwrap();
+        let end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&received[..end]);
+        assert!(
+            head.contains(&format!("content-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert_eq!(&received[end..], &body[..]);
     }
 
     proptest::proptest! {
