@@ -164,6 +164,9 @@ impl Comparison {
             out.push_str(&table.text());
             out.push('\n');
         }
+        if let Some(line) = self.against_peers() {
+            let _ = writeln!(out, "{line}\n");
+        }
         out
     }
 
@@ -176,6 +179,9 @@ impl Comparison {
         for table in self.tables() {
             out.push_str(&table.markdown());
             out.push('\n');
+        }
+        if let Some(line) = self.against_peers() {
+            let _ = writeln!(out, "{line}\n");
         }
         if self.runs.len() > self.rows.len() + self.stream_rows.len() {
             let _ = writeln!(
@@ -207,6 +213,33 @@ impl Comparison {
             );
         }
         out
+    }
+
+    /// abgate against the faster peer (neither abgate nor the baseline):
+    /// its share of that peer's throughput, and its CPU per request
+    /// relative to the peer's.
+    fn against_peers(&self) -> Option<String> {
+        let abgate = self.rows.iter().find(|row| row.label == "abgate")?;
+        let own = abgate.max_throughput_rps?;
+        let (peer, best) = self
+            .rows
+            .iter()
+            .filter(|row| row.label != "abgate" && row.label != self.baseline)
+            .filter_map(|row| Some((row, row.max_throughput_rps?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let mut line = format!(
+            "abgate: {:.0}% of the faster peer's throughput ({} at {:.0} req/s)",
+            own / best * 100.0,
+            peer.label,
+            best
+        );
+        if let (Some(own_cpu), Some(peer_cpu)) =
+            (abgate.cpu_per_10k_at_max, peer.cpu_per_10k_at_max)
+        {
+            let _ = write!(line, ", at {:.2}× its CPU per request", own_cpu / peer_cpu);
+        }
+        line.push('.');
+        Some(line)
     }
 
     fn tables(&self) -> Vec<Table> {
@@ -491,9 +524,11 @@ mod tests {
             run("abgate", "open", 160, 450, 1000.0),
             run("abgate", "closed", 900, 3000, 9_000.0),
             run("abgate", "open", 400, 2000, 1000.0),
+            run("nginx", "closed", 500, 900, 18_000.0),
+            run("haproxy", "closed", 500, 900, 16_000.0),
         ];
         let comparison = Comparison::new(&runs, "direct", "test machine");
-        assert_eq!(comparison.rows.len(), 2);
+        assert_eq!(comparison.rows.len(), 4);
         assert!(comparison.stream_rows.is_empty());
         let abgate = &comparison.rows[1];
         assert_eq!(abgate.max_throughput_rps, Some(15_000.0));
@@ -509,8 +544,12 @@ mod tests {
         assert!(markdown.starts_with("test machine\n"));
         assert!(markdown.contains("| abgate | 15000 req/s | 160 µs | 450 µs | +60 µs | +150 µs |"));
         assert!(markdown.contains("| direct | 20000 req/s | 100 µs | 300 µs | (baseline) |"));
+        let verdict = "abgate: 83% of the faster peer's throughput (nginx at 18000 req/s), \
+                       at 1.00× its CPU per request.";
+        assert!(markdown.contains(verdict), "{markdown}");
         let text = comparison.text();
         assert!(text.lines().any(|line| line.starts_with("abgate  ")));
+        assert!(text.contains(verdict));
     }
 
     #[test]
