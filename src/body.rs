@@ -20,10 +20,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Body {
     /// A body the gateway holds whole (rewritten JSON, errors, mock answers).
     Full(Option<Bytes>),
-    /// A client's body streamed through untouched, frame by frame.
+    /// A body streamed through untouched, frame by frame: a client's, or
+    /// the answer of an upstream reached through hyper's client (TLS).
     Stream(Incoming),
-    /// An upstream's answer streamed through untouched, frame by frame.
-    Upstream(crate::proxy::client::UpstreamBody),
+    /// A plain-HTTP upstream's answer, read off its connection by the
+    /// gateway itself and streamed through untouched.
+    Upstream(crate::proxy::client::ResponseBody),
     /// A body produced by the gateway itself, chunk by chunk (mock SSE).
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// A response body being measured on its way to the client.

@@ -2,25 +2,20 @@
 //! ALPN) over rustls, plain HTTP/1.1 for `http://` upstreams, each of
 //! those with connections of its own ([`Http1Pool`]).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 
 use http::uri::Scheme;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::h1pool::Http1Pool;
-use super::h1wire::{ResponseBody, WireError};
-use crate::body::{Body, BoxError};
+pub use super::h1wire::ResponseBody;
+use super::h1wire::WireError;
+use crate::body::Body;
 use crate::config::{read_pem_certs, Snapshot};
 
 type GeneralClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -85,10 +80,7 @@ impl std::error::Error for ClientError {
 
 impl HttpClient {
     /// Sends `request` (absolute URI) and waits for the answer's headers.
-    pub async fn request(
-        &self,
-        request: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, ClientError> {
+    pub async fn request(&self, request: Request<Body>) -> Result<Response<Body>, ClientError> {
         let uri = request.uri();
         if uri.scheme() == Some(&Scheme::HTTP) {
             let pool = self
@@ -97,7 +89,7 @@ impl HttpClient {
                 .find(|pool| uri.authority() == Some(pool.authority()));
             if let Some(pool) = pool {
                 let response = pool.send(request).await?;
-                return Ok(response.map(UpstreamBody::Plain));
+                return Ok(response.map(Body::Upstream));
             }
         }
         let response = self
@@ -105,45 +97,7 @@ impl HttpClient {
             .request(request)
             .await
             .map_err(ClientError::General)?;
-        Ok(response.map(UpstreamBody::General))
-    }
-}
-
-/// An upstream's answer body, from whichever connections carried it.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    General(Incoming),
-    Plain(ResponseBody),
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::General(incoming) => Pin::new(incoming)
-                .poll_frame(cx)
-                .map_err(|err| Box::new(err) as BoxError),
-            UpstreamBody::Plain(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::General(incoming) => incoming.is_end_stream(),
-            UpstreamBody::Plain(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::General(incoming) => incoming.size_hint(),
-            UpstreamBody::Plain(body) => body.size_hint(),
-        }
+        Ok(response.map(Body::Stream))
     }
 }
 

@@ -13,7 +13,6 @@ use http::header::{HeaderMap, HeaderValue};
 use http::uri::Uri;
 use http::{Method, Request, Response, Version};
 
-use super::client::UpstreamBody;
 use super::error::ProxyError;
 use super::json::{self, BodyFields};
 use crate::body::Body;
@@ -75,9 +74,7 @@ pub fn rewrite_for(
 
 /// How a treatment attempt failed, if it is a failure worth resending:
 /// the status its client would get without fallback, and its kind.
-pub fn failure(
-    attempt: &Result<Response<UpstreamBody>, ProxyError>,
-) -> Option<(u16, UpstreamErrorKind)> {
+pub fn failure(attempt: &Result<Response<Body>, ProxyError>) -> Option<(u16, UpstreamErrorKind)> {
     let (status, kind) = match attempt {
         Ok(response) => {
             let status = response.status().as_u16();

@@ -66,7 +66,7 @@ use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKin
 use crate::request_id::RequestIds;
 use crate::rollout::{RuntimeState, SplitEpoch};
 use admission::{Inflight, Places};
-use client::{HttpClient, UpstreamBody};
+use client::HttpClient;
 use deadline::Deadlines;
 use error::{ProxyError, Timeout};
 use json::BodyFields;
@@ -812,7 +812,7 @@ impl Gateway {
         // Answer: the upstream's status, headers and body stream, as is.
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Upstream(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -827,7 +827,7 @@ impl Gateway {
         variant: Variant,
         total_at: Instant,
         decision: &mut Decision,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let config = &live.config;
         let sent = live.client.request(request);
         let waiting = Instant::now();
@@ -860,12 +860,12 @@ impl Gateway {
         &self,
         live: &Arc<Live>,
         resend: fallback::Resend,
-        attempt: Result<Response<UpstreamBody>, ProxyError>,
+        attempt: Result<Response<Body>, ProxyError>,
         (status, kind): (u16, UpstreamErrorKind),
         decision: &mut Decision,
         started: Instant,
         total_at: Instant,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let config = &live.config;
         if let Some(max) = config.config.limits.max_inflight_per_variant {
             match self.inflight.admit_to(Variant::Control, max) {
