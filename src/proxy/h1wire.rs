@@ -700,11 +700,13 @@ impl Chunked {
     }
 }
 
-/// Takes up to `limit` bytes off the front of `buffer`.
-fn take(buffer: &mut BytesMut, limit: u64) -> Bytes {
-    let length = usize::try_from(limit)
+/// Takes up to `left` bytes off the front of `buffer`, counting them off
+/// `left`.
+fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
+    let length = usize::try_from(*left)
         .unwrap_or(usize::MAX)
         .min(buffer.len());
+    *left -= length as u64;
     buffer.split_to(length).freeze()
 }
 
@@ -721,19 +723,13 @@ impl ResponseBody {
                 if buffer.is_empty() {
                     return Ok(Step::More);
                 }
-                let data = take(buffer, *left);
-                *left -= data.len() as u64;
-                Ok(Step::Data(data))
+                Ok(Step::Data(take(buffer, left)))
             }
             Decoder::Chunked(state) => {
                 state.advance(buffer)?;
                 match state {
                     Chunked::Done => Ok(Step::End),
-                    Chunked::Data(left) if !buffer.is_empty() => {
-                        let data = take(buffer, *left);
-                        *left -= data.len() as u64;
-                        Ok(Step::Data(data))
-                    }
+                    Chunked::Data(left) if !buffer.is_empty() => Ok(Step::Data(take(buffer, left))),
                     _ => Ok(Step::More),
                 }
             }
@@ -807,10 +803,9 @@ impl http_body::Body for ResponseBody {
             };
             match ready!(connection.poll_fill(cx)) {
                 Ok(0) if this.decoder == Decoder::UntilClose => {
-                    // The close is this body's end; the connection is spent.
-                    this.connection = None;
-                    this.pool = None;
-                    this.decoder = Decoder::Length(0);
+                    // The close is this body's end. Such an answer never
+                    // leaves its connection reusable, so none goes back.
+                    this.finish();
                     return Poll::Ready(None);
                 }
                 Ok(0) => return this.fail(WireError::Closed),
@@ -849,9 +844,7 @@ mod tests {
                 state.advance(&mut buffer)?;
                 match &mut state {
                     Chunked::Data(left) if !buffer.is_empty() => {
-                        let taken = take(&mut buffer, *left);
-                        *left -= taken.len() as u64;
-                        data.extend_from_slice(&taken);
+                        data.extend_from_slice(&take(&mut buffer, left));
                     }
                     _ => break,
                 }
