@@ -10,6 +10,7 @@ pub mod admin_client;
 pub mod app;
 pub mod assign;
 pub mod body;
+pub mod chunked;
 pub mod clock;
 pub mod config;
 pub mod credentials;

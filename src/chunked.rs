@@ -1,0 +1,228 @@
+//! Decoding a chunked body (RFC 9112 §7.1) in place, from whatever the
+//! reads have brought so far: used for upstream answers and client
+//! requests alike.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// The longest chunk-size line (with extensions) or trailer section.
+pub const MAX_FRAMING_BYTES: usize = 16 * 1024;
+
+/// Where a chunked body's decoding stands (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// Reading a chunk's size, in hex.
+    Size { size: u64, digits: u8 },
+    /// Past the size: extensions, up to the end of the line.
+    SizeLine { size: u64, read: usize },
+    /// This many bytes of the chunk's data still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data (`cr`: its CR has been read).
+    DataEnd { cr: bool },
+    /// The trailer section after the last chunk: `line` bytes into its
+    /// current line, `read` bytes in all.
+    Trailers { line: usize, read: usize },
+    /// The last chunk and its trailers have been read.
+    Done,
+}
+
+impl Chunked {
+    /// Consumes framing bytes from the front of `buffer` until data or
+    /// the end is reached, or the buffer runs out.
+    pub fn advance(&mut self, buffer: &mut BytesMut) -> Result<(), &'static str> {
+        let mut used = 0;
+        let result = loop {
+            match *self {
+                Chunked::Done => break Ok(()),
+                Chunked::Data(0) => {
+                    *self = Chunked::DataEnd { cr: false };
+                    continue;
+                }
+                Chunked::Data(_) => break Ok(()),
+                _ => {}
+            }
+            let Some(&byte) = buffer.get(used) else {
+                break Ok(());
+            };
+            used += 1;
+            match self.next(byte) {
+                Ok(next) => *self = next,
+                Err(error) => break Err(error),
+            }
+        };
+        buffer.advance(used);
+        result
+    }
+
+    /// The state after one more framing byte.
+    fn next(self, byte: u8) -> Result<Chunked, &'static str> {
+        Ok(match (self, byte) {
+            (Chunked::DataEnd { cr: false }, b'\r') => Chunked::DataEnd { cr: true },
+            // A bare LF is taken too, as most decoders do.
+            (Chunked::DataEnd { .. }, b'\n') => Chunked::Size { size: 0, digits: 0 },
+            (Chunked::DataEnd { .. }, _) => {
+                return Err("chunk data not followed by CRLF")
+            }
+            (Chunked::Size { size, digits }, byte) if byte.is_ascii_hexdigit() => {
+                if digits >= 15 {
+                    return Err("chunk size too large");
+                }
+                let value = (byte as char).to_digit(16).unwrap_or(0);
+                Chunked::Size {
+                    size: size * 16 + u64::from(value),
+                    digits: digits + 1,
+                }
+            }
+            (Chunked::Size { digits: 0, .. }, _) => {
+                return Err("chunk size missing")
+            }
+            (Chunked::Size { size, .. }, b'\n') | (Chunked::SizeLine { size, .. }, b'\n') => {
+                Self::after_size_line(size)
+            }
+            (Chunked::Size { size, .. }, _) => Chunked::SizeLine { size, read: 1 },
+            (Chunked::SizeLine { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+                return Err("chunk size line too long")
+            }
+            (Chunked::SizeLine { size, read }, _) => Chunked::SizeLine {
+                size,
+                read: read + 1,
+            },
+            (Chunked::Trailers { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+                return Err("trailer section too long")
+            }
+            (Chunked::Trailers { line: 0, .. }, b'\n') => Chunked::Done,
+            (Chunked::Trailers { read, .. }, b'\n') => Chunked::Trailers {
+                line: 0,
+                read: read + 1,
+            },
+            (Chunked::Trailers { line, read }, b'\r') => Chunked::Trailers {
+                line,
+                read: read + 1,
+            },
+            (Chunked::Trailers { line, read }, _) => Chunked::Trailers {
+                line: line + 1,
+                read: read + 1,
+            },
+            (state @ (Chunked::Data(_) | Chunked::Done), _) => state,
+        })
+    }
+
+    fn after_size_line(size: u64) -> Chunked {
+        if size == 0 {
+            Chunked::Trailers { line: 0, read: 0 }
+        } else {
+            Chunked::Data(size)
+        }
+    }
+}
+
+/// Takes up to `left` bytes off the front of `buffer`, counting them off
+/// `left`.
+pub fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
+    let length = usize::try_from(*left)
+        .unwrap_or(usize::MAX)
+        .min(buffer.len());
+    *left -= length as u64;
+    buffer.split_to(length).freeze()
+}
+
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// Decodes `wire` as a chunked body fed `piece` bytes at a time:
+    /// the data, and whether the decoder reached the end.
+    fn decode_chunked(wire: &[u8], piece: usize) -> Result<(Vec<u8>, bool), &'static str> {
+        let mut state = Chunked::Size { size: 0, digits: 0 };
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        for bytes in wire.chunks(piece) {
+            buffer.extend_from_slice(bytes);
+            loop {
+                state.advance(&mut buffer)?;
+                match &mut state {
+                    Chunked::Data(left) if !buffer.is_empty() => {
+                        data.extend_from_slice(&take(&mut buffer, left));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok((data, state == Chunked::Done && buffer.is_empty()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads_split() {
+        let wire: &[u8] = b"5\r\nhello\r\n1A;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n\
+            3\n, w\n0\r\nx-trailer: 1\r\n\r\n";
+        for piece in 1..=wire.len() {
+            let (data, ended) = decode_chunked(wire, piece).unwrap();
+            assert_eq!(
+                data, b"helloabcdefghijklmnopqrstuvwxyz, w",
+                "pieces of {piece}"
+            );
+            assert!(ended, "pieces of {piece}");
+        }
+        // Stopped short of the last chunk: not ended.
+        let (data, ended) = decode_chunked(b"5\r\nhello\r\n", 4).unwrap();
+        assert_eq!(data, b"hello");
+        assert!(!ended);
+    }
+
+    #[test]
+    fn broken_chunk_framing_is_an_error() {
+        for wire in [
+            &b"\r\nhello"[..],
+            b"zz\r\n",
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            let err = decode_chunked(wire, wire.len()).err();
+            assert!(
+                err.is_some(),
+                "{:?}: {err:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let endless = [b"1;".as_slice(), &[b'x'; MAX_FRAMING_BYTES + 1]].concat();
+        assert!(decode_chunked(&endless, 1000).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_chunking_of_any_body_decodes_to_that_body(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            sizes in proptest::collection::vec(1usize..90, 1..20),
+            piece in 1usize..64,
+            extensions in proptest::prelude::any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            let mut rest = &data[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, left) = rest.split_at((*size).min(rest.len()));
+                let extension = if extensions { ";a=b" } else { "" };
+                wire.extend_from_slice(format!("{:X}{extension}\r\n", chunk.len()).as_bytes());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+                rest = left;
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let (decoded, ended) = decode_chunked(&wire, piece).unwrap();
+            proptest::prop_assert_eq!(decoded, data);
+            proptest::prop_assert!(ended);
+        }
+
+        #[test]
+        fn any_bytes_decode_to_less_than_themselves_or_an_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            if let Ok((decoded, _)) = decode_chunked(&bytes, 7) {
+                proptest::prop_assert!(decoded.len() < bytes.len().max(1));
+            }
+        }
+    }
+}
