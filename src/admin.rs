@@ -7,7 +7,6 @@ use std::sync::Arc;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::proxy::Gateway;
@@ -28,7 +27,7 @@ impl Admin {
         }
     }
 
-    fn answer(&self, request: &Request<Incoming>) -> Response<Body> {
+    fn answer(&self, request: &Request<Body>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
             (&Method::GET, "/readyz") if self.gateway.drain().is_draining() => json(
@@ -194,7 +193,7 @@ struct Reason {
 
 impl Admin {
     /// State changes: authorised by the bearer token, then applied.
-    async fn change(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn change(&self, request: Request<Body>) -> Response<Body> {
         if let Err((status, message)) = self.authorize(request.headers()) {
             return error(status, &message);
         }
@@ -394,11 +393,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 impl crate::server::Handler for Admin {
-    async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::PUT, "/admin/rollout")
             | (

@@ -20,9 +20,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Body {
     /// A body the gateway holds whole (rewritten JSON, errors, mock answers).
     Full(Option<Bytes>),
-    /// A body streamed through untouched, frame by frame: a client's, or
-    /// the answer of an upstream reached through hyper's client (TLS).
+    /// A body streamed through untouched, frame by frame: an HTTP/2
+    /// client's, or the answer of an upstream reached through hyper's
+    /// client (TLS).
     Stream(Incoming),
+    /// An HTTP/1 client's body that did not come whole with its head, read
+    /// off the connection as it is asked for.
+    Client(crate::server::RequestBody),
     /// A plain-HTTP upstream's answer, read off its connection by the
     /// gateway itself and streamed through untouched.
     Upstream(crate::proxy::client::ResponseBody),
@@ -65,6 +69,7 @@ impl http_body::Body for Body {
                 .poll_frame(cx)
                 .map_err(|err| Box::new(err) as BoxError),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Body::Client(body) => Pin::new(body).poll_frame(cx),
             Body::Channel(receiver) => receiver
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
@@ -77,6 +82,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
             Body::Upstream(body) => body.is_end_stream(),
+            Body::Client(body) => body.is_end_stream(),
             Body::Channel(_) => false,
             Body::Observed(observed) => observed.is_end_stream(),
         }
@@ -88,6 +94,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(incoming) => incoming.size_hint(),
             Body::Upstream(body) => body.size_hint(),
+            Body::Client(body) => body.size_hint(),
             Body::Channel(_) => SizeHint::default(),
             Body::Observed(observed) => observed.size_hint(),
         }

@@ -59,9 +59,7 @@ impl Chunked {
             (Chunked::DataEnd { cr: false }, b'\r') => Chunked::DataEnd { cr: true },
             // A bare LF is taken too, as most decoders do.
             (Chunked::DataEnd { .. }, b'\n') => Chunked::Size { size: 0, digits: 0 },
-            (Chunked::DataEnd { .. }, _) => {
-                return Err("chunk data not followed by CRLF")
-            }
+            (Chunked::DataEnd { .. }, _) => return Err("chunk data not followed by CRLF"),
             (Chunked::Size { size, digits }, byte) if byte.is_ascii_hexdigit() => {
                 if digits >= 15 {
                     return Err("chunk size too large");
@@ -72,9 +70,7 @@ impl Chunked {
                     digits: digits + 1,
                 }
             }
-            (Chunked::Size { digits: 0, .. }, _) => {
-                return Err("chunk size missing")
-            }
+            (Chunked::Size { digits: 0, .. }, _) => return Err("chunk size missing"),
             (Chunked::Size { size, .. }, b'\n') | (Chunked::SizeLine { size, .. }, b'\n') => {
                 Self::after_size_line(size)
             }
@@ -124,7 +120,6 @@ pub fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
     *left -= length as u64;
     buffer.split_to(length).freeze()
 }
-
 
 #[cfg(test)]
 mod tests {

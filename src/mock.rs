@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -258,11 +257,7 @@ struct Ask {
 }
 
 impl Handler for Mock {
-    async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
         let n = self.sequence.fetch_add(1, Ordering::SeqCst);
         let (parts, body) = request.into_parts();
         // A body cut off mid-way reads as empty, which the JSON routes refuse.
@@ -1068,7 +1063,7 @@ mod tests {
     }
 
     /// A mock that holds its streams, and a stream opened on it.
-    async fn open_held_stream() -> (MockHandle, Response<Incoming>) {
+    async fn open_held_stream() -> (MockHandle, Response<hyper::body::Incoming>) {
         let mock = start(MockConfig {
             hold_streams: true,
             ..MockConfig::named("base")

@@ -25,8 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1pool::Http1Pool;
-use crate::chunked::{take, Chunked};
 use crate::body::{Body, BoxError};
+use crate::chunked::{take, Chunked};
 
 /// The most header fields an answer may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
@@ -54,7 +54,12 @@ pub struct Connection {
     stream: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// Where an answer head's fields sit: kept, not rebuilt per answer.
+    spans: Box<Spans>,
 }
+
+/// Where each header field's name and value sit in a head.
+type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
 
 /// What went wrong on a connection to a plain-HTTP upstream.
 #[derive(Debug)]
@@ -105,6 +110,7 @@ impl Connection {
             stream,
             read: BytesMut::with_capacity(READ_BUFFER),
             write: Vec::with_capacity(1024),
+            spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
         }
     }
 
@@ -191,10 +197,11 @@ impl Connection {
             stream,
             read,
             write,
+            spans,
         } = self;
         let (mut reader, mut writer) = stream.split();
         let sending = send_body(&mut writer, write, framing, body);
-        let answer = read_head(&mut reader, read, method);
+        let answer = read_head(&mut reader, read, spans, method);
         tokio::pin!(sending, answer);
         tokio::select! {
             sent = &mut sending => match sent {
@@ -212,7 +219,7 @@ impl Connection {
     /// Reads until the answer's head is complete (informational answers
     /// skipped) and parses it.
     pub async fn read_head(&mut self, method: &Method) -> Result<Head, WireError> {
-        read_head(&mut self.stream, &mut self.read, method).await
+        read_head(&mut self.stream, &mut self.read, &mut self.spans, method).await
     }
 
     /// Reads what the socket has into the read buffer: 0 at its end.
@@ -272,10 +279,11 @@ async fn send_body(
 async fn read_head(
     reader: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
+    spans: &mut Spans,
     method: &Method,
 ) -> Result<Head, WireError> {
     loop {
-        if let Some(head) = parse_head(buffer, method)? {
+        if let Some(head) = parse_head(buffer, spans, method)? {
             return Ok(head);
         }
         let read = poll_fn(|cx| poll_fill(reader, buffer, cx)).await?;
@@ -397,11 +405,14 @@ enum Framing {
 
 /// Parses a complete answer head off the front of `buffer`, skipping
 /// informational (1xx) answers; `None` until the head is complete.
-fn parse_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+fn parse_head(
+    buffer: &mut BytesMut,
+    spans: &mut Spans,
+    method: &Method,
+) -> Result<Option<Head>, WireError> {
     loop {
         // Where each field sits in the head, to take it from the buffer
         // without copying once parsing lets go of it.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
         let (length, code, minor, fields) = {
             // Left uninitialised: httparse writes the fields it finds.
             let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -714,7 +725,11 @@ mod tests {
     use super::*;
 
     fn head(wire: &str, method: Method) -> Result<Option<Head>, WireError> {
-        parse_head(&mut BytesMut::from(wire), &method)
+        parse_head(
+            &mut BytesMut::from(wire),
+            &mut [(0, 0, 0, 0); MAX_HEADERS],
+            &method,
+        )
     }
 
     #[test]
@@ -931,7 +946,7 @@ mod tests {
                 bytes.clone()
             };
             let mut buffer = BytesMut::from(&wire[..]);
-            if let Ok(Some(head)) = parse_head(&mut buffer, &Method::POST) {
+            if let Ok(Some(head)) = parse_head(&mut buffer, &mut [(0, 0, 0, 0); MAX_HEADERS], &Method::POST) {
                 // What is left is what followed the head, and a body read
                 // to the close never leaves its connection reusable.
                 proptest::prop_assert!(wire.ends_with(&buffer));

@@ -55,7 +55,6 @@ use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::assign::{self, Variant};
 use crate::body::Body;
@@ -498,7 +497,7 @@ impl Gateway {
     }
 
     /// Proxies one request. Every failure becomes a JSON error answer.
-    pub async fn proxy(&self, request: Request<Incoming>) -> Response<Body> {
+    pub async fn proxy(&self, request: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         // One config per request, start to finish, whatever swaps meanwhile.
         let live = self.live.load_full();
@@ -639,7 +638,7 @@ impl Gateway {
     }
 
     /// Answers `POST /v1/feedback`; never forwarded.
-    async fn feedback(&self, live: &Live, request: Request<Incoming>) -> Response<Body> {
+    async fn feedback(&self, live: &Live, request: Request<Body>) -> Response<Body> {
         let answer = async {
             if request.method() != Method::POST {
                 return Err(ProxyError::MethodNotAllowed {
@@ -682,7 +681,7 @@ impl Gateway {
     async fn forward(
         &self,
         live: &Arc<Live>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         decision: &mut Decision,
         started: Instant,
     ) -> Result<Response<Body>, ProxyError> {
@@ -782,7 +781,7 @@ impl Gateway {
                 }
                 (Body::full(rewritten), true)
             }
-            ClientBody::Stream(body) => (Body::Stream(body), false),
+            ClientBody::Stream(body) => (body, false),
         };
         parts.uri = upstream_uri(upstream, &parts.uri)?;
         parts.version = Version::HTTP_11;
@@ -922,11 +921,7 @@ impl Gateway {
 }
 
 impl crate::server::Handler for Gateway {
-    async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        _peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
         self.proxy(request).await
     }
 }
@@ -1046,7 +1041,7 @@ enum ClientBody {
     /// Read whole and inspected.
     Json(Bytes, BodyFields),
     /// Not the gateway's business: streamed to the upstream as is.
-    Stream(Incoming),
+    Stream(Body),
 }
 
 /// Whether the request body is JSON the gateway must read: always on the
@@ -1068,8 +1063,16 @@ fn carries_json(parts: &Parts, route: Route) -> bool {
 }
 
 /// Reads a JSON body up to `limit` bytes.
-async fn read_body(body: Incoming, parts: &Parts, limit: usize) -> Result<Bytes, ProxyError> {
+async fn read_body(body: Body, parts: &Parts, limit: usize) -> Result<Bytes, ProxyError> {
     check_declared_length(parts, limit)?;
+    if let Body::Full(bytes) = body {
+        // Came whole with its head: nothing to wait for.
+        let bytes = bytes.unwrap_or_default();
+        if bytes.len() > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        return Ok(bytes);
+    }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {

@@ -1,8 +1,9 @@
 //! The accept loop shared by the proxy, admin and mock listeners.
 //!
-//! HTTP/1.1 and HTTP/2 (prior knowledge) on one port. When `shutdown`
-//! resolves the listener closes, connections finish the requests they have
-//! in flight, and the future returned completes.
+//! HTTP/1.1 (spoken by [`h1`]) and HTTP/2 with prior knowledge (hyper's)
+//! on one port. When `shutdown` resolves the listener closes, connections
+//! finish the requests they have in flight, and the future returned
+//! completes.
 //!
 //! The HTTP layer bounds what a client can make it hold before a handler
 //! runs: the request head (line and headers) within [`ConnectionLimits`]
@@ -12,27 +13,35 @@
 //! closed). Each of these closes the connection.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::body::Body;
+
+mod h1;
+
+pub use h1::{RequestBody, RequestBodyError};
 
 /// Something that answers requests; every failure is already a response.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request from `peer`.
     fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         peer: SocketAddr,
     ) -> impl Future<Output = Response<Body>> + Send + 'static;
 }
@@ -88,19 +97,17 @@ pub async fn serve_with<H: Handler>(
     shutdown: impl Future<Output = ()>,
     limits: ConnectionLimits,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's smallest HTTP/1 buffer is 8 KiB.
+    // hyper's smallest HTTP/1 buffer was 8 KiB; the limit stays at least that.
     let head_bytes = limits.head_bytes.max(8192);
-    builder
-        .http1()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(head_bytes);
-    builder
-        .http2()
         .max_header_list_size(u32::try_from(head_bytes).unwrap_or(u32::MAX));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let http2 = Arc::new(http2);
+    // Each connection holds a receiver: closing is sent to all, and the
+    // sender learns when the last of them has ended.
+    let (close, closing) = watch::channel(false);
+    let mut shutdown = pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -108,7 +115,7 @@ pub async fn serve_with<H: Handler>(
                 Err(err) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -116,21 +123,146 @@ pub async fn serve_with<H: Handler>(
         };
         // Small SSE chunks must leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.handle(request, peer).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
-        });
+        let started = tokio::time::Instant::now();
+        let connection = h1::Connection::new(
+            stream,
+            BytesMut::with_capacity(8 * 1024),
+            handler.clone(),
+            peer,
+            head_bytes,
+            Closing::new(closing.clone()),
+        );
+        tokio::spawn(connection.serve(started, http2.clone()));
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = close.send(true);
+    drop(closing);
+    close.closed().await;
+}
+
+/// hyper's HTTP/2 server, as configured for a listener.
+type Http2 = Arc<hyper::server::conn::http2::Builder<TokioExecutor>>;
+
+/// Serves an HTTP/2 connection with hyper; `prefix` is what was read off
+/// it before it was known to be HTTP/2.
+async fn serve_http2<H: Handler>(
+    http2: &Http2,
+    stream: TcpStream,
+    prefix: Bytes,
+    handler: Arc<H>,
+    peer: SocketAddr,
+    mut closing: Closing,
+) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request.map(Body::Stream), peer).await) }
+    });
+    let io = TokioIo::new(Prefixed { prefix, stream });
+    let mut connection = pin!(http2.serve_connection(io, service));
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = poll_fn(|cx| closing.poll_closing(cx)) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, %peer, "connection ended with an error");
+    }
+}
+
+/// Whether the listener is closing, as one connection sees it.
+pub(crate) struct Closing {
+    receiver: watch::Receiver<bool>,
+    /// The wait for it, made on the first idle wait that needs it.
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    closed: bool,
+}
+
+impl Closing {
+    fn new(receiver: watch::Receiver<bool>) -> Self {
+        Self {
+            receiver,
+            waiting: None,
+            closed: false,
+        }
+    }
+
+    /// Whether the listener is closing: the value only ever changes to
+    /// `true`, so a change is enough (an atomic load, no lock).
+    fn is_closing(&self) -> bool {
+        self.closed || self.receiver.has_changed().unwrap_or(true)
+    }
+
+    /// Ready once the listener is closing; otherwise wakes `cx` then.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closed {
+            return Poll::Ready(());
+        }
+        let receiver = &self.receiver;
+        let waiting = self.waiting.get_or_insert_with(|| {
+            let mut receiver = receiver.clone();
+            Box::pin(async move {
+                let _ = receiver.wait_for(|closing| *closing).await;
+            })
+        });
+        let poll = waiting.as_mut().poll(cx);
+        if poll.is_ready() {
+            self.closed = true;
+            self.waiting = None;
+        }
+        poll
+    }
+}
+
+/// A stream read again from what was read of it before.
+struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let length = self.prefix.len().min(buf.remaining());
+            buf.put_slice(self.prefix.get(..length).unwrap_or_default());
+            self.prefix.advance(length);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -1,0 +1,1094 @@
+//! HTTP/1.1 from clients, spoken by the task that serves the connection.
+//!
+//! A request's head is parsed with httparse and copied once, with a body
+//! that came along with it, into a buffer its header values and path are
+//! slices of; the read buffer stays the connection's, reused for every
+//! request. A body that did not come whole with its head is read off the
+//! socket as the handler asks for it. The answer's head is written from
+//! the response's parts, with its first piece of body in the same system
+//! call, and each later piece is written the moment the body yields it:
+//! nothing is held back, so streams pass through as they come.
+//!
+//! While a handler runs, the connection is watched: a client that closes
+//! it drops the handler's future, as hyper does. Keep-alive, pipelining,
+//! HTTP/1.0, `Expect: 100-continue`, chunked request bodies and the limits
+//! in [`super::ConnectionLimits`] are handled here.
+
+use std::future::{poll_fn, Future};
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
+use crate::body::{Body, BoxError};
+use crate::chunked::{take, Chunked};
+
+/// The most header fields a request may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// A fresh read buffer's size: the typical request's head and body.
+const READ_BUFFER: usize = 8 * 1024;
+/// Read buffers keep at least this much room before each read.
+const READ_ROOM: usize = 4 * 1024;
+/// A read buffer grown past this for one large request is let go after it.
+const KEPT_READ_BUFFER: usize = 64 * 1024;
+/// A piece of body up to this size is copied behind its head or chunk
+/// header and the two go out in one plain write; a larger one goes in a
+/// vectored write, uncopied.
+const COPIED_BODY: usize = 4 * 1024;
+/// A write buffer grown past this is let go after the answer.
+const KEPT_WRITE_BUFFER: usize = 8 * 1024;
+/// How long, and how much of a request body left unread, a connection
+/// closed after its answer keeps reading and discarding, so that the
+/// client reads the answer before the close resets the connection.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// One client connection's state between requests.
+pub(super) struct Connection<H> {
+    handler: Arc<H>,
+    peer: SocketAddr,
+    /// `None` while a request body being streamed holds it.
+    reader: Option<Reader>,
+    writer: OwnedWriteHalf,
+    write: Vec<u8>,
+    /// Where the current head's fields sit: kept, not rebuilt per request.
+    spans: Box<[Span; MAX_HEADERS]>,
+    head_bytes: usize,
+    closing: Closing,
+}
+
+/// The socket's read side and what has been read from it.
+struct Reader {
+    half: OwnedReadHalf,
+    buffer: BytesMut,
+}
+
+impl Reader {
+    /// Reads what the socket has into the buffer: 0 at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buffer.capacity() - self.buffer.len() < READ_ROOM {
+            self.buffer.reserve(READ_BUFFER);
+        }
+        // tokio-util's reader marks the socket not ready after a short
+        // read, so that the next read waits for data instead of trying.
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.half), cx, &mut self.buffer)
+    }
+
+    /// Pending while the client stays; ready once it has closed the
+    /// connection (or it failed). What it sends meanwhile (a pipelined
+    /// request) is kept, up to `limit` bytes; past that it is no longer
+    /// read, and so the client no longer watched.
+    fn poll_gone(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        while self.buffer.len() < limit {
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Why a request head is refused before any handler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Over the size or field-count limit: 431.
+    TooLarge,
+    /// Not an HTTP/1 request head, or framing that cannot be trusted: 400.
+    Invalid,
+}
+
+impl Refusal {
+    fn answer(self) -> &'static [u8] {
+        match self {
+            Refusal::TooLarge => {
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+            Refusal::Invalid => {
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+        }
+    }
+}
+
+/// How a request's body follows its head (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestFraming {
+    Length(u64),
+    Chunked,
+}
+
+/// What the connection must know of a request to answer it.
+#[derive(Debug, Clone, Copy)]
+struct Exchange {
+    head: bool,
+    version: Version,
+    keep_alive: bool,
+}
+
+/// A parsed head: where its parts sit in the read buffer.
+struct Parsed {
+    length: usize,
+    method: Method,
+    version: Version,
+    target: (usize, usize),
+    fields: usize,
+    framing: RequestFraming,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Where a header field's name and value sit in the head.
+type Span = (usize, usize, usize, usize);
+
+/// Parses a complete request head off the front of `buffer`, noting where
+/// its fields sit in `spans`; `None` until it is complete.
+fn parse(
+    buffer: &[u8],
+    head_bytes: usize,
+    spans: &mut [Span; MAX_HEADERS],
+) -> Result<Option<Parsed>, Refusal> {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buffer,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) if length > head_bytes => {
+            return Err(Refusal::TooLarge)
+        }
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() >= head_bytes => {
+            return Err(Refusal::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
+        Err(_) => return Err(Refusal::Invalid),
+    };
+    let start = buffer.as_ptr() as usize;
+    let offset = |part: &[u8]| part.as_ptr() as usize - start;
+    let method = request.method.unwrap_or_default();
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::Invalid)?;
+    let path = request.path.unwrap_or_default();
+    let target = (
+        offset(path.as_bytes()),
+        offset(path.as_bytes()) + path.len(),
+    );
+    let version = if request.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut facts = Facts::default();
+    let mut fields = 0;
+    for (header, span) in request.headers.iter().zip(spans.iter_mut()) {
+        let name = offset(header.name.as_bytes());
+        let value = offset(header.value);
+        *span = (
+            name,
+            name + header.name.len(),
+            value,
+            value + header.value.len(),
+        );
+        facts.note(header.name.as_bytes(), header.value)?;
+        fields += 1;
+    }
+    let framing = match facts.transfer_encoding {
+        None => RequestFraming::Length(facts.length.unwrap_or(0)),
+        Some(true) if version == Version::HTTP_11 => RequestFraming::Chunked,
+        // Anything but chunked last, or chunks from an HTTP/1.0 client,
+        // leaves the body's end unknown (RFC 9112 §6.1).
+        Some(_) => return Err(Refusal::Invalid),
+    };
+    // With a length as well, the chunks win, and the connection is closed
+    // after the answer (RFC 9112 §6.1): what follows cannot be trusted.
+    let mixed = facts.transfer_encoding.is_some() && facts.length.is_some();
+    let keep_alive = !facts.close && !mixed && (version == Version::HTTP_11 || facts.keep_alive);
+    Ok(Some(Parsed {
+        length,
+        method,
+        version,
+        target,
+        fields,
+        framing,
+        keep_alive,
+        expect_continue: facts.expect_continue && version == Version::HTTP_11,
+    }))
+}
+
+/// What the connection-level headers of a request say.
+#[derive(Default)]
+struct Facts {
+    length: Option<u64>,
+    /// Present, and whether its last coding is chunked.
+    transfer_encoding: Option<bool>,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl Facts {
+    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for item in value.split(|byte| *byte == b',') {
+                let item = item.trim_ascii();
+                if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+                    return Err(Refusal::Invalid);
+                }
+                let parsed = std::str::from_utf8(item)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+                    .ok_or(Refusal::Invalid)?;
+                if self.length.is_some_and(|known| known != parsed) {
+                    return Err(Refusal::Invalid);
+                }
+                self.length = Some(parsed);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value
+                .rsplit(|byte| *byte == b',')
+                .next()
+                .unwrap_or_default();
+            self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for item in value.split(|byte| *byte == b',') {
+                let item = item.trim_ascii();
+                self.close |= item.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            self.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        Ok(())
+    }
+}
+
+/// Builds the request from its head, copied out of the read buffer; its
+/// body is set by the caller.
+fn request_of(parsed: &Parsed, spans: &[Span], head: &Bytes) -> Result<Request<Body>, Refusal> {
+    let (start, end) = parsed.target;
+    let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Invalid)?;
+    let mut headers = HeaderMap::with_capacity(parsed.fields);
+    for &(name_start, name_end, value_start, value_end) in spans.iter().take(parsed.fields) {
+        let name = head
+            .get(name_start..name_end)
+            .and_then(|name| HeaderName::from_bytes(name).ok())
+            .ok_or(Refusal::Invalid)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| Refusal::Invalid)?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(Body::empty());
+    *request.method_mut() = parsed.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = parsed.version;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+impl<H: Handler> Connection<H> {
+    pub(super) fn new(
+        stream: TcpStream,
+        buffer: BytesMut,
+        handler: Arc<H>,
+        peer: SocketAddr,
+        head_bytes: usize,
+        closing: Closing,
+    ) -> Self {
+        let (half, writer) = stream.into_split();
+        Self {
+            handler,
+            peer,
+            reader: Some(Reader { half, buffer }),
+            writer,
+            write: Vec::with_capacity(1024),
+            spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
+            head_bytes,
+            closing,
+        }
+    }
+
+    /// Serves requests until the client leaves, a request or answer ends
+    /// the connection, or the gateway closes it. A connection that opens
+    /// with HTTP/2's preface is handed to hyper.
+    pub(super) async fn serve(mut self, started: Instant, http2: Http2) {
+        // One timer for the connection's life: it is moved on only when it
+        // fires, not for every request.
+        let mut timer = pin!(tokio::time::sleep_until(started + HEADER_READ_TIMEOUT));
+        let mut first = true;
+        loop {
+            let Some(reader) = self.reader.as_mut() else {
+                return;
+            };
+            let next = next_head(
+                reader,
+                self.head_bytes,
+                &mut self.spans,
+                &mut self.closing,
+                timer.as_mut(),
+                first,
+            );
+            let parsed = match next.await {
+                Ok(Next::Request(parsed)) => parsed,
+                Ok(Next::Http2) => return self.into_http2(http2).await,
+                Ok(Next::Done) => return,
+                Err(refusal) => return self.refuse(refusal).await,
+            };
+            first = false;
+            match self.exchange(parsed).await {
+                After::KeepAlive => self.tidy(),
+                After::Close => {
+                    let _ = self.writer.shutdown().await;
+                    return;
+                }
+                After::Linger => return self.linger().await,
+                After::Refuse(refusal) => return self.refuse(refusal).await,
+                After::Drop => return,
+            }
+        }
+    }
+
+    /// Answers a head refused before any handler saw it, and closes.
+    async fn refuse(mut self, refusal: Refusal) {
+        let _ = self.writer.write_all(refusal.answer()).await;
+        self.linger().await;
+    }
+
+    /// Serves one request, and says what becomes of the connection.
+    async fn exchange(&mut self, parsed: Parsed) -> After {
+        let Some(reader) = self.reader.as_mut() else {
+            return After::Drop;
+        };
+        let buffered = reader.buffer.len() - parsed.length;
+        let whole = match parsed.framing {
+            RequestFraming::Length(length) => usize::try_from(length)
+                .ok()
+                .filter(|length| *length <= buffered),
+            RequestFraming::Chunked => None,
+        };
+        // The head, and a body that came whole with it, are copied out:
+        // the read buffer stays the connection's alone, to be reused.
+        let copied = parsed.length + whole.unwrap_or(0);
+        let head = Bytes::copy_from_slice(reader.buffer.get(..copied).unwrap_or_default());
+        reader.buffer.advance(copied);
+        let mut request = match request_of(&parsed, &self.spans[..], &head) {
+            Ok(request) => request,
+            Err(refusal) => return After::Refuse(refusal),
+        };
+        let mut streamed = None;
+        *request.body_mut() = match (whole, parsed.framing) {
+            (Some(0), _) => Body::empty(),
+            (Some(_), _) => Body::full(head.slice(parsed.length..)),
+            (None, framing) => {
+                let decoder = match framing {
+                    RequestFraming::Length(length) => Decoder::Length(length),
+                    RequestFraming::Chunked => {
+                        Decoder::Chunked(Chunked::Size { size: 0, digits: 0 })
+                    }
+                };
+                let expect_continue = parsed.expect_continue && reader.buffer.is_empty();
+                let shared = Arc::new(Mutex::new(Streamed {
+                    reader: self.reader.take(),
+                    decoder,
+                    done: false,
+                    interim: if expect_continue {
+                        Interim::Expected
+                    } else {
+                        Interim::None
+                    },
+                    connection: None,
+                }));
+                streamed = Some(shared.clone());
+                Body::Client(RequestBody { shared })
+            }
+        };
+        drop(head);
+        let exchange = Exchange {
+            head: parsed.method == Method::HEAD,
+            version: parsed.version,
+            keep_alive: parsed.keep_alive,
+        };
+        let Some(response) = self.respond(request, &streamed).await else {
+            return After::Drop;
+        };
+        let finished = self.reclaim(&streamed);
+        let keep_alive = exchange.keep_alive && finished && !self.closing.is_closing();
+        let Ok(kept) = self.write_response(response, exchange, keep_alive).await else {
+            return After::Drop;
+        };
+        // A body still being read gives the reader back now, at the latest.
+        let finished = self.reclaim(&streamed) || {
+            if let Some(shared) = &streamed {
+                let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                self.reader = self.reader.take().or_else(|| state.reader.take());
+            }
+            false
+        };
+        match (kept, finished) {
+            (true, _) => After::KeepAlive,
+            (false, true) => After::Close,
+            (false, false) => After::Linger,
+        }
+    }
+
+    /// Swaps this connection for one served by hyper's HTTP/2, with what
+    /// has been read so far read again first.
+    async fn into_http2(mut self, http2: Http2) {
+        let Some(reader) = self.reader.take() else {
+            return;
+        };
+        let Ok(stream) = reader.half.reunite(self.writer) else {
+            return;
+        };
+        let prefix = reader.buffer.freeze();
+        super::serve_http2(
+            &http2,
+            stream,
+            prefix,
+            self.handler,
+            self.peer,
+            self.closing,
+        )
+        .await;
+    }
+
+    /// Runs the handler until it answers, watching the client meanwhile:
+    /// `None` if it left first. Sends the interim 100 when a body that
+    /// expects it is first read.
+    async fn respond(
+        &mut self,
+        request: Request<Body>,
+        streamed: &Option<Arc<Mutex<Streamed>>>,
+    ) -> Option<Response<Body>> {
+        let mut service = pin!(self.handler.clone().handle(request, self.peer));
+        let head_bytes = self.head_bytes;
+        let mut interim_sent = 0;
+        poll_fn(|cx| {
+            if let Poll::Ready(response) = service.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if self.reader.is_none() {
+                if let Some(shared) = streamed {
+                    let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                    // A body read by another task (a TLS upstream's
+                    // connection) wakes this one to send the 100.
+                    let registered = state
+                        .connection
+                        .as_ref()
+                        .is_some_and(|waker| waker.will_wake(cx.waker()));
+                    if state.interim == Interim::Expected && !registered {
+                        state.connection = Some(cx.waker().clone());
+                    }
+                    if state.interim == Interim::Wanted {
+                        while interim_sent < CONTINUE.len() {
+                            let rest = CONTINUE.get(interim_sent..).unwrap_or_default();
+                            match Pin::new(&mut self.writer).poll_write(cx, rest) {
+                                Poll::Ready(Ok(n)) if n > 0 => interim_sent += n,
+                                Poll::Ready(_) => return Poll::Ready(None),
+                                Poll::Pending => return Poll::Pending,
+                            }
+                        }
+                        state.interim = Interim::Sent;
+                    }
+                    // Read to its end: the connection watches the client again.
+                    if state.done {
+                        self.reader = state.reader.take();
+                    }
+                }
+            }
+            match self.reader.as_mut() {
+                Some(reader) => reader.poll_gone(cx, head_bytes).map(|()| None),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Takes the reader back from a streamed body read to its end; whether
+    /// the request has been read whole.
+    fn reclaim(&mut self, streamed: &Option<Arc<Mutex<Streamed>>>) -> bool {
+        let Some(shared) = streamed else {
+            return true;
+        };
+        let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.done && self.reader.is_none() {
+            self.reader = state.reader.take();
+        }
+        state.done
+    }
+
+    /// Writes the answer: `Ok(keep_alive)` once it is sent whole, `Err` if
+    /// the client or the body failed midway.
+    async fn write_response(
+        &mut self,
+        response: Response<Body>,
+        exchange: Exchange,
+        mut keep_alive: bool,
+    ) -> Result<bool, ()> {
+        let (parts, mut body) = response.into_parts();
+        let status = parts.status;
+        let bodyless = exchange.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok());
+        let framing = if bodyless {
+            Outgoing::Length(0)
+        } else if let Some(length) = declared {
+            Outgoing::Length(length)
+        } else if let Some(length) = body.size_hint().exact() {
+            Outgoing::Length(length)
+        } else if exchange.version == Version::HTTP_11 {
+            Outgoing::Chunked
+        } else {
+            keep_alive = false;
+            Outgoing::UntilClose
+        };
+        keep_alive &= !parts
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|value| has_token(value, b"close"));
+        self.write.clear();
+        encode_head(
+            &mut self.write,
+            &parts.headers,
+            status,
+            exchange.version,
+            framing,
+            declared.is_none() && !bodyless,
+            keep_alive,
+        );
+        drop(parts);
+        if bodyless {
+            write_all(&mut self.writer, &self.write, &[])
+                .await
+                .map_err(|_| ())?;
+            return Ok(keep_alive);
+        }
+        let mut left = match framing {
+            Outgoing::Length(length) => Some(length),
+            _ => None,
+        };
+        let mut pending_head = true;
+        let mut ended = false;
+        loop {
+            // The head waits for the first piece only if it is already
+            // there: an answer still coming gets its head at once.
+            let frame = if pending_head {
+                match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        write_all(&mut self.writer, &self.write, &[])
+                            .await
+                            .map_err(|_| ())?;
+                        self.write.clear();
+                        pending_head = false;
+                        continue;
+                    }
+                }
+            } else {
+                self.next_frame(&mut body).await?
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(_)) => return Err(()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers are not sent over HTTP/1.1
+                },
+            };
+            if let Some(left) = &mut left {
+                if data.len() as u64 > *left {
+                    return Err(()); // more than the declared length
+                }
+                *left -= data.len() as u64;
+            }
+            ended = body.is_end_stream();
+            self.write_data(&data, framing, ended)
+                .await
+                .map_err(|_| ())?;
+            pending_head = false;
+            if ended {
+                break;
+            }
+        }
+        if left.is_some_and(|left| left > 0) {
+            return Err(()); // the body ended short of its declared length
+        }
+        if framing == Outgoing::Chunked && !ended {
+            write_all(&mut self.writer, &self.write, b"0\r\n\r\n")
+                .await
+                .map_err(|_| ())?;
+        } else if !self.write.is_empty() {
+            write_all(&mut self.writer, &self.write, &[])
+                .await
+                .map_err(|_| ())?;
+        }
+        Ok(keep_alive)
+    }
+
+    /// Waits for the body's next frame while watching the client.
+    async fn next_frame(
+        &mut self,
+        body: &mut Body,
+    ) -> Result<Option<Result<Frame<Bytes>, BoxError>>, ()> {
+        let head_bytes = self.head_bytes;
+        poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                return Poll::Ready(Ok(frame));
+            }
+            match self.reader.as_mut() {
+                Some(reader) => reader.poll_gone(cx, head_bytes).map(|()| Err(())),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Writes one piece of body, behind what the write buffer holds (the
+    /// head, before the first), framed as the answer is; the last piece of
+    /// a chunked body takes the final chunk with it.
+    async fn write_data(&mut self, data: &[u8], framing: Outgoing, last: bool) -> io::Result<()> {
+        let chunked = framing == Outgoing::Chunked;
+        if chunked && !data.is_empty() {
+            let _ = write!(self.write, "{:x}\r\n", data.len());
+        }
+        let result = if data.len() <= COPIED_BODY {
+            self.write.extend_from_slice(data);
+            if chunked && !data.is_empty() {
+                self.write.extend_from_slice(b"\r\n");
+            }
+            if chunked && last {
+                self.write.extend_from_slice(b"0\r\n\r\n");
+            }
+            write_all(&mut self.writer, &self.write, &[]).await
+        } else {
+            let mut after = &b""[..];
+            if chunked {
+                after = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+            }
+            write_slices(&mut self.writer, &[&self.write, data, after]).await
+        };
+        self.write.clear();
+        result
+    }
+
+    /// Lets go of buffers one large request or answer grew.
+    fn tidy(&mut self) {
+        if self.write.capacity() > KEPT_WRITE_BUFFER {
+            self.write = Vec::with_capacity(1024);
+        }
+        if let Some(reader) = self.reader.as_mut() {
+            if reader.buffer.is_empty() && reader.buffer.capacity() > KEPT_READ_BUFFER {
+                reader.buffer = BytesMut::with_capacity(READ_BUFFER);
+            }
+        }
+    }
+
+    /// Closes the connection after an answer that left the request unread
+    /// (or was the last): the write side first, then whatever the client
+    /// still sends is read and dropped for a while, so that the close does
+    /// not reset the connection before the client has read the answer.
+    async fn linger(mut self) {
+        let _ = self.writer.shutdown().await;
+        let Some(mut reader) = self.reader.take() else {
+            return;
+        };
+        let mut discarded = 0;
+        let draining = async {
+            while discarded < LINGER_BYTES {
+                reader.buffer.clear();
+                match poll_fn(|cx| reader.poll_fill(cx)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => discarded += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, draining).await;
+    }
+}
+
+/// What the connection reads next.
+enum Next {
+    Request(Parsed),
+    /// The connection opened with HTTP/2's preface.
+    Http2,
+    /// The client closed the connection, took too long to send a head, or
+    /// the gateway is closing it while idle.
+    Done,
+}
+
+/// What becomes of the connection after an exchange.
+enum After {
+    KeepAlive,
+    /// Closed once the answer is sent.
+    Close,
+    /// Closed once the answer is sent, with the request not read whole.
+    Linger,
+    /// The request's target is not a URI: a 400 instead of an answer.
+    Refuse(Refusal),
+    /// The client left, or the answer broke off: closed at once.
+    Drop,
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until a request head is complete and parses it; on a
+/// connection's `first` read, tells HTTP/2's preface from a request.
+async fn next_head(
+    reader: &mut Reader,
+    head_bytes: usize,
+    spans: &mut [Span; MAX_HEADERS],
+    closing: &mut Closing,
+    mut timer: Pin<&mut Sleep>,
+    first: bool,
+) -> Result<Next, Refusal> {
+    let mut since = None;
+    loop {
+        let buffered = &reader.buffer[..];
+        let prefix = buffered.len().min(PREFACE.len());
+        if first && prefix > 0 && buffered.get(..prefix) == PREFACE.get(..prefix) {
+            if prefix == PREFACE.len() {
+                return Ok(Next::Http2);
+            }
+        } else if let Some(parsed) = parse(buffered, head_bytes, spans)? {
+            return Ok(Next::Request(parsed));
+        }
+        let idle = reader.buffer.is_empty();
+        if idle && closing.is_closing() {
+            return Ok(Next::Done);
+        }
+        let deadline = *since.get_or_insert_with(Instant::now) + HEADER_READ_TIMEOUT;
+        let read = poll_fn(|cx| {
+            if let Poll::Ready(read) = reader.poll_fill(cx) {
+                return Poll::Ready(Some(read));
+            }
+            if idle && closing.poll_closing(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            // The timer was set for an earlier wait: moved on when it
+            // fires early, which is at most once per timeout.
+            while timer.as_mut().poll(cx).is_ready() {
+                if timer.deadline() >= deadline {
+                    return Poll::Ready(None);
+                }
+                timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        match read {
+            Some(Ok(0)) | Some(Err(_)) | None => return Ok(Next::Done),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// How an answer's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outgoing {
+    Length(u64),
+    Chunked,
+    /// An HTTP/1.0 client's answer of unknown length: ended by the close.
+    UntilClose,
+}
+
+/// Writes the status line and headers, with the framing and connection
+/// headers the answer needs.
+fn encode_head(
+    out: &mut Vec<u8>,
+    headers: &HeaderMap,
+    status: StatusCode,
+    version: Version,
+    framing: Outgoing,
+    add_length: bool,
+    keep_alive: bool,
+) {
+    out.extend_from_slice(if version == Version::HTTP_11 {
+        b"HTTP/1.1 "
+    } else {
+        b"HTTP/1.0 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_connection = false;
+    for (name, value) in headers {
+        // The framing is the connection's to choose.
+        if *name == TRANSFER_ENCODING {
+            continue;
+        }
+        has_connection |= *name == CONNECTION;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Outgoing::Length(length) if add_length => {
+            let _ = write!(out, "content-length: {length}\r\n");
+        }
+        Outgoing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !has_connection {
+        if !keep_alive && version == Version::HTTP_11 {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if keep_alive && version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|byte| *byte == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Writes `first` then `second` whole, in one vectored write when the
+/// socket takes them.
+async fn write_all(writer: &mut OwnedWriteHalf, first: &[u8], second: &[u8]) -> io::Result<()> {
+    write_slices(writer, &[first, second]).await
+}
+
+/// Writes the slices whole, in as few vectored writes as the socket takes.
+async fn write_slices(writer: &mut OwnedWriteHalf, slices: &[&[u8]]) -> io::Result<()> {
+    let total: usize = slices.iter().map(|slice| slice.len()).sum();
+    let mut written = 0;
+    while written < total {
+        let mut skip = written;
+        let mut pending = [io::IoSlice::new(&[]); 3];
+        let mut count = 0;
+        for slice in slices {
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            if let Some(target) = pending.get_mut(count) {
+                *target = io::IoSlice::new(slice.get(skip..).unwrap_or_default());
+                count += 1;
+            }
+            skip = 0;
+        }
+        let sent = match count {
+            1 => writer.write(&pending[0]).await?,
+            _ => writer.write_vectored(&pending[..count]).await?,
+        };
+        if sent == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += sent;
+    }
+    Ok(())
+}
+
+/// Whether the interim 100 is owed to a client that expects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interim {
+    /// Not asked for, or not needed (the body was already on its way).
+    None,
+    /// Asked for; the body has not been read yet.
+    Expected,
+    /// The body is being read: the connection sends the 100.
+    Wanted,
+    Sent,
+}
+
+/// A request body being read off the connection, and the reader it is
+/// read from, shared by the body and the connection.
+struct Streamed {
+    /// `None` once the connection has taken it back.
+    reader: Option<Reader>,
+    decoder: Decoder,
+    done: bool,
+    interim: Interim,
+    /// The connection's task, woken when the 100 is wanted.
+    connection: Option<Waker>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// A client's request body that did not come whole with its head: read
+/// off the connection as the handler asks for it.
+pub struct RequestBody {
+    shared: Arc<Mutex<Streamed>>,
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").finish_non_exhaustive()
+    }
+}
+
+/// A request body that could not be read whole.
+#[derive(Debug)]
+pub enum RequestBodyError {
+    /// The client closed the connection before its body ended.
+    Closed,
+    Io(io::Error),
+    /// The chunked framing is broken.
+    Invalid(&'static str),
+    /// The connection no longer serves this request.
+    Gone,
+}
+
+impl std::fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBodyError::Closed => {
+                f.write_str("the client closed the connection before the body ended")
+            }
+            RequestBodyError::Io(err) => write!(f, "connection error: {err}"),
+            RequestBodyError::Invalid(what) => write!(f, "invalid chunked body: {what}"),
+            RequestBodyError::Gone => f.write_str("the request is no longer being served"),
+        }
+    }
+}
+
+impl std::error::Error for RequestBodyError {}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *state;
+        if state.done {
+            return Poll::Ready(None);
+        }
+        if state.interim == Interim::Expected {
+            // The connection sends the 100 once this poll returns.
+            state.interim = Interim::Wanted;
+            if let Some(connection) = state.connection.take() {
+                connection.wake();
+            }
+        }
+        let Some(reader) = state.reader.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(RequestBodyError::Gone))));
+        };
+        loop {
+            let step = match &mut state.decoder {
+                Decoder::Length(0) => None,
+                Decoder::Length(left) if !reader.buffer.is_empty() => {
+                    Some(take(&mut reader.buffer, left))
+                }
+                Decoder::Length(_) => Some(Bytes::new()),
+                Decoder::Chunked(chunked) => {
+                    if let Err(what) = chunked.advance(&mut reader.buffer) {
+                        state.reader = None;
+                        return Poll::Ready(Some(Err(Box::new(RequestBodyError::Invalid(what)))));
+                    }
+                    match chunked {
+                        Chunked::Done => None,
+                        Chunked::Data(left) if !reader.buffer.is_empty() => {
+                            Some(take(&mut reader.buffer, left))
+                        }
+                        _ => Some(Bytes::new()),
+                    }
+                }
+            };
+            match step {
+                None => {
+                    state.done = true;
+                    return Poll::Ready(None);
+                }
+                Some(data) if !data.is_empty() => {
+                    if matches!(state.decoder, Decoder::Length(0)) {
+                        state.done = true;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(_) => {}
+            }
+            match ready!(reader.poll_fill(cx)) {
+                Ok(0) => {
+                    state.reader = None;
+                    return Poll::Ready(Some(Err(Box::new(RequestBodyError::Closed))));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    state.reader = None;
+                    return Poll::Ready(Some(Err(Box::new(RequestBodyError::Io(err)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        match state.decoder {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            Decoder::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second || cached.1.is_empty() {
+                *cached = (second, httpdate::fmt_http_date(now));
+            }
+            out.extend_from_slice(cached.1.as_bytes());
+        });
+    }
+}
