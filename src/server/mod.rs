@@ -33,6 +33,8 @@ use tokio::sync::watch;
 use crate::body::Body;
 
 mod h1;
+#[cfg(test)]
+mod tests;
 
 pub use h1::{RequestBody, RequestBodyError};
 

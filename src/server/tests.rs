@@ -1,0 +1,454 @@
+//! The HTTP/1.1 server against raw sockets and hyper's clients, on
+//! loopback: framing, keep-alive, pipelining, 100-continue, HTTP/1.0,
+//! HTTP/2 by preface, a client that leaves, and closing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{serve, Handler};
+use crate::body::Body;
+
+/// Answers by path: `/echo` reads the body and says what it got,
+/// `/stream` sends chunks as the test releases them, `/hold` never
+/// answers (and says when it is dropped), `/early` answers without
+/// reading the body.
+struct TestHandler {
+    chunks: tokio::sync::Mutex<Option<mpsc::Receiver<Bytes>>>,
+    dropped: mpsc::Sender<()>,
+}
+
+/// Tells the test when the handler's future is dropped.
+struct DropSignal(mpsc::Sender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl Handler for TestHandler {
+    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        match path.as_str() {
+            "/stream" => {
+                let chunks = self.chunks.lock().await.take().unwrap();
+                Response::new(Body::Channel(chunks))
+            }
+            "/hold" => {
+                let _signal = DropSignal(self.dropped.clone());
+                std::future::pending::<Response<Body>>().await
+            }
+            "/early" => {
+                let mut response = Response::new(Body::full("too large"));
+                *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                response
+            }
+            _ => {
+                let body = request.into_body().collect().await;
+                let text = match body {
+                    Ok(body) => format!("{method} {path} {}", body.to_bytes().len()),
+                    Err(err) => format!("{method} {path} error: {err}"),
+                };
+                Response::new(Body::full(text))
+            }
+        }
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    chunks: mpsc::Sender<Bytes>,
+    dropped: mpsc::Receiver<()>,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn start() -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (chunks, receiver) = mpsc::channel(8);
+    let (dropped_sender, dropped) = mpsc::channel(8);
+    let handler = Arc::new(TestHandler {
+        chunks: tokio::sync::Mutex::new(Some(receiver)),
+        dropped: dropped_sender,
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(serve(listener, handler, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        chunks,
+        dropped,
+        stop: Some(stop),
+        served,
+    }
+}
+
+async fn bounded<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("finished in time")
+}
+
+/// Reads one answer with a Content-Length body: its head and body.
+async fn read_answer(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> (String, String) {
+    loop {
+        if let Some(end) = find(buffer, b"\r\n\r\n") {
+            let head = String::from_utf8(buffer[..end].to_vec()).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .map_or(0, |value| value.parse().unwrap());
+            while buffer.len() < end + 4 + length {
+                read_more(socket, buffer).await;
+            }
+            let body = String::from_utf8(buffer[end + 4..end + 4 + length].to_vec()).unwrap();
+            buffer.drain(..end + 4 + length);
+            return (head, body);
+        }
+        read_more(socket, buffer).await;
+    }
+}
+
+async fn read_more(socket: &mut TcpStream, buffer: &mut Vec<u8>) {
+    let mut piece = [0u8; 4096];
+    let n = bounded(socket.read(&mut piece)).await.unwrap();
+    assert!(
+        n > 0,
+        "closed early; so far: {}",
+        String::from_utf8_lossy(buffer)
+    );
+    buffer.extend_from_slice(&piece[..n]);
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Reads to the close.
+async fn read_all(socket: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    bounded(socket.read_to_end(&mut all)).await.unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhelloGET /second HTTP/1.1\r\nhost: x\r\n\r\n\
+              POST /third HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let (head, body) = read_answer(&mut socket, &mut buffer).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert_eq!(body, "POST /echo 5");
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "GET /second 0");
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "POST /third 3");
+    // Still open for more.
+    socket
+        .write_all(b"GET /fourth HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "GET /fourth 0");
+}
+
+#[tokio::test]
+async fn bodies_that_come_after_their_head_are_read_in_pieces() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    let mut buffer = Vec::new();
+    // A length: the body trickles in after the head.
+    socket
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        socket.write_all(&[b'a'; 5000]).await.unwrap();
+    }
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "POST /echo 20000");
+    // Chunks, split mid-size-line and mid-data, then a pipelined request
+    // sent with the last chunk.
+    socket
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    socket.write_all(b"0\r\n0123456789").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    socket
+        .write_all(b"abcdef\r\n0\r\n\r\nGET /after HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "POST /echo 16");
+    let (_, body) = read_answer(&mut socket, &mut buffer).await;
+    assert_eq!(body, "GET /after 0");
+}
+
+#[tokio::test]
+async fn a_client_that_expects_100_continue_gets_it_when_the_body_is_read() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    while find(&buffer, b"\r\n\r\n").is_none() {
+        read_more(&mut socket, &mut buffer).await;
+    }
+    assert_eq!(buffer, b"HTTP/1.1 100 Continue\r\n\r\n");
+    buffer.clear();
+    socket.write_all(b"body").await.unwrap();
+    let (head, body) = read_answer(&mut socket, &mut buffer).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, "POST /echo 4");
+}
+
+#[tokio::test]
+async fn an_answer_that_refuses_an_unread_body_reaches_the_client_and_closes() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    // The handler answers without reading; no 100 is sent, and the body
+    // the client sends anyway does not reset the answer away.
+    socket
+        .write_all(
+            b"POST /early HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 1000000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let _ = socket.write_all(&vec![b'x'; 200_000]).await;
+    let all = read_all(&mut socket).await;
+    assert!(all.starts_with("HTTP/1.1 413 "), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.ends_with("too large"), "{all}");
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_http_1_0_answers_and_keep_alive_only_when_asked() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    let (head, body) = read_answer(&mut socket, &mut buffer).await;
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: keep-alive"), "{head}");
+    assert_eq!(body, "GET /a 0");
+    // Without asking: answered, then closed.
+    socket.write_all(b"GET /b HTTP/1.0\r\n\r\n").await.unwrap();
+    let rest = read_all(&mut socket).await;
+    assert!(rest.starts_with("HTTP/1.0 200 OK\r\n"), "{rest}");
+    assert!(rest.ends_with("GET /b 0"), "{rest}");
+    // A streamed answer of unknown length ends with the close.
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /stream HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    server
+        .chunks
+        .send(Bytes::from_static(b"one "))
+        .await
+        .unwrap();
+    server
+        .chunks
+        .send(Bytes::from_static(b"two"))
+        .await
+        .unwrap();
+    drop(server.chunks);
+    let all = read_all(&mut socket).await;
+    assert!(all.starts_with("HTTP/1.0 200 OK\r\n"), "{all}");
+    assert!(!all.contains("transfer-encoding"), "{all}");
+    assert!(all.ends_with("\r\n\r\none two"), "{all}");
+}
+
+#[tokio::test]
+async fn streamed_answers_go_out_chunk_by_chunk_as_they_come() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    // The head goes out before any chunk exists.
+    while find(&buffer, b"\r\n\r\n").is_none() {
+        read_more(&mut socket, &mut buffer).await;
+    }
+    let head = String::from_utf8_lossy(&buffer).into_owned();
+    assert!(
+        head.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{head}"
+    );
+    buffer.clear();
+    // Each chunk arrives while the next is still to be sent.
+    server
+        .chunks
+        .send(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    while buffer.len() < b"9\r\ndata: 1\n\n\r\n".len() {
+        read_more(&mut socket, &mut buffer).await;
+    }
+    assert_eq!(buffer, b"9\r\ndata: 1\n\n\r\n");
+    buffer.clear();
+    let large = Bytes::from(vec![b'z'; 10_000]);
+    server.chunks.send(large).await.unwrap();
+    drop(server.chunks);
+    while !buffer.ends_with(b"0\r\n\r\n") {
+        read_more(&mut socket, &mut buffer).await;
+    }
+    assert!(buffer.starts_with(b"2710\r\nzzz"));
+    assert_eq!(
+        buffer.len(),
+        "2710\r\n".len() + 10_000 + "\r\n0\r\n\r\n".len()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_drops_the_handler() {
+    let mut server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(server.dropped.try_recv().is_err(), "still held");
+    drop(socket);
+    bounded(server.dropped.recv()).await.unwrap();
+}
+
+#[tokio::test]
+async fn heads_over_the_limits_or_not_http_are_refused_bare() {
+    let server = start().await;
+    let cases: [(&[u8], &str); 5] = [
+        (b"GET / HTTP/1.1\r\nx: \x01\r\n\r\n", "HTTP/1.1 400 "),
+        (
+            b"GET / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nx",
+            "HTTP/1.1 400 ",
+        ),
+        (
+            b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+        (
+            b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+        (b"GET / HTTP/1.1\r\nx: 1\r\n", "HTTP/1.1 431 "),
+    ];
+    for (wire, expected) in cases {
+        let mut socket = TcpStream::connect(server.addr).await.unwrap();
+        socket.write_all(wire).await.unwrap();
+        if expected.contains("431") {
+            // A head that never ends: past the limit, refused.
+            let filler = format!("x-filler: {}\r\n", "f".repeat(1000));
+            for _ in 0..300 {
+                if socket.write_all(filler.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let all = read_all(&mut socket).await;
+        assert!(
+            all.starts_with(expected),
+            "{:?}: {all}",
+            String::from_utf8_lossy(wire)
+        );
+    }
+    // More than 100 fields.
+    let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let all = read_all(&mut socket).await;
+    assert!(all.starts_with("HTTP/1.1 431 "), "{all}");
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
+    let server = start().await;
+    let socket = TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(socket),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}/echo", server.addr))
+        .body(Body::full("over h2"))
+        .unwrap();
+    let response = bounded(sender.send_request(request)).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"POST /echo 7");
+}
+
+#[tokio::test]
+async fn closing_ends_idle_connections_and_lets_answers_in_flight_finish() {
+    let mut server = start().await;
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    read_answer(&mut idle, &mut buffer).await;
+    let mut streaming = TcpStream::connect(server.addr).await.unwrap();
+    streaming
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while find(&head, b"\r\n\r\n").is_none() {
+        read_more(&mut streaming, &mut head).await;
+    }
+    server.stop.take().unwrap().send(()).unwrap();
+    // The idle connection is closed; the stream is not cut.
+    assert_eq!(read_all(&mut idle).await, "");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!server.served.is_finished(), "waits for the stream");
+    server
+        .chunks
+        .send(Bytes::from_static(b"last"))
+        .await
+        .unwrap();
+    drop(server.chunks);
+    let rest = read_all(&mut streaming).await;
+    assert_eq!(rest, "4\r\nlast\r\n0\r\n\r\n");
+    bounded(server.served).await.unwrap();
+}
