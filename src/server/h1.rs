@@ -836,8 +836,9 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let mut has_connection = false;
     for (name, value) in headers {
-        // The framing is the connection's to choose.
-        if *name == TRANSFER_ENCODING {
+        // The framing is the connection's to choose; a length it could not
+        // read is replaced by the body's own.
+        if *name == TRANSFER_ENCODING || (add_length && *name == CONTENT_LENGTH) {
             continue;
         }
         has_connection |= *name == CONNECTION;

@@ -10,7 +10,9 @@
 //! and at most 100 header fields over HTTP/1.1 (past either: a 431 with an
 //! empty body), a head that is not HTTP (a 400 with an empty body), and a
 //! head sent within [`HEADER_READ_TIMEOUT`] (past it: the connection is
-//! closed). Each of these closes the connection.
+//! closed). Each of these closes the connection. A request that gives both
+//! a length and chunks is read by its chunks and its connection closed
+//! after the answer (RFC 9112 §6.1).
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -54,7 +56,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// What one connection may make the HTTP layer buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Largest request head (HTTP/1.1 read buffer; HTTP/2 header list).
+    /// Largest request head (HTTP/1.1 line and headers; HTTP/2 header list).
     pub head_bytes: usize,
 }
 
@@ -99,7 +101,7 @@ pub async fn serve_with<H: Handler>(
     shutdown: impl Future<Output = ()>,
     limits: ConnectionLimits,
 ) {
-    // hyper's smallest HTTP/1 buffer was 8 KiB; the limit stays at least that.
+    // A head of 8 KiB is always taken: one read buffer's worth.
     let head_bytes = limits.head_bytes.max(8192);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2

@@ -22,7 +22,7 @@ use crate::body::Body;
 /// Answers by path: `/echo` reads the body and says what it got,
 /// `/stream` sends chunks as the test releases them, `/hold` never
 /// answers (and says when it is dropped), `/early` answers without
-/// reading the body.
+/// reading the body, `/odd-length` has a length header it cannot frame by.
 struct TestHandler {
     chunks: tokio::sync::Mutex<Option<mpsc::Receiver<Bytes>>>,
     dropped: mpsc::Sender<()>,
@@ -49,6 +49,14 @@ impl Handler for TestHandler {
             "/hold" => {
                 let _signal = DropSignal(self.dropped.clone());
                 std::future::pending::<Response<Body>>().await
+            }
+            "/odd-length" => {
+                let mut response = Response::new(Body::full("hello"));
+                response.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from_static("5, 5"),
+                );
+                response
             }
             "/early" => {
                 let mut response = Response::new(Body::full("too large"));
@@ -451,4 +459,18 @@ async fn closing_ends_idle_connections_and_lets_answers_in_flight_finish() {
     let rest = read_all(&mut streaming).await;
     assert_eq!(rest, "4\r\nlast\r\n0\r\n\r\n");
     bounded(server.served).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_answer_is_framed_by_one_length_it_can_read() {
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"GET /odd-length HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let all = read_all(&mut socket).await;
+    assert_eq!(all.matches("content-length").count(), 1, "{all}");
+    assert!(all.contains("\r\ncontent-length: 5\r\n"), "{all}");
+    assert!(all.ends_with("\r\n\r\nhello"), "{all}");
 }
