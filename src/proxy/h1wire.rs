@@ -11,7 +11,7 @@
 //! when the answer's last byte has been read.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -26,16 +26,13 @@ use tokio::net::TcpStream;
 
 use super::h1pool::Http1Pool;
 use crate::body::{Body, BoxError};
-use crate::chunked::{take, Chunked};
+use crate::http1::{
+    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Spans, Step,
+    MAX_HEADERS, READ_BUFFER,
+};
 
-/// The most header fields an answer may have (hyper's limit too).
-const MAX_HEADERS: usize = 100;
 /// The longest answer head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Read buffers keep at least this much room before each read.
-const READ_ROOM: usize = 4 * 1024;
-/// A fresh read buffer's size: the typical answer's head and body.
-const READ_BUFFER: usize = 8 * 1024;
 /// Room kept in an answer's header map for the headers the gateway adds
 /// (`x-abgate-*`), so that adding them does not grow it.
 const GATEWAY_HEADERS: usize = 8;
@@ -57,9 +54,6 @@ pub struct Connection {
     /// Where an answer head's fields sit: kept, not rebuilt per answer.
     spans: Box<Spans>,
 }
-
-/// Where each header field's name and value sit in a head.
-type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
 
 /// What went wrong on a connection to a plain-HTTP upstream.
 #[derive(Debug)]
@@ -224,7 +218,7 @@ impl Connection {
 
     /// Reads what the socket has into the read buffer: 0 at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, WireError>> {
-        poll_fill(&mut self.stream, &mut self.read, cx)
+        poll_fill(&mut self.stream, &mut self.read, cx).map_err(WireError::Io)
     }
 }
 
@@ -254,7 +248,7 @@ async fn send_body(
         }
         buffer.clear();
         if chunked {
-            buffer.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            let _ = write!(buffer, "{:x}\r\n", data.len());
         }
         buffer.extend_from_slice(&data);
         if chunked {
@@ -286,25 +280,13 @@ async fn read_head(
         if let Some(head) = parse_head(buffer, spans, method)? {
             return Ok(head);
         }
-        let read = poll_fn(|cx| poll_fill(reader, buffer, cx)).await?;
+        let read = poll_fn(|cx| poll_fill(reader, buffer, cx))
+            .await
+            .map_err(WireError::Io)?;
         if read == 0 {
             return Err(WireError::Closed);
         }
     }
-}
-
-/// Reads what `reader` has into `buffer`: 0 at its end.
-fn poll_fill(
-    reader: &mut (impl AsyncRead + Unpin),
-    buffer: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<Result<usize, WireError>> {
-    if buffer.capacity() - buffer.len() < READ_ROOM {
-        buffer.reserve(READ_BUFFER);
-    }
-    // tokio-util's reader marks the socket not ready after a short read,
-    // so that the next read waits for data instead of trying first.
-    tokio_util::io::poll_read_buf(Pin::new(reader), cx, buffer).map_err(WireError::Io)
 }
 
 /// How a request's body follows its head.
@@ -482,7 +464,7 @@ fn parse_head(
         let closes = headers
             .get_all(CONNECTION)
             .iter()
-            .any(|value| has_token(value, "close"));
+            .any(|value| has_token(value.as_bytes(), b"close"));
         return Ok(Some(Head {
             status,
             version,
@@ -506,11 +488,7 @@ fn framing_of(
         return Ok((Framing::Length(0), true));
     }
     if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = last
-            .as_bytes()
-            .rsplit(|byte| *byte == b',')
-            .next()
-            .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        let chunked = ends_chunked(last.as_bytes());
         // With a Content-Length too, the connection is not to be trusted
         // again (RFC 9112 §6.3).
         let reusable = chunked && !headers.contains_key(CONTENT_LENGTH);
@@ -523,29 +501,12 @@ fn framing_of(
     }
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|byte| *byte == b',') {
-            let parsed = std::str::from_utf8(item.trim_ascii())
-                .ok()
-                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|text| text.parse::<u64>().ok())
-                .ok_or(WireError::Invalid("content-length"))?;
-            if length.is_some_and(|known| known != parsed) {
-                return Err(WireError::Invalid("conflicting content-length values"));
-            }
-            length = Some(parsed);
-        }
+        length = Some(content_length(value.as_bytes(), length).map_err(WireError::Invalid)?);
     }
     Ok(match length {
         Some(length) => (Framing::Length(length), true),
         None => (Framing::UntilClose, false),
     })
-}
-
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|byte| *byte == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The answer for `head`, its body read from `connection`, which goes
@@ -557,7 +518,7 @@ pub fn response(
 ) -> Response<ResponseBody> {
     let decoder = match head.framing {
         Framing::Length(length) => Decoder::Length(length),
-        Framing::Chunked => Decoder::Chunked(Chunked::Size { size: 0, digits: 0 }),
+        Framing::Chunked => Decoder::Chunked(Chunked::START),
         Framing::UntilClose => Decoder::UntilClose,
     };
     let mut body = ResponseBody {
@@ -592,16 +553,6 @@ enum Decoder {
     UntilClose,
 }
 
-/// One step of decoding what the read buffer holds.
-enum Step {
-    /// A piece of the body.
-    Data(Bytes),
-    /// The body has ended.
-    End,
-    /// More must be read first.
-    More,
-}
-
 impl ResponseBody {
     /// Decodes one step from what has been read.
     fn step(&mut self) -> Result<Step, WireError> {
@@ -610,21 +561,8 @@ impl ResponseBody {
         };
         let buffer = &mut connection.read;
         match &mut self.decoder {
-            Decoder::Length(0) => Ok(Step::End),
-            Decoder::Length(left) => {
-                if buffer.is_empty() {
-                    return Ok(Step::More);
-                }
-                Ok(Step::Data(take(buffer, left)))
-            }
-            Decoder::Chunked(state) => {
-                state.advance(buffer).map_err(WireError::Invalid)?;
-                match state {
-                    Chunked::Done => Ok(Step::End),
-                    Chunked::Data(left) if !buffer.is_empty() => Ok(Step::Data(take(buffer, left))),
-                    _ => Ok(Step::More),
-                }
-            }
+            Decoder::Length(left) => Ok(step_length(buffer, left)),
+            Decoder::Chunked(state) => state.step(buffer).map_err(WireError::Invalid),
             Decoder::UntilClose if buffer.is_empty() => Ok(Step::More),
             Decoder::UntilClose => Ok(Step::Data(buffer.split().freeze())),
         }

@@ -33,14 +33,11 @@ use tokio::time::{Instant, Sleep};
 
 use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
-use crate::chunked::{take, Chunked};
+use crate::http1::{
+    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Spans, Step,
+    MAX_HEADERS, READ_BUFFER,
+};
 
-/// The most header fields a request may have (hyper's limit too).
-const MAX_HEADERS: usize = 100;
-/// A fresh read buffer's size: the typical request's head and body.
-const READ_BUFFER: usize = 8 * 1024;
-/// Read buffers keep at least this much room before each read.
-const READ_ROOM: usize = 4 * 1024;
 /// A read buffer grown past this for one large request is let go after it.
 const KEPT_READ_BUFFER: usize = 64 * 1024;
 /// A piece of body up to this size is copied behind its head or chunk
@@ -66,7 +63,7 @@ pub(super) struct Connection<H> {
     writer: OwnedWriteHalf,
     write: Vec<u8>,
     /// Where the current head's fields sit: kept, not rebuilt per request.
-    spans: Box<[Span; MAX_HEADERS]>,
+    spans: Box<Spans>,
     head_bytes: usize,
     closing: Closing,
 }
@@ -80,12 +77,7 @@ struct Reader {
 impl Reader {
     /// Reads what the socket has into the buffer: 0 at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buffer.capacity() - self.buffer.len() < READ_ROOM {
-            self.buffer.reserve(READ_BUFFER);
-        }
-        // tokio-util's reader marks the socket not ready after a short
-        // read, so that the next read waits for data instead of trying.
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.half), cx, &mut self.buffer)
+        poll_fill(&mut self.half, &mut self.buffer, cx)
     }
 
     /// Pending while the client stays; ready once it has closed the
@@ -135,7 +127,8 @@ enum RequestFraming {
 /// What the connection must know of a request to answer it.
 #[derive(Debug, Clone, Copy)]
 struct Exchange {
-    head: bool,
+    /// The request was a HEAD: the answer has no body.
+    head_method: bool,
     version: Version,
     keep_alive: bool,
 }
@@ -152,16 +145,9 @@ struct Parsed {
     expect_continue: bool,
 }
 
-/// Where a header field's name and value sit in the head.
-type Span = (usize, usize, usize, usize);
-
 /// Parses a complete request head off the front of `buffer`, noting where
 /// its fields sit in `spans`; `None` until it is complete.
-fn parse(
-    buffer: &[u8],
-    head_bytes: usize,
-    spans: &mut [Span; MAX_HEADERS],
-) -> Result<Option<Parsed>, Refusal> {
+fn parse(buffer: &[u8], head_bytes: usize, spans: &mut Spans) -> Result<Option<Parsed>, Refusal> {
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let length = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -245,32 +231,13 @@ struct Facts {
 impl Facts {
     fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
         if name.eq_ignore_ascii_case(b"content-length") {
-            for item in value.split(|byte| *byte == b',') {
-                let item = item.trim_ascii();
-                if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                    return Err(Refusal::Invalid);
-                }
-                let parsed = std::str::from_utf8(item)
-                    .ok()
-                    .and_then(|text| text.parse::<u64>().ok())
-                    .ok_or(Refusal::Invalid)?;
-                if self.length.is_some_and(|known| known != parsed) {
-                    return Err(Refusal::Invalid);
-                }
-                self.length = Some(parsed);
-            }
+            let length = content_length(value, self.length).map_err(|_| Refusal::Invalid)?;
+            self.length = Some(length);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = value
-                .rsplit(|byte| *byte == b',')
-                .next()
-                .unwrap_or_default();
-            self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            self.transfer_encoding = Some(ends_chunked(value));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for item in value.split(|byte| *byte == b',') {
-                let item = item.trim_ascii();
-                self.close |= item.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
-            }
+            self.close |= has_token(value, b"close");
+            self.keep_alive |= has_token(value, b"keep-alive");
         } else if name.eq_ignore_ascii_case(b"expect") {
             self.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -280,7 +247,7 @@ impl Facts {
 
 /// Builds the request from its head, copied out of the read buffer; its
 /// body is set by the caller.
-fn request_of(parsed: &Parsed, spans: &[Span], head: &Bytes) -> Result<Request<Body>, Refusal> {
+fn request_of(parsed: &Parsed, spans: &Spans, head: &Bytes) -> Result<Request<Body>, Refusal> {
     let (start, end) = parsed.target;
     let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Invalid)?;
     let mut headers = HeaderMap::with_capacity(parsed.fields);
@@ -386,7 +353,7 @@ impl<H: Handler> Connection<H> {
         let copied = parsed.length + whole.unwrap_or(0);
         let head = Bytes::copy_from_slice(reader.buffer.get(..copied).unwrap_or_default());
         reader.buffer.advance(copied);
-        let mut request = match request_of(&parsed, &self.spans[..], &head) {
+        let mut request = match request_of(&parsed, &self.spans, &head) {
             Ok(request) => request,
             Err(refusal) => return After::Refuse(refusal),
         };
@@ -397,9 +364,7 @@ impl<H: Handler> Connection<H> {
             (None, framing) => {
                 let decoder = match framing {
                     RequestFraming::Length(length) => Decoder::Length(length),
-                    RequestFraming::Chunked => {
-                        Decoder::Chunked(Chunked::Size { size: 0, digits: 0 })
-                    }
+                    RequestFraming::Chunked => Decoder::Chunked(Chunked::START),
                 };
                 let expect_continue = parsed.expect_continue && reader.buffer.is_empty();
                 let shared = Arc::new(Mutex::new(Streamed {
@@ -419,26 +384,20 @@ impl<H: Handler> Connection<H> {
         };
         drop(head);
         let exchange = Exchange {
-            head: parsed.method == Method::HEAD,
+            head_method: parsed.method == Method::HEAD,
             version: parsed.version,
             keep_alive: parsed.keep_alive,
         };
         let Some(response) = self.respond(request, &streamed).await else {
             return After::Drop;
         };
-        let finished = self.reclaim(&streamed);
+        let finished = self.reclaim(&streamed, false);
         let keep_alive = exchange.keep_alive && finished && !self.closing.is_closing();
         let Ok(kept) = self.write_response(response, exchange, keep_alive).await else {
             return After::Drop;
         };
         // A body still being read gives the reader back now, at the latest.
-        let finished = self.reclaim(&streamed) || {
-            if let Some(shared) = &streamed {
-                let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                self.reader = self.reader.take().or_else(|| state.reader.take());
-            }
-            false
-        };
+        let finished = self.reclaim(&streamed, true);
         match (kept, finished) {
             (true, _) => After::KeepAlive,
             (false, true) => After::Close,
@@ -505,12 +464,10 @@ impl<H: Handler> Connection<H> {
                         }
                         state.interim = Interim::Sent;
                     }
-                    // Read to its end: the connection watches the client again.
-                    if state.done {
-                        self.reader = state.reader.take();
-                    }
                 }
             }
+            // Read to its end: the connection watches the client again.
+            self.reclaim(streamed, false);
             match self.reader.as_mut() {
                 Some(reader) => reader.poll_gone(cx, head_bytes).map(|()| None),
                 None => Poll::Pending,
@@ -519,14 +476,15 @@ impl<H: Handler> Connection<H> {
         .await
     }
 
-    /// Takes the reader back from a streamed body read to its end; whether
-    /// the request has been read whole.
-    fn reclaim(&mut self, streamed: &Option<Arc<Mutex<Streamed>>>) -> bool {
+    /// Takes the reader back from a streamed body once it has been read
+    /// to its end, or with `unread_too` in any case; whether the request
+    /// has been read whole.
+    fn reclaim(&mut self, streamed: &Option<Arc<Mutex<Streamed>>>, unread_too: bool) -> bool {
         let Some(shared) = streamed else {
             return true;
         };
         let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.done && self.reader.is_none() {
+        if (state.done || unread_too) && self.reader.is_none() {
             self.reader = state.reader.take();
         }
         state.done
@@ -542,7 +500,7 @@ impl<H: Handler> Connection<H> {
     ) -> Result<bool, ()> {
         let (parts, mut body) = response.into_parts();
         let status = parts.status;
-        let bodyless = exchange.head
+        let bodyless = exchange.head_method
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
@@ -567,7 +525,7 @@ impl<H: Handler> Connection<H> {
             .headers
             .get_all(CONNECTION)
             .iter()
-            .any(|value| has_token(value, b"close"));
+            .any(|value| has_token(value.as_bytes(), b"close"));
         self.write.clear();
         encode_head(
             &mut self.write,
@@ -759,7 +717,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn next_head(
     reader: &mut Reader,
     head_bytes: usize,
-    spans: &mut [Span; MAX_HEADERS],
+    spans: &mut Spans,
     closing: &mut Closing,
     mut timer: Pin<&mut Sleep>,
     first: bool,
@@ -867,13 +825,6 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn has_token(value: &HeaderValue, token: &[u8]) -> bool {
-    value
-        .as_bytes()
-        .split(|byte| *byte == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Writes `first` then `second` whole, in one vectored write when the
@@ -1008,37 +959,24 @@ impl http_body::Body for RequestBody {
         };
         loop {
             let step = match &mut state.decoder {
-                Decoder::Length(0) => None,
-                Decoder::Length(left) if !reader.buffer.is_empty() => {
-                    Some(take(&mut reader.buffer, left))
-                }
-                Decoder::Length(_) => Some(Bytes::new()),
-                Decoder::Chunked(chunked) => {
-                    if let Err(what) = chunked.advance(&mut reader.buffer) {
-                        state.reader = None;
-                        return Poll::Ready(Some(Err(Box::new(RequestBodyError::Invalid(what)))));
-                    }
-                    match chunked {
-                        Chunked::Done => None,
-                        Chunked::Data(left) if !reader.buffer.is_empty() => {
-                            Some(take(&mut reader.buffer, left))
-                        }
-                        _ => Some(Bytes::new()),
-                    }
-                }
+                Decoder::Length(left) => Ok(step_length(&mut reader.buffer, left)),
+                Decoder::Chunked(chunked) => chunked.step(&mut reader.buffer),
             };
             match step {
-                None => {
+                Ok(Step::End) => {
                     state.done = true;
                     return Poll::Ready(None);
                 }
-                Some(data) if !data.is_empty() => {
-                    if matches!(state.decoder, Decoder::Length(0)) {
-                        state.done = true;
-                    }
+                Ok(Step::Data(data)) => {
+                    // A length read to its end is the body's end.
+                    state.done = state.decoder == Decoder::Length(0);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(_) => {}
+                Ok(Step::More) => {}
+                Err(what) => {
+                    state.reader = None;
+                    return Poll::Ready(Some(Err(Box::new(RequestBodyError::Invalid(what)))));
+                }
             }
             match ready!(reader.poll_fill(cx)) {
                 Ok(0) => {

@@ -1,11 +1,98 @@
-//! Decoding a chunked body (RFC 9112 §7.1) in place, from whatever the
-//! reads have brought so far: used for upstream answers and client
-//! requests alike.
+//! HTTP/1.1 on the wire, the pieces both of the gateway's sides use: its
+//! connections to upstreams (`proxy::h1wire`) and its clients'
+//! connections (`server::h1`). Reads into a buffer, the framing headers,
+//! and a body framed by its length or by chunks (RFC 9112 §6, §7.1),
+//! decoded in place from whatever the reads have brought so far.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncRead;
 
+/// The most header fields a head may have (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+/// Where each header field's name and value sit in a head: kept with a
+/// connection rather than built for every head.
+pub type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
+/// A fresh read buffer's size: the typical head and body.
+pub const READ_BUFFER: usize = 8 * 1024;
+/// Read buffers keep at least this much room before each read.
+const READ_ROOM: usize = 4 * 1024;
 /// The longest chunk-size line (with extensions) or trailer section.
 pub const MAX_FRAMING_BYTES: usize = 16 * 1024;
+
+/// Reads what `reader` has into `buffer`: 0 at its end.
+pub fn poll_fill(
+    reader: &mut (impl AsyncRead + Unpin),
+    buffer: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buffer.capacity() - buffer.len() < READ_ROOM {
+        buffer.reserve(READ_BUFFER);
+    }
+    // tokio-util's reader marks the socket not ready after a short read,
+    // so that the next read waits for data instead of trying first.
+    tokio_util::io::poll_read_buf(Pin::new(reader), cx, buffer)
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|byte| *byte == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is chunked.
+pub fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|byte| *byte == b',')
+        .next()
+        .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The length a `Content-Length` value gives, agreeing with the one
+/// `known` from the fields before it: each comma-separated item must be
+/// digits only, and all must be equal.
+pub fn content_length(value: &[u8], known: Option<u64>) -> Result<u64, &'static str> {
+    let mut length = known;
+    for item in value.split(|byte| *byte == b',') {
+        let item = item.trim_ascii();
+        let parsed = std::str::from_utf8(item)
+            .ok()
+            .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or("content-length")?;
+        if length.is_some_and(|length| length != parsed) {
+            return Err("conflicting content-length values");
+        }
+        length = Some(parsed);
+    }
+    length.ok_or("content-length")
+}
+
+/// One step of decoding what a read buffer holds.
+#[derive(Debug)]
+pub enum Step {
+    /// A piece of the body.
+    Data(Bytes),
+    /// The body has ended.
+    End,
+    /// More must be read first.
+    More,
+}
+
+/// One step of a body with `left` bytes still to come.
+pub fn step_length(buffer: &mut BytesMut, left: &mut u64) -> Step {
+    if *left == 0 {
+        Step::End
+    } else if buffer.is_empty() {
+        Step::More
+    } else {
+        Step::Data(take(buffer, left))
+    }
+}
 
 /// Where a chunked body's decoding stands (RFC 9112 §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +113,19 @@ pub enum Chunked {
 }
 
 impl Chunked {
+    /// Where a chunked body's decoding starts.
+    pub const START: Chunked = Chunked::Size { size: 0, digits: 0 };
+
+    /// One step of the body: framing consumed, then data or the end.
+    pub fn step(&mut self, buffer: &mut BytesMut) -> Result<Step, &'static str> {
+        self.advance(buffer)?;
+        Ok(match self {
+            Chunked::Done => Step::End,
+            Chunked::Data(left) if !buffer.is_empty() => Step::Data(take(buffer, left)),
+            _ => Step::More,
+        })
+    }
+
     /// Consumes framing bytes from the front of `buffer` until data or
     /// the end is reached, or the buffer runs out.
     pub fn advance(&mut self, buffer: &mut BytesMut) -> Result<(), &'static str> {
@@ -113,7 +213,7 @@ impl Chunked {
 
 /// Takes up to `left` bytes off the front of `buffer`, counting them off
 /// `left`.
-pub fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
+fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
     let length = usize::try_from(*left)
         .unwrap_or(usize::MAX)
         .min(buffer.len());
@@ -129,19 +229,13 @@ mod tests {
     /// Decodes `wire` as a chunked body fed `piece` bytes at a time:
     /// the data, and whether the decoder reached the end.
     fn decode_chunked(wire: &[u8], piece: usize) -> Result<(Vec<u8>, bool), &'static str> {
-        let mut state = Chunked::Size { size: 0, digits: 0 };
+        let mut state = Chunked::START;
         let mut buffer = BytesMut::new();
         let mut data = Vec::new();
         for bytes in wire.chunks(piece) {
             buffer.extend_from_slice(bytes);
-            loop {
-                state.advance(&mut buffer)?;
-                match &mut state {
-                    Chunked::Data(left) if !buffer.is_empty() => {
-                        data.extend_from_slice(&take(&mut buffer, left));
-                    }
-                    _ => break,
-                }
+            while let Step::Data(piece) = state.step(&mut buffer)? {
+                data.extend_from_slice(&piece);
             }
         }
         Ok((data, state == Chunked::Done && buffer.is_empty()))
