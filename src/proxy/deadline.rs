@@ -3,7 +3,8 @@
 //! One timer serves both. It is not reset on every frame (that would be a
 //! timer-wheel update per SSE chunk): a frame only notes the time, and when
 //! the timer fires early because frames came meanwhile, it is moved to the
-//! next real deadline.
+//! next real deadline. It is made the first time the body has nothing to
+//! give: a body that comes whole with its head never needs one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,21 +22,19 @@ pub struct Deadlines {
     total: Duration,
     total_at: Instant,
     last_frame: Instant,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Deadlines {
     /// A frame at least every `idle` from now (the response headers just
     /// arrived), and the last one within `total` of `started`.
     pub fn new(idle: Duration, total: Duration, started: Instant) -> Self {
-        let now = Instant::now();
-        let total_at = started + total;
         Self {
             idle,
             total,
-            total_at,
-            last_frame: now,
-            timer: Box::pin(tokio::time::sleep_until((now + idle).min(total_at))),
+            total_at: started + total,
+            last_frame: Instant::now(),
+            timer: None,
         }
     }
 
@@ -63,8 +62,12 @@ impl Deadlines {
     /// Ready with the deadline that passed; pending (and woken when one
     /// may have) otherwise. Call only when the body has nothing to give.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Timeout> {
+        let first_at = (self.last_frame + self.idle).min(self.total_at);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(first_at)));
         loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
@@ -76,7 +79,7 @@ impl Deadlines {
                 return Poll::Ready(Timeout::Idle);
             }
             // Frames came since the timer was set: wait for the real deadline.
-            self.timer.as_mut().reset(idle_at.min(self.total_at));
+            timer.as_mut().reset(idle_at.min(self.total_at));
         }
     }
 }
@@ -106,6 +109,20 @@ mod tests {
             Duration::from_millis(100),
             "counted from the last frame"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_is_made_only_when_the_body_waits() {
+        let mut deadlines = Deadlines::new(
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            Instant::now(),
+        );
+        deadlines.frame_arrived();
+        assert!(!deadlines.total_expired());
+        assert!(deadlines.timer.is_none(), "a body that never waits needs none");
+        assert_eq!(expired(&mut deadlines).await, Timeout::Idle);
+        assert!(deadlines.timer.is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -277,8 +277,11 @@ async fn read_head(
     method: &Method,
 ) -> Result<Head, WireError> {
     loop {
-        if let Some(head) = parse_head(buffer, spans, method)? {
-            return Ok(head);
+        // A reused connection's buffer is empty: nothing to parse yet.
+        if !buffer.is_empty() {
+            if let Some(head) = parse_head(buffer, spans, method)? {
+                return Ok(head);
+            }
         }
         let read = poll_fn(|cx| poll_fill(reader, buffer, cx))
             .await

@@ -713,12 +713,18 @@ impl Gateway {
 
         // Read: JSON bodies whole, everything else streamed.
         let body = if carries_json(&parts, route) {
+            let whole = matches!(body, Body::Full(_));
             let reading = read_body(body, &parts, config.max_body_bytes);
-            let bytes = tokio::time::timeout_at(total_at.into(), reading)
-                .await
-                .map_err(|_| ProxyError::RequestTimeout {
-                    timeout_ms: config.total_timeout.as_millis(),
-                })??;
+            let bytes = if whole {
+                // Came with its head: no timer to set for it.
+                reading.await?
+            } else {
+                tokio::time::timeout_at(total_at.into(), reading)
+                    .await
+                    .map_err(|_| ProxyError::RequestTimeout {
+                        timeout_ms: config.total_timeout.as_millis(),
+                    })??
+            };
             let fields = json::inspect(&bytes)?;
             ClientBody::Json(bytes, fields)
         } else {
