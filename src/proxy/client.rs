@@ -45,6 +45,8 @@ pub enum ClientError {
     Connect(std::io::Error),
     /// A plain-HTTP upstream's connection failed before the answer's headers.
     Wire(WireError),
+    /// No answer's headers by the deadline the request was sent with.
+    TimedOut,
 }
 
 impl ClientError {
@@ -53,7 +55,7 @@ impl ClientError {
         match self {
             ClientError::General(err) => err.is_connect(),
             ClientError::Connect(_) => true,
-            ClientError::Wire(_) => false,
+            ClientError::Wire(_) | ClientError::TimedOut => false,
         }
     }
 }
@@ -64,6 +66,7 @@ impl std::fmt::Display for ClientError {
             ClientError::General(err) => write!(f, "{err}"),
             ClientError::Connect(err) => write!(f, "client error: tcp connect error: {err}"),
             ClientError::Wire(err) => write!(f, "client error: {err}"),
+            ClientError::TimedOut => f.write_str("client error: no answer by the deadline"),
         }
     }
 }
@@ -74,6 +77,7 @@ impl std::error::Error for ClientError {
             ClientError::General(err) => err.source(),
             ClientError::Connect(err) => Some(err),
             ClientError::Wire(err) => Some(err),
+            ClientError::TimedOut => None,
         }
     }
 }
@@ -81,6 +85,16 @@ impl std::error::Error for ClientError {
 impl HttpClient {
     /// Sends `request` (absolute URI) and waits for the answer's headers.
     pub async fn request(&self, request: Request<Body>) -> Result<Response<Body>, ClientError> {
+        self.request_until(request, None).await
+    }
+
+    /// [`HttpClient::request`], giving up at `deadline` if one is given
+    /// ([`ClientError::TimedOut`]).
+    pub async fn request_until(
+        &self,
+        request: Request<Body>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Response<Body>, ClientError> {
         let uri = request.uri();
         if uri.scheme() == Some(&Scheme::HTTP) {
             let pool = self
@@ -88,16 +102,19 @@ impl HttpClient {
                 .iter()
                 .find(|pool| uri.authority() == Some(pool.authority()));
             if let Some(pool) = pool {
-                let response = pool.send(request).await?;
+                // Its connections keep their own timers.
+                let response = pool.send(request, deadline).await?;
                 return Ok(response.map(Body::Upstream));
             }
         }
-        let response = self
-            .general
-            .request(request)
-            .await
-            .map_err(ClientError::General)?;
-        Ok(response.map(Body::Stream))
+        let sent = self.general.request(request);
+        let response = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, sent)
+                .await
+                .map_err(|_| ClientError::TimedOut)?,
+            None => sent.await,
+        };
+        Ok(response.map_err(ClientError::General)?.map(Body::Stream))
     }
 }
 

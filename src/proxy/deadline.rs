@@ -120,7 +120,10 @@ mod tests {
         );
         deadlines.frame_arrived();
         assert!(!deadlines.total_expired());
-        assert!(deadlines.timer.is_none(), "a body that never waits needs none");
+        assert!(
+            deadlines.timer.is_none(),
+            "a body that never waits needs none"
+        );
         assert_eq!(expired(&mut deadlines).await, Timeout::Idle);
         assert!(deadlines.timer.is_some());
     }

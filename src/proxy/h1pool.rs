@@ -15,8 +15,13 @@
 //! connection is sent again on a new one. A request already written is
 //! never resent (a completion costs tokens).
 
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use http::header::HeaderValue;
 use http::uri::Authority;
@@ -57,22 +62,24 @@ impl Http1Pool {
     }
 
     /// Sends `request` (its URI absolute or origin-form: only the path and
-    /// query are used) and waits for the answer's headers.
+    /// query are used) and waits for the answer's headers, until
+    /// `deadline` if one is given ([`ClientError::TimedOut`] then).
     pub async fn send(
         self: &Arc<Self>,
         request: Request<Body>,
+        deadline: Option<Instant>,
     ) -> Result<Response<ResponseBody>, ClientError> {
         let (parts, body) = request.into_parts();
         let mut framing = BodyFraming::of(&parts, &body);
+        let mut timer = None;
         let mut connection = loop {
             let (mut connection, reused) = match self.checkout() {
                 Some(connection) => (connection, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(deadline).await?, false),
             };
-            match connection
-                .write_head(&parts, &self.host, &mut framing)
-                .await
-            {
+            arm(&mut timer, &mut connection, deadline);
+            let written = connection.write_head(&parts, &self.host, &mut framing);
+            match within(&mut timer, deadline, written).await? {
                 Ok(()) => break connection,
                 // Not a byte written: the idle connection had closed
                 // meanwhile, and the request can go on another one.
@@ -89,12 +96,17 @@ impl Http1Pool {
         drop(parts.headers);
         drop(parts.uri);
         drop(parts.extensions);
-        let head = match connection.write_body(framing, body, &method).await {
-            Ok(None) => connection.read_head(&method).await,
-            Ok(Some(early)) => Ok(early),
-            Err(error) => Err(error),
-        }
-        .map_err(ClientError::Wire)?;
+        let answer = async {
+            match connection.write_body(framing, body, &method).await {
+                Ok(None) => connection.read_head(&method).await,
+                Ok(Some(early)) => Ok(early),
+                Err(error) => Err(error),
+            }
+        };
+        let head = within(&mut timer, deadline, answer)
+            .await?
+            .map_err(ClientError::Wire)?;
+        connection.timer = timer;
         Ok(h1wire::response(head, connection, Arc::clone(self)))
     }
 
@@ -121,7 +133,7 @@ impl Http1Pool {
         idle.push((connection, now));
     }
 
-    async fn connect(&self) -> Result<Connection, ClientError> {
+    async fn connect(&self, deadline: Option<Instant>) -> Result<Connection, ClientError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(80);
         let connect = async {
@@ -131,15 +143,74 @@ impl Http1Pool {
             stream.set_nodelay(true)?;
             Ok::<_, std::io::Error>(stream)
         };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
+        let connect_at = Instant::now() + self.connect_timeout;
+        let limit = deadline.map_or(connect_at, |deadline| deadline.min(connect_at));
+        match tokio::time::timeout_at(limit, connect).await {
             Ok(Ok(stream)) => Ok(Connection::new(stream)),
             Ok(Err(err)) => Err(ClientError::Connect(err)),
+            // The answer's deadline came first.
+            Err(_) if limit < connect_at => Err(ClientError::TimedOut),
             Err(_) => Err(ClientError::Connect(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no connection within {:?}", self.connect_timeout),
             ))),
         }
     }
+}
+
+/// Readies `timer` for a request that must have its answer's head by
+/// `deadline`, taking the connection's own timer when there is none yet.
+///
+/// The timer is kept with the connection from one request to the next and
+/// is set again only when it must fire sooner: a timer still set for an
+/// earlier request's (earlier) deadline fires early at worst, and is then
+/// moved on ([`within`]). Requests follow each other on a connection, so
+/// that happens at most once a timeout, not once a request: no timer-wheel
+/// update per request.
+fn arm(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    connection: &mut Connection,
+    deadline: Option<Instant>,
+) {
+    let Some(deadline) = deadline else {
+        return;
+    };
+    if timer.is_none() {
+        *timer = connection.timer.take();
+    }
+    match timer {
+        Some(timer) if timer.deadline() > deadline => timer.as_mut().reset(deadline),
+        Some(_) => {}
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+}
+
+/// `step`'s output, or [`ClientError::TimedOut`] once `deadline` passes.
+async fn within<T>(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    step: impl Future<Output = T>,
+) -> Result<T, ClientError> {
+    let mut step = pin!(step);
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = step.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        let (Some(deadline), Some(timer)) = (deadline, timer.as_mut()) else {
+            return Poll::Pending;
+        };
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(ClientError::TimedOut));
+            }
+            // Set for an earlier request: on to this one's deadline.
+            timer.as_mut().reset(deadline);
+        }
+    })
+    .await
 }
 
 /// Closes the connections idle for longer than [`IDLE_TIMEOUT`]; the
@@ -250,19 +321,19 @@ mod tests {
             socket.read_to_end(&mut rest).await.unwrap();
         });
 
-        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(idle_count(&pool), 0, "lent out while its body is unread");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"helloworld");
         assert_eq!(idle_count(&pool), 1);
 
-        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"again");
         assert_eq!(idle_count(&pool), 0, "not reused after stray bytes");
 
-        let response = pool.send(post(Body::full("{}"))).await.unwrap();
+        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
         assert_eq!(response.status(), 503);
         // Dropped before its end: the connection is closed, not kept.
         drop(response);
@@ -291,15 +362,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_keeps_its_timer_and_each_request_gets_its_own_deadline() {
+        let (listener, pool) = listener().await;
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            // At once; then after the first request's deadline has passed;
+            // then never.
+            for pause in [0, 400] {
+                let mut request = Vec::new();
+                read_until(&mut socket, &mut request, b"\r\n\r\n{}").await;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                socket.write_all(answer).await.unwrap();
+            }
+            let mut request = Vec::new();
+            read_until(&mut socket, &mut request, b"\r\n\r\n{}").await;
+            let mut rest = Vec::new();
+            socket.read_to_end(&mut rest).await.unwrap();
+        });
+        let within = |millis| Some(Instant::now() + Duration::from_millis(millis));
+
+        let response = pool
+            .send(post(Body::full("{}")), within(200))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(idle_count(&pool), 1);
+        // The timer, still set for 200 ms after the first request, fires
+        // while the second waits: it is moved on, not taken as a timeout.
+        let started = Instant::now();
+        let response = pool
+            .send(post(Body::full("{}")), within(2_000))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        response.into_body().collect().await.unwrap();
+        // The third is never answered: it ends at its own deadline.
+        let started = Instant::now();
+        let outcome = pool.send(post(Body::full("{}")), within(300)).await;
+        assert!(matches!(outcome, Err(ClientError::TimedOut)), "{outcome:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        upstream.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn an_answer_given_before_the_whole_body_was_read_is_passed_on() {
         for hold in [false, true] {
             let (listener, pool) = listener().await;
             let upstream = refuse_on_the_head(listener, hold);
             let body = Body::full(vec![b'x'; 16 * 1024 * 1024]);
-            let response = tokio::time::timeout(Duration::from_secs(10), pool.send(post(body)))
-                .await
-                .expect("the early answer, not a wait for the body to be read")
-                .unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(10), pool.send(post(body), None))
+                    .await
+                    .expect("the early answer, not a wait for the body to be read")
+                    .unwrap();
             assert_eq!(response.status(), 413, "hold: {hold}");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"big!");
@@ -332,7 +452,10 @@ mod tests {
             .await
             .unwrap();
         drop(sender);
-        let response = pool.send(post(Body::Channel(receiver))).await.unwrap();
+        let response = pool
+            .send(post(Body::Channel(receiver)), None)
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         assert!(response.body().is_end_stream());
         assert_eq!(idle_count(&pool), 1, "an empty answer ends at once");

@@ -53,6 +53,9 @@ pub struct Connection {
     write: Vec<u8>,
     /// Where an answer head's fields sit: kept, not rebuilt per answer.
     spans: Box<Spans>,
+    /// The timer that bounds the wait for an answer's head, kept from one
+    /// request to the next (see [`super::h1pool`]).
+    pub(super) timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// What went wrong on a connection to a plain-HTTP upstream.
@@ -105,6 +108,7 @@ impl Connection {
             read: BytesMut::with_capacity(READ_BUFFER),
             write: Vec::with_capacity(1024),
             spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
+            timer: None,
         }
     }
 
@@ -192,6 +196,7 @@ impl Connection {
             read,
             write,
             spans,
+            ..
         } = self;
         let (mut reader, mut writer) = stream.split();
         let sending = send_body(&mut writer, write, framing, body);

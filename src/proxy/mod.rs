@@ -834,7 +834,6 @@ impl Gateway {
         decision: &mut Decision,
     ) -> Result<Response<Body>, ProxyError> {
         let config = &live.config;
-        let sent = live.client.request(request);
         let waiting = Instant::now();
         let first_byte_at = waiting + config.first_byte_timeout;
         let (deadline, timeout, limit) = if total_at < first_byte_at {
@@ -842,16 +841,19 @@ impl Gateway {
         } else {
             (first_byte_at, Timeout::FirstByte, config.first_byte_timeout)
         };
-        let response = tokio::time::timeout_at(deadline.into(), sent).await;
+        let response = live
+            .client
+            .request_until(request, Some(deadline.into()))
+            .await;
         decision.upstream_wait += waiting.elapsed();
         match response {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(classify_client_error(&err, variant, config)),
-            Err(_) => Err(ProxyError::UpstreamTimeout {
+            Ok(response) => Ok(response),
+            Err(client::ClientError::TimedOut) => Err(ProxyError::UpstreamTimeout {
                 variant,
                 timeout,
                 timeout_ms: limit.as_millis(),
             }),
+            Err(err) => Err(classify_client_error(&err, variant, config)),
         }
     }
 
