@@ -26,14 +26,14 @@ pub struct Deadlines {
 }
 
 impl Deadlines {
-    /// A frame at least every `idle` from now (the response headers just
-    /// arrived), and the last one within `total` of `started`.
-    pub fn new(idle: Duration, total: Duration, started: Instant) -> Self {
+    /// A frame at least every `idle` from `headers_at` (when the response
+    /// headers arrived), and the last one within `total` of `started`.
+    pub fn new(idle: Duration, total: Duration, started: Instant, headers_at: Instant) -> Self {
         Self {
             idle,
             total,
             total_at: started + total,
-            last_frame: Instant::now(),
+            last_frame: headers_at,
             timer: None,
         }
     }
@@ -47,8 +47,15 @@ impl Deadlines {
     }
 
     /// Notes that a frame arrived: the idle deadline starts again.
+    #[cfg(test)]
     pub fn frame_arrived(&mut self) {
-        self.last_frame = Instant::now();
+        self.frame_arrived_at(Instant::now());
+    }
+
+    /// Notes that a frame arrived at `now` (read once by the caller for
+    /// all it times).
+    pub fn frame_arrived_at(&mut self, now: Instant) {
+        self.last_frame = now;
     }
 
     /// Whether the total deadline had passed when the last frame arrived.
@@ -99,6 +106,7 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(60),
             Instant::now(),
+            Instant::now(),
         );
         tokio::time::sleep(Duration::from_millis(80)).await;
         deadlines.frame_arrived();
@@ -117,6 +125,7 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(60),
             Instant::now(),
+            Instant::now(),
         );
         deadlines.frame_arrived();
         assert!(!deadlines.total_expired());
@@ -134,6 +143,7 @@ mod tests {
         let mut deadlines = Deadlines::new(
             Duration::from_millis(100),
             Duration::from_millis(250),
+            Instant::now(),
             Instant::now(),
         );
         for _ in 0..4 {

@@ -145,6 +145,8 @@ struct Decision {
     inflight: Option<InflightGuard>,
     /// Time spent waiting for the upstream's response headers.
     upstream_wait: Duration,
+    /// When the (last) upstream's response headers arrived.
+    headers_at: Option<Instant>,
     /// The user ID as events carry it (only when events are on).
     event_user_id: Option<String>,
     /// Places taken under the in-flight caps.
@@ -178,6 +180,7 @@ impl Default for Decision {
             stream: false,
             inflight: None,
             upstream_wait: Duration::ZERO,
+            headers_at: None,
             event_user_id: None,
             places: Places::default(),
             fallback: false,
@@ -530,8 +533,13 @@ impl Gateway {
         let (mut response, error, deadlines) = match result {
             Ok(response) => {
                 // The headers are here; from now on the body is watched.
-                let deadlines =
-                    Deadlines::new(config.idle_timeout, config.total_timeout, started.into());
+                let headers_at = decision.headers_at.unwrap_or_else(Instant::now);
+                let deadlines = Deadlines::new(
+                    config.idle_timeout,
+                    config.total_timeout,
+                    started.into(),
+                    headers_at.into(),
+                );
                 (response, None, Some(deadlines))
             }
             Err(err) => {
@@ -845,7 +853,9 @@ impl Gateway {
             .client
             .request_until(request, Some(deadline.into()))
             .await;
-        decision.upstream_wait += waiting.elapsed();
+        let headers_at = Instant::now();
+        decision.upstream_wait += headers_at.saturating_duration_since(waiting);
+        decision.headers_at = Some(headers_at);
         match response {
             Ok(response) => Ok(response),
             Err(client::ClientError::TimedOut) => Err(ProxyError::UpstreamTimeout {

@@ -104,6 +104,8 @@ pub struct ObservedBody {
     inner: Body,
     observation: Option<Observation>,
     first_byte: Option<Duration>,
+    /// When the last frame came, if the body ended with it: its end.
+    last_frame_at: Option<Instant>,
     bytes: u64,
     usage: UsageReader,
     deadlines: Option<Deadlines>,
@@ -127,6 +129,7 @@ impl ObservedBody {
             error_event: observation.error_event,
             observation: Some(observation),
             first_byte: None,
+            last_frame_at: None,
             bytes: 0,
             usage,
             tail: [0; 4],
@@ -205,7 +208,10 @@ impl ObservedBody {
             route: observation.route,
             stream: observation.stream,
             status: observation.status,
-            duration: observation.started.elapsed(),
+            duration: self.last_frame_at.map_or_else(
+                || observation.started.elapsed(),
+                |at| at.saturating_duration_since(observation.started),
+            ),
             time_to_first_byte: self.first_byte,
             response_bytes: self.bytes,
             prompt_tokens,
@@ -287,13 +293,19 @@ impl http_body::Body for ObservedBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // One clock read a frame serves the idle deadline, the
+                // first byte and the end.
+                let now = tokio::time::Instant::now();
                 if let Some(deadlines) = &mut this.deadlines {
-                    deadlines.frame_arrived();
+                    deadlines.frame_arrived_at(now);
                 }
                 if let Some(data) = frame.data_ref() {
                     if this.first_byte.is_none() && !data.is_empty() {
                         if let Some(observation) = &this.observation {
-                            this.first_byte = Some(observation.started.elapsed());
+                            this.first_byte = Some(
+                                now.into_std()
+                                    .saturating_duration_since(observation.started),
+                            );
                         }
                     }
                     this.bytes += data.len() as u64;
@@ -303,6 +315,7 @@ impl http_body::Body for ObservedBody {
                     }
                 }
                 if this.inner.is_end_stream() {
+                    this.last_frame_at = Some(now.into_std());
                     this.finish(None);
                 }
             }
