@@ -13,6 +13,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use super::error::ProxyError;
 
@@ -20,8 +21,8 @@ use super::error::ProxyError;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BodyFields {
     /// Byte spans of every top-level `model` value (duplicates included,
-    /// so none of them survives a rewrite).
-    pub model_spans: Vec<Range<usize>>,
+    /// so none of them survives a rewrite). One, almost always: inline.
+    pub model_spans: SmallVec<[Range<usize>; 1]>,
     /// The client's `model`, if any (the last one, as JSON parsers take).
     pub model: Option<String>,
     /// OpenAI's top-level `user`.
@@ -83,7 +84,7 @@ pub fn rewrite_model(body: &Bytes, spans: &[Range<usize>], model_json: &[u8]) ->
 /// The top-level keys the gateway cares about, borrowed from the body.
 #[derive(Default)]
 struct TopLevel<'a> {
-    models: Vec<&'a RawValue>,
+    models: SmallVec<[&'a RawValue; 1]>,
     user: Option<&'a RawValue>,
     safety_identifier: Option<&'a RawValue>,
     metadata: Option<&'a RawValue>,

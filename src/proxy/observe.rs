@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
+use smallvec::SmallVec;
 
 use crate::assign::Variant;
 use crate::body::{Body, BoxError};
@@ -363,9 +364,9 @@ impl http_body::Body for ObservedBody {
 struct UsageReader {
     format: UsageFormat,
     /// SSE: the current incomplete line. JSON: the chunks so far (cheap
-    /// reference-counted clones, not copies).
+    /// reference-counted clones, not copies; the usual one kept inline).
     line: Vec<u8>,
-    chunks: Vec<Bytes>,
+    chunks: SmallVec<[Bytes; 1]>,
     kept: usize,
     overflow: bool,
     prompt: Option<u64>,
@@ -377,7 +378,7 @@ impl UsageReader {
         Self {
             format,
             line: Vec::new(),
-            chunks: Vec::new(),
+            chunks: SmallVec::new(),
             kept: 0,
             overflow: false,
             prompt: None,

@@ -64,8 +64,36 @@ pub(super) struct Connection<H> {
     write: Vec<u8>,
     /// Where the current head's fields sit: kept, not rebuilt per request.
     spans: Box<Spans>,
+    /// The header names this client sends, parsed once.
+    names: Names,
     head_bytes: usize,
     closing: Closing,
+}
+
+/// The header names a connection's requests carry, parsed the first time
+/// and then reused: a client sends the same few names with every request,
+/// and a known name costs a comparison instead of a parse (and, for names
+/// outside the standard set, an allocation).
+#[derive(Default)]
+struct Names(Vec<HeaderName>);
+
+impl Names {
+    /// Enough for any client's usual set; past it, names are parsed.
+    const MOST: usize = 24;
+
+    fn get(&mut self, raw: &[u8]) -> Option<HeaderName> {
+        // Names are kept lowercase: a client that sends them so (HTTP/2
+        // requires it, most HTTP/1.1 clients do it) finds them by bytes.
+        let known = self.0.iter().find(|name| name.as_str().as_bytes() == raw);
+        if let Some(name) = known {
+            return Some(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if self.0.len() < Self::MOST && raw == name.as_str().as_bytes() {
+            self.0.push(name.clone());
+        }
+        Some(name)
+    }
 }
 
 /// The socket's read side and what has been read from it.
@@ -247,14 +275,19 @@ impl Facts {
 
 /// Builds the request from its head, copied out of the read buffer; its
 /// body is set by the caller.
-fn request_of(parsed: &Parsed, spans: &Spans, head: &Bytes) -> Result<Request<Body>, Refusal> {
+fn request_of(
+    parsed: &Parsed,
+    spans: &Spans,
+    names: &mut Names,
+    head: &Bytes,
+) -> Result<Request<Body>, Refusal> {
     let (start, end) = parsed.target;
     let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Invalid)?;
     let mut headers = HeaderMap::with_capacity(parsed.fields);
     for &(name_start, name_end, value_start, value_end) in spans.iter().take(parsed.fields) {
         let name = head
             .get(name_start..name_end)
-            .and_then(|name| HeaderName::from_bytes(name).ok())
+            .and_then(|name| names.get(name))
             .ok_or(Refusal::Invalid)?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
             .map_err(|_| Refusal::Invalid)?;
@@ -285,6 +318,7 @@ impl<H: Handler> Connection<H> {
             writer,
             write: Vec::with_capacity(1024),
             spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
+            names: Names::default(),
             head_bytes,
             closing,
         }
@@ -353,7 +387,7 @@ impl<H: Handler> Connection<H> {
         let copied = parsed.length + whole.unwrap_or(0);
         let head = Bytes::copy_from_slice(reader.buffer.get(..copied).unwrap_or_default());
         reader.buffer.advance(copied);
-        let mut request = match request_of(&parsed, &self.spans, &head) {
+        let mut request = match request_of(&parsed, &self.spans, &mut self.names, &head) {
             Ok(request) => request,
             Err(refusal) => return After::Refuse(refusal),
         };
@@ -1029,5 +1063,36 @@ mod date {
             }
             out.extend_from_slice(cached.1.as_bytes());
         });
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_are_parsed_once_and_found_by_their_bytes() {
+        let mut names = Names::default();
+        let first = names.get(b"x-user-id").unwrap();
+        assert_eq!(first, "x-user-id");
+        assert_eq!(names.0.len(), 1);
+        // Found, not parsed again: the very same name.
+        let again = names.get(b"x-user-id").unwrap();
+        assert_eq!(again.as_str().as_ptr(), first.as_str().as_ptr());
+        // Another case is the same name, parsed, and not kept twice.
+        assert_eq!(names.get(b"X-User-Id").unwrap(), "x-user-id");
+        assert_eq!(names.0.len(), 1);
+        assert_eq!(
+            names.get(b"content-type").unwrap(),
+            http::header::CONTENT_TYPE
+        );
+        assert!(names.get(b"bad name").is_none());
+        assert_eq!(names.0.len(), 2);
+        // A client with ever new names is not remembered past the limit.
+        for n in 0..100 {
+            names.get(format!("x-n{n}").as_bytes()).unwrap();
+        }
+        assert_eq!(names.0.len(), Names::MOST);
     }
 }
