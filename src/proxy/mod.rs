@@ -519,6 +519,9 @@ impl Gateway {
         };
         // A shutdown's cut ends a request still waiting for its answer.
         let forwarded = tokio::select! {
+            // In order, not at random: an answer that is ready is taken
+            // even as the cut comes, and no random draw per poll.
+            biased;
             result = self.forward(&live, request, &mut pending.decision, started) => Some(result),
             () = self.drain.cut_called() => None,
         };
