@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Draining and cut flags, shared by the proxy, the admin API and the
 /// shutdown sequence.
@@ -17,6 +17,11 @@ use tokio::sync::watch;
 pub struct Drain {
     draining: AtomicBool,
     cut: watch::Sender<bool>,
+    /// The cut as every request waiting for its answer sees it: a flag
+    /// and a plain `Notify`, cheaper to wait on per request than a
+    /// subscription to `cut`.
+    is_cut: AtomicBool,
+    cut_notify: Notify,
 }
 
 impl Default for Drain {
@@ -24,6 +29,8 @@ impl Default for Drain {
         Self {
             draining: AtomicBool::new(false),
             cut: watch::Sender::new(false),
+            is_cut: AtomicBool::new(false),
+            cut_notify: Notify::new(),
         }
     }
 }
@@ -42,13 +49,20 @@ impl Drain {
     /// Ends every request still running: each [`CutSignal`] fires.
     pub fn cut(&self) {
         self.start();
+        self.is_cut.store(true, Ordering::Release);
+        self.cut_notify.notify_waiters();
         self.cut.send_replace(true);
     }
 
     /// Resolves once [`Self::cut`] is called (at once if it was).
     pub async fn cut_called(&self) {
-        let mut cut = self.cut.subscribe();
-        let _ = cut.wait_for(|cut| *cut).await;
+        // Made before the flag is read: a `notify_waiters` after this
+        // point completes it even before its first poll.
+        let notified = self.cut_notify.notified();
+        if self.is_cut.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 
     /// A signal a response body polls to learn of the cut.
@@ -90,5 +104,40 @@ impl CutSignal {
             Some(waiting) => waiting.as_mut().poll(cx),
             None => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn within_a_second(wait: impl Future<Output = ()>) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), wait)
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_is_cut() {
+        let drain = std::sync::Arc::new(Drain::default());
+        let waiting = tokio::spawn({
+            let drain = drain.clone();
+            async move { within_a_second(drain.cut_called()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing is cut before the cut");
+        drain.cut();
+        assert!(waiting.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_wait_made_before_the_cut_ends_even_if_first_polled_after() {
+        let drain = Drain::default();
+        let wait = drain.cut_called();
+        drain.cut();
+        assert!(within_a_second(wait).await);
+        // And one made after the cut ends at once.
+        assert!(within_a_second(drain.cut_called()).await);
     }
 }
