@@ -176,25 +176,38 @@ enum Key {
 
 impl<'de> de::Deserialize<'de> for Key {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
-                Ok(match key {
-                    "model" => Key::Model,
-                    "user" => Key::User,
-                    "safety_identifier" => Key::SafetyIdentifier,
-                    "metadata" => Key::Metadata,
-                    "stream" => Key::Stream,
-                    _ => Key::Other,
-                })
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
+        deserialize_key(deserializer, |key| match key {
+            b"model" => Key::Model,
+            b"user" => Key::User,
+            b"safety_identifier" => Key::SafetyIdentifier,
+            b"metadata" => Key::Metadata,
+            b"stream" => Key::Stream,
+            _ => Key::Other,
+        })
     }
+}
+
+/// An object key told by `key_of` from its bytes (escapes decoded). The
+/// document's UTF-8 is checked whole, once, by the caller, so no key is
+/// checked again on its own.
+pub(super) fn deserialize_key<'de, D: Deserializer<'de>, K>(
+    deserializer: D,
+    key_of: fn(&[u8]) -> K,
+) -> Result<K, D::Error> {
+    struct KeyVisitor<K>(fn(&[u8]) -> K);
+    impl<K> Visitor<'_> for KeyVisitor<K> {
+        type Value = K;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object key")
+        }
+        fn visit_bytes<E: de::Error>(self, key: &[u8]) -> Result<K, E> {
+            Ok((self.0)(key))
+        }
+        fn visit_str<E: de::Error>(self, key: &str) -> Result<K, E> {
+            Ok((self.0)(key.as_bytes()))
+        }
+    }
+    deserializer.deserialize_bytes(KeyVisitor(key_of))
 }
 
 struct TopLevelVisitor;

@@ -3,7 +3,7 @@
 //! `prompt_tokens`/`completion_tokens`, Anthropic's
 //! `input_tokens`/`output_tokens`) at the top, or inside `message`
 //! (Anthropic's `message_start`). Everything else is checked as JSON and
-//! skipped.
+//! skipped. Of keys given twice, the last wins, as in a parsed tree.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -12,66 +12,122 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAcces
 
 /// Token counts as an answer states them; a count that is not a
 /// non-negative integer is not read.
-#[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    #[serde(default, deserialize_with = "count")]
     pub prompt_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
     pub completion_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
     pub input_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "count")]
     pub output_tokens: Option<u64>,
 }
 
 /// The usage `document` carries, if any: `Err` when it is not JSON.
 pub fn read(document: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
-    match serde_json::from_slice::<Shaped<Top>>(document) {
-        Ok(top) => Ok(top
-            .0
-            .and_then(|top| top.usage.or(top.message.and_then(|m| m.usage)))),
-        // Valid JSON the typed read refuses (a key given twice): the slow way.
-        Err(err) if err.classify() == serde_json::error::Category::Data => {
-            read_tree(&serde_json::from_slice(document)?)
-        }
-        Err(err) => Err(err),
+    // JSON text is UTF-8 (RFC 8259): checked once for the whole answer, so
+    // that keys are then compared as bytes, not each checked again.
+    if std::str::from_utf8(document).is_err() {
+        return Err(de::Error::custom("the answer is not UTF-8"));
     }
+    let top = serde_json::from_slice::<Shaped<Top>>(document)?;
+    Ok(top
+        .0
+        .and_then(|top| top.usage.or(top.message.and_then(|m| m.usage))))
 }
 
-/// [`read`] over a parsed document; the last of repeated keys wins.
-fn read_tree(document: &serde_json::Value) -> Result<Option<Usage>, serde_json::Error> {
-    let usage = document
-        .get("usage")
-        .filter(|usage| usage.is_object())
-        .or_else(|| document.get("message")?.get("usage"))
-        .filter(|usage| usage.is_object());
-    let count = |name: &str| usage.and_then(|usage| usage.get(name)?.as_u64());
-    Ok(usage.map(|_| Usage {
-        prompt_tokens: count("prompt_tokens"),
-        completion_tokens: count("completion_tokens"),
-        input_tokens: count("input_tokens"),
-        output_tokens: count("output_tokens"),
-    }))
-}
-
-#[derive(serde::Deserialize)]
+/// The top of an answer: `usage`, and `message` for Anthropic's
+/// `message_start`. Of keys given twice, the last wins.
+#[derive(Default)]
 struct Top {
-    #[serde(default, deserialize_with = "object")]
     usage: Option<Usage>,
-    #[serde(default, deserialize_with = "object")]
     message: Option<Message>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Default)]
 struct Message {
-    #[serde(default, deserialize_with = "object")]
     usage: Option<Usage>,
+}
+
+/// The keys read, matched as bytes (the answer's UTF-8 is checked whole).
+enum Key {
+    Usage,
+    Message,
+    PromptTokens,
+    CompletionTokens,
+    InputTokens,
+    OutputTokens,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        super::json::deserialize_key(deserializer, |key| match key {
+            b"usage" => Key::Usage,
+            b"message" => Key::Message,
+            b"prompt_tokens" => Key::PromptTokens,
+            b"completion_tokens" => Key::CompletionTokens,
+            b"input_tokens" => Key::InputTokens,
+            b"output_tokens" => Key::OutputTokens,
+            _ => Key::Other,
+        })
+    }
+}
+
+/// Reads the values of the keys `T` keeps (the others are skipped).
+trait Fields: Default {
+    fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error>;
+}
+
+impl Fields for Top {
+    fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            Key::Usage => self.usage = map.next_value::<Shaped<Usage>>()?.0,
+            Key::Message => self.message = map.next_value::<Shaped<Message>>()?.0,
+            _ => skip(map)?,
+        }
+        Ok(())
+    }
+}
+
+impl Fields for Message {
+    fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            Key::Usage => self.usage = map.next_value::<Shaped<Usage>>()?.0,
+            _ => skip(map)?,
+        }
+        Ok(())
+    }
+}
+
+impl Fields for Usage {
+    fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
+        let slot = match key {
+            Key::PromptTokens => &mut self.prompt_tokens,
+            Key::CompletionTokens => &mut self.completion_tokens,
+            Key::InputTokens => &mut self.input_tokens,
+            Key::OutputTokens => &mut self.output_tokens,
+            _ => return skip(map),
+        };
+        *slot = map.next_value::<CountValue>()?.0;
+        Ok(())
+    }
+}
+
+fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
+    map.next_value::<IgnoredAny>().map(|_| ())
+}
+
+/// A count, or `None` for any other JSON value.
+struct CountValue(Option<u64>);
+
+impl<'de> Deserialize<'de> for CountValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Count).map(CountValue)
+    }
 }
 
 /// `T` when the value is an object, `None` for any other JSON value.
 struct Shaped<T>(Option<T>);
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shaped<T> {
+impl<'de, T: Fields> Deserialize<'de> for Shaped<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer
             .deserialize_any(ObjectOr(PhantomData))
@@ -79,17 +135,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shaped<T> {
     }
 }
 
-fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    deserializer: D,
-) -> Result<Option<T>, D::Error> {
-    Shaped::deserialize(deserializer).map(|shaped| shaped.0)
-}
-
-fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    deserializer.deserialize_any(Count)
-}
-
-/// Accepts any JSON value; keeps it only when it is an object of `T`'s shape.
+/// Accepts any JSON value; keeps it only when it is an object (read by
+/// `T`'s [`Fields`]).
 struct ObjectOr<T>(PhantomData<T>);
 
 /// Accepts any JSON value; keeps it only when it is a non-negative integer.
@@ -120,15 +167,19 @@ macro_rules! skip_other_values {
     };
 }
 
-impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOr<T> {
+impl<'de, T: Fields> Visitor<'de> for ObjectOr<T> {
     type Value = Option<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = T::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            fields.read(key, &mut map)?;
+        }
+        Ok(Some(fields))
     }
 
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
@@ -220,6 +271,8 @@ mod tests {
             b"",
             b"{} x",
             b"{\"usage\":{\"prompt_tokens\":1,}}",
+            // JSON text is UTF-8, inside strings too.
+            b"{\"content\":\"caf\xe9\",\"usage\":{\"prompt_tokens\":1}}",
         ] {
             assert!(read(document).is_err(), "{document:?}");
         }
