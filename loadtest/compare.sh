@@ -68,35 +68,16 @@ else
   ROUNDS=${ROUNDS:-1}
 fi
 
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
+
 # --- what it needs -----------------------------------------------------------
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v taskset >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+install_missing nginx:nginx haproxy:haproxy taskset:util-linux
 cargo build --release --bins --quiet
 
 RUN=$(mktemp -d /tmp/abgate-compare.XXXXXX)
 mkdir -p "$RESULTS"
-STARTED=()
-stop_all() {
-  for pid in "${STARTED[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${STARTED[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  STARTED=()
-}
 trap 'stop_all; echo "logs and raw results: $RUN" >&2' EXIT
-
-# shellcheck source=loadtest/lib.sh
-source "$ROOT/loadtest/lib.sh"
 
 # nginx with RUN/<name>/ as its prefix (pid file, temp files).
 start_nginx() {

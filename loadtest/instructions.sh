@@ -32,43 +32,23 @@ LOADTEST=$ROOT/target/release/loadtest
 WINDOW=${WINDOW:-8s}
 # As in compare.sh: the build alone on one CPU, the rest on another (how
 # many requests one wake-up serves changes the count a little).
+GEN_CPUS=${GEN_CPUS:-0}
 if [ "$(nproc)" -ge 2 ]; then
-  GEN_CPUS=${GEN_CPUS:-0}
   PROXY_CPUS=${PROXY_CPUS:-1}
 else
-  GEN_CPUS=${GEN_CPUS:-0}
   PROXY_CPUS=${PROXY_CPUS:-0}
 fi
 
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v taskset >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
+
+install_missing nginx:nginx valgrind:valgrind taskset:util-linux
 cargo build --release --bins --quiet
 BUILDS=("$@")
 [ ${#BUILDS[@]} -gt 0 ] || BUILDS=("$ROOT/target/release/abgate")
 
 RUN=$(mktemp -d /tmp/abgate-instructions.XXXXXX)
-STARTED=()
-stop_all() {
-  for pid in "${STARTED[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${STARTED[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  STARTED=()
-}
 trap 'stop_all; echo "logs and callgrind files: $RUN" >&2' EXIT
-
-# shellcheck source=loadtest/lib.sh
-source "$ROOT/loadtest/lib.sh"
 
 mkdir -p "$RUN/upstream/tmp"
 taskset -c "$GEN_CPUS" nginx -p "$RUN/upstream/" -e stderr -c "$PEERS/upstream-nginx.conf" -g 'daemon off;' \

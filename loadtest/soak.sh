@@ -66,22 +66,20 @@ fi
 RUN=$(mktemp -d /tmp/abgate-soak.XXXXXX)
 CONFIG=$RUN/abgate.toml
 mkdir -p "$RESULTS"
-STARTED=()
-TREATMENT_PID=""
-stop_all() {
-  for pid in "${STARTED[@]}" $TREATMENT_PID; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${STARTED[@]}" $TREATMENT_PID; do
-    wait "$pid" 2>/dev/null || true
-  done
-  STARTED=()
-  TREATMENT_PID=""
-}
-trap 'stop_all; echo "logs and raw results: $RUN" >&2' EXIT
-
 # shellcheck source=loadtest/lib.sh
 source "$ROOT/loadtest/lib.sh"
+
+# The treatment mock is killed and restarted, so its pid is kept apart
+# from STARTED; it is stopped with the rest.
+TREATMENT_PID=""
+stop_soak() {
+  if [ -n "$TREATMENT_PID" ]; then
+    STARTED+=("$TREATMENT_PID")
+    TREATMENT_PID=""
+  fi
+  stop_all
+}
+trap 'stop_soak; echo "logs and raw results: $RUN" >&2' EXIT
 
 seconds() {
   case "$1" in
