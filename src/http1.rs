@@ -4,12 +4,14 @@
 //! and a body framed by its length or by chunks (RFC 9112 §6, §7.1),
 //! decoded in place from whatever the reads have brought so far.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncRead;
+use tokio::time::{Instant, Sleep};
 
 /// The most header fields a head may have (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
@@ -219,6 +221,25 @@ fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
         .min(buffer.len());
     *left -= length as u64;
     buffer.split_to(length).freeze()
+}
+
+/// Ready once `deadline` has passed, on a timer kept from one wait to the
+/// next (a connection's): a timer still set for an earlier, sooner
+/// deadline fires early and is moved on to this one, so a kept timer is
+/// set again at most once a timeout, not once a wait. The timer must not
+/// be set later than `deadline`.
+pub fn poll_deadline(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    while timer.as_mut().poll(cx).is_ready() {
+        if timer.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        timer.as_mut().reset(deadline);
+    }
+    Poll::Pending
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use super::client::ClientError;
 use super::h1wire::{self, BodyFraming, Connection, ResponseBody, WireError, WriteFailed};
 use crate::body::Body;
+use crate::http1::poll_deadline;
 
 /// Idle connections older than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -164,7 +165,7 @@ impl Http1Pool {
 /// The timer is kept with the connection from one request to the next and
 /// is set again only when it must fire sooner: a timer still set for an
 /// earlier request's (earlier) deadline fires early at worst, and is then
-/// moved on ([`within`]). Requests follow each other on a connection, so
+/// moved on ([`poll_deadline`]). Requests follow each other on a connection, so
 /// that happens at most once a timeout, not once a request: no timer-wheel
 /// update per request.
 fn arm(
@@ -196,18 +197,12 @@ async fn within<T>(
         if let Poll::Ready(output) = step.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        let (Some(deadline), Some(timer)) = (deadline, timer.as_mut()) else {
-            return Poll::Pending;
-        };
-        loop {
-            if timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+        match (deadline, timer.as_mut()) {
+            // The connection's timer, perhaps set for an earlier request.
+            (Some(deadline), Some(timer)) => {
+                poll_deadline(timer.as_mut(), deadline, cx).map(|()| Err(ClientError::TimedOut))
             }
-            if Instant::now() >= deadline {
-                return Poll::Ready(Err(ClientError::TimedOut));
-            }
-            // Set for an earlier request: on to this one's deadline.
-            timer.as_mut().reset(deadline);
+            _ => Poll::Pending,
         }
     })
     .await

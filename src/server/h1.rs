@@ -34,8 +34,8 @@ use tokio::time::{Instant, Sleep};
 use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Spans, Step,
-    MAX_HEADERS, READ_BUFFER,
+    content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked, Spans,
+    Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -779,15 +779,8 @@ async fn next_head(
             if idle && closing.poll_closing(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            // The timer was set for an earlier wait: moved on when it
-            // fires early, which is at most once per timeout.
-            while timer.as_mut().poll(cx).is_ready() {
-                if timer.deadline() >= deadline {
-                    return Poll::Ready(None);
-                }
-                timer.as_mut().reset(deadline);
-            }
-            Poll::Pending
+            // The connection's timer, perhaps set for an earlier wait.
+            poll_deadline(timer.as_mut(), deadline, cx).map(|()| None)
         })
         .await;
         match read {
