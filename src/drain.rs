@@ -7,31 +7,36 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 /// Draining and cut flags, shared by the proxy, the admin API and the
 /// shutdown sequence.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Drain {
     draining: AtomicBool,
-    cut: watch::Sender<bool>,
-    /// The cut as every request waiting for its answer sees it: a flag
-    /// and a plain `Notify`, cheaper to wait on per request than a
-    /// subscription to `cut`.
-    is_cut: AtomicBool,
-    cut_notify: Notify,
+    cut: Arc<Cut>,
 }
 
-impl Default for Drain {
-    fn default() -> Self {
-        Self {
-            draining: AtomicBool::new(false),
-            cut: watch::Sender::new(false),
-            is_cut: AtomicBool::new(false),
-            cut_notify: Notify::new(),
+/// The cut: a flag, and the requests and bodies waiting for it. Waiting
+/// costs a place in the `Notify`'s list, nothing per request before that.
+#[derive(Debug, Default)]
+struct Cut {
+    called: AtomicBool,
+    waiters: Notify,
+}
+
+impl Cut {
+    async fn called(&self) {
+        // Made before the flag is read: a `notify_waiters` after this
+        // point completes it even before its first poll.
+        let notified = self.waiters.notified();
+        if self.called.load(Ordering::Acquire) {
+            return;
         }
+        notified.await;
     }
 }
 
@@ -49,26 +54,19 @@ impl Drain {
     /// Ends every request still running: each [`CutSignal`] fires.
     pub fn cut(&self) {
         self.start();
-        self.is_cut.store(true, Ordering::Release);
-        self.cut_notify.notify_waiters();
-        self.cut.send_replace(true);
+        self.cut.called.store(true, Ordering::Release);
+        self.cut.waiters.notify_waiters();
     }
 
     /// Resolves once [`Self::cut`] is called (at once if it was).
     pub async fn cut_called(&self) {
-        // Made before the flag is read: a `notify_waiters` after this
-        // point completes it even before its first poll.
-        let notified = self.cut_notify.notified();
-        if self.is_cut.load(Ordering::Acquire) {
-            return;
-        }
-        notified.await;
+        self.cut.called().await;
     }
 
     /// A signal a response body polls to learn of the cut.
     pub fn signal(&self) -> CutSignal {
         CutSignal {
-            cut: Some(self.cut.subscribe()),
+            cut: Some(Arc::clone(&self.cut)),
             waiting: None,
         }
     }
@@ -77,7 +75,7 @@ impl Drain {
 /// The cut, as a body sees it: polled alongside its upstream.
 pub struct CutSignal {
     /// Taken into `waiting` on the first poll that has to wait.
-    cut: Option<watch::Receiver<bool>>,
+    cut: Option<Arc<Cut>>,
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
@@ -92,13 +90,8 @@ impl CutSignal {
     /// to be woken then. The wait is allocated only when a body first has
     /// to wait for its upstream, so answers read in one go cost nothing.
     pub fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if let Some(mut cut) = self.cut.take() {
-            self.waiting = Some(Box::pin(async move {
-                if cut.wait_for(|cut| *cut).await.is_err() {
-                    // The gateway is gone without a cut: nothing will cut.
-                    std::future::pending::<()>().await;
-                }
-            }));
+        if let Some(cut) = self.cut.take() {
+            self.waiting = Some(Box::pin(async move { cut.called().await }));
         }
         match &mut self.waiting {
             Some(waiting) => waiting.as_mut().poll(cx),
@@ -124,6 +117,19 @@ mod tests {
         let waiting = tokio::spawn({
             let drain = drain.clone();
             async move { within_a_second(drain.cut_called()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing is cut before the cut");
+        drain.cut();
+        assert!(waiting.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_body_waiting_is_cut() {
+        let drain = Drain::default();
+        let mut signal = drain.signal();
+        let waiting = tokio::spawn(async move {
+            within_a_second(std::future::poll_fn(|cx| signal.poll_cut(cx))).await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "nothing is cut before the cut");
