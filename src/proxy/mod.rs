@@ -52,7 +52,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{self, PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 
@@ -209,7 +209,7 @@ impl Drop for Unanswered<'_> {
         if self.answered {
             return;
         }
-        let decision = std::mem::take(&mut self.decision);
+        let mut decision = std::mem::take(&mut self.decision);
         let request_id = self
             .live
             .request_ids
@@ -217,11 +217,11 @@ impl Drop for Unanswered<'_> {
         tracing::debug!(variant = ?decision.variant, "the client left before the answer");
         ObservedBody::record_unanswered(self.gateway.observation(
             self.live,
-            decision,
+            &mut decision,
             CLIENT_CLOSED_REQUEST,
             Some(UpstreamErrorKind::ClientCancelled),
             self.started,
-            request_id,
+            &request_id,
         ));
     }
 }
@@ -564,6 +564,18 @@ impl Gateway {
             live.request_ids
                 .issue(decision.id_variant(), &config.experiment)
         });
+        // The upstream's own error answers count against its arm.
+        let error = error.or_else(|| decision.variant.and(UpstreamErrorKind::from_status(status)));
+        let cut = deadlines
+            .is_some()
+            .then(|| (self.drain.signal(), config.drain_timeout));
+        let observation = Observation {
+            usage_format,
+            deadlines,
+            cut,
+            error_event,
+            ..self.observation(&live, &mut decision, status, error, started, &request_id)
+        };
         let headers = response.headers_mut();
         if decision.forced {
             headers.insert(access::FORCED_HEADER, HeaderValue::from_static("true"));
@@ -578,25 +590,14 @@ impl Gateway {
                 HeaderValue::from_static(Variant::Control.as_str()),
             );
         }
-        if let Some(model) = &decision.model {
-            headers.insert(MODEL_HEADER, model.clone());
+        if let Some(model) = decision.model.take() {
+            headers.insert(MODEL_HEADER, model);
         }
         headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
+        // The id's own bytes become the value, not a copy of them.
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(request_id)) {
             headers.insert(REQUEST_ID_HEADER, value);
         }
-        // The upstream's own error answers count against its arm.
-        let error = error.or_else(|| decision.variant.and(UpstreamErrorKind::from_status(status)));
-        let cut = deadlines
-            .is_some()
-            .then(|| (self.drain.signal(), config.drain_timeout));
-        let observation = Observation {
-            usage_format,
-            deadlines,
-            cut,
-            error_event,
-            ..self.observation(&live, decision, status, error, started, request_id)
-        };
         response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
     }
 
@@ -605,16 +606,16 @@ impl Gateway {
     fn observation(
         &self,
         live: &Arc<Live>,
-        mut decision: Decision,
+        decision: &mut Decision,
         status: u16,
         error: Option<UpstreamErrorKind>,
         started: Instant,
-        request_id: String,
+        request_id: &str,
     ) -> Observation {
         let config = &live.config;
         let event = self.events.as_ref().map(|sink| {
             let draft = EventDraft {
-                request_id,
+                request_id: request_id.to_owned(),
                 experiment: config.experiment.clone(),
                 model: decision
                     .model
@@ -906,7 +907,7 @@ impl Gateway {
         let request_id = live
             .request_ids
             .issue(decision.id_variant(), &config.experiment);
-        let failed = Decision {
+        let mut failed = Decision {
             variant: Some(Variant::Treatment),
             // A forced request stays out of treatment's series, failed or not.
             forced: decision.forced,
@@ -919,11 +920,11 @@ impl Gateway {
         };
         ObservedBody::record_unanswered(self.observation(
             live,
-            failed,
+            &mut failed,
             status,
             Some(kind),
             started,
-            request_id.clone(),
+            &request_id,
         ));
         decision.request_id = Some(request_id);
         decision.fallback = true;
@@ -1153,12 +1154,12 @@ fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, ProxyError> 
         PathAndQuery::try_from(joined)
             .map_err(|err| ProxyError::Internal(format!("upstream path: {err}")))?
     };
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|err| ProxyError::Internal(format!("upstream URI: {err}")))
+    // From its parts, each already valid: no builder steps to pass through.
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(upstream.scheme.clone());
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|err| ProxyError::Internal(format!("upstream URI: {err}")))
 }
 
 /// Maps a client failure to connect, timeout or reset, naming the variant.
