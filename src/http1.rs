@@ -58,20 +58,34 @@ pub fn ends_chunked(value: &[u8]) -> bool {
 /// `known` from the fields before it: each comma-separated item must be
 /// digits only, and all must be equal.
 pub fn content_length(value: &[u8], known: Option<u64>) -> Result<u64, &'static str> {
+    // The usual value, one number alone: read in one pass.
+    if let Some(parsed) = digits(value) {
+        return match known {
+            Some(length) if length != parsed => Err("conflicting content-length values"),
+            _ => Ok(parsed),
+        };
+    }
     let mut length = known;
     for item in value.split(|byte| *byte == b',') {
-        let item = item.trim_ascii();
-        let parsed = std::str::from_utf8(item)
-            .ok()
-            .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|text| text.parse::<u64>().ok())
-            .ok_or("content-length")?;
+        let parsed = digits(item.trim_ascii()).ok_or("content-length")?;
         if length.is_some_and(|length| length != parsed) {
             return Err("conflicting content-length values");
         }
         length = Some(parsed);
     }
     length.ok_or("content-length")
+}
+
+/// `value` as a decimal number when it is digits only, not empty and fits
+/// in a `u64`.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |number, &byte| {
+        let digit = byte.checked_sub(b'0').filter(|digit| *digit <= 9)?;
+        number.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// One step of decoding what a read buffer holds.
@@ -260,6 +274,38 @@ mod tests {
             }
         }
         Ok((data, state == Chunked::Done && buffer.is_empty()))
+    }
+
+    #[test]
+    fn content_lengths_are_digits_and_agree() {
+        assert_eq!(content_length(b"360", None), Ok(360));
+        assert_eq!(content_length(b"0", Some(0)), Ok(0));
+        assert_eq!(content_length(b"18446744073709551615", None), Ok(u64::MAX));
+        assert_eq!(content_length(b"12, 12 ,12", None), Ok(12));
+        assert_eq!(content_length(b"12", Some(12)), Ok(12));
+        assert_eq!(
+            content_length(b"12", Some(13)),
+            Err("conflicting content-length values")
+        );
+        assert_eq!(
+            content_length(b"12,13", None),
+            Err("conflicting content-length values")
+        );
+        for bad in [
+            &b""[..],
+            b" ",
+            b"+1",
+            b"-1",
+            b"1a",
+            b"0x10",
+            b"1 2",
+            b"12,",
+            b",12",
+            b"18446744073709551616",
+            "\u{0661}".as_bytes(),
+        ] {
+            assert_eq!(content_length(bad, None), Err("content-length"), "{bad:?}");
+        }
     }
 
     #[test]
