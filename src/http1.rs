@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, Sleep};
 
@@ -18,6 +19,49 @@ pub const MAX_HEADERS: usize = 100;
 /// Where each header field's name and value sit in a head: kept with a
 /// connection rather than built for every head.
 pub type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
+/// What a connection keeps from one head to the next, boxed so that the
+/// connection stays small to move: where the fields sit, and a header map
+/// emptied for reuse. Each message a connection reads takes a map and each
+/// one it writes gives its map back, so in steady state no head allocates
+/// one.
+#[derive(Debug)]
+pub struct HeadScratch {
+    pub spans: Spans,
+    spare: Option<HeaderMap>,
+}
+
+impl HeadScratch {
+    /// A map past this capacity (a head with many fields) is let go rather
+    /// than kept with an idle connection.
+    const KEPT_CAPACITY: usize = 32;
+
+    pub fn boxed() -> Box<Self> {
+        Box::new(Self {
+            spans: [(0, 0, 0, 0); MAX_HEADERS],
+            spare: None,
+        })
+    }
+
+    /// An empty map with room for `fields`: the kept one if there is one.
+    pub fn headers(&mut self, fields: usize) -> HeaderMap {
+        match self.spare.take() {
+            Some(mut headers) => {
+                headers.reserve(fields);
+                headers
+            }
+            None => HeaderMap::with_capacity(fields),
+        }
+    }
+
+    /// Keeps `headers`, emptied (its values let go now), for the next head.
+    pub fn recycle(&mut self, mut headers: HeaderMap) {
+        if headers.capacity() <= Self::KEPT_CAPACITY {
+            headers.clear();
+            self.spare = Some(headers);
+        }
+    }
+}
+
 /// A fresh read buffer's size: the typical head and body.
 pub const READ_BUFFER: usize = 8 * 1024;
 /// Read buffers keep at least this much room before each read.
@@ -274,6 +318,36 @@ mod tests {
             }
         }
         Ok((data, state == Chunked::Done && buffer.is_empty()))
+    }
+
+    #[test]
+    fn header_maps_come_back_empty_with_their_room() {
+        let mut scratch = HeadScratch::boxed();
+        let mut headers = scratch.headers(4);
+        assert!(headers.is_empty());
+        for n in 0..6 {
+            headers.append(
+                http::HeaderName::from_bytes(format!("x-{n}").as_bytes()).unwrap(),
+                http::HeaderValue::from_static("v"),
+            );
+        }
+        let capacity = headers.capacity();
+        let value = Bytes::from_static(b"kept");
+        headers.insert(
+            "x-held",
+            http::HeaderValue::from_maybe_shared(value).unwrap(),
+        );
+        scratch.recycle(headers);
+        let again = scratch.headers(2);
+        assert!(again.is_empty(), "{again:?}");
+        assert!(again.capacity() >= capacity);
+        // Taken: the next map is a new one, until one is given back.
+        assert!(scratch.spare.is_none());
+        // A map grown past the kept size is let go.
+        let mut large = scratch.headers(200);
+        large.insert("x-a", http::HeaderValue::from_static("b"));
+        scratch.recycle(large);
+        assert!(scratch.spare.is_none());
     }
 
     #[test]

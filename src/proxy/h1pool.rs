@@ -92,9 +92,10 @@ impl Http1Pool {
         };
         // The client's header values and path are slices of the buffer its
         // connection reads into: let go of them now, so that the buffer can
-        // be read into again while the answer is awaited, not replaced.
+        // be read into again while the answer is awaited, not replaced. The
+        // emptied map serves the answer's head.
         let method = parts.method;
-        drop(parts.headers);
+        connection.recycle(parts.headers);
         drop(parts.uri);
         drop(parts.extensions);
         let answer = async {
@@ -275,6 +276,57 @@ mod tests {
             .header("content-type", "application/json")
             .body(body)
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_exchange_on_a_connection_has_only_its_own_fields() {
+        // A connection reuses a request's header map for its next answer:
+        // nothing of an earlier request or answer may show in a later one.
+        let (listener, pool) = listener().await;
+        let answers: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-First: 1\r\nX-Both: a\r\n\r\n1",
+            b"HTTP/1.1 200 OK\r\nX-Both: b\r\nx-second: 2\r\ncontent-length: 1\r\n\r\n2",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ];
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut heads = Vec::new();
+            for answer in answers {
+                let mut request = Vec::new();
+                read_until(&mut socket, &mut request, b"\r\n\r\n").await;
+                heads.push(String::from_utf8(request).unwrap());
+                socket.write_all(answer).await.unwrap();
+            }
+            heads
+        });
+        let expected: [&[&str]; 3] = [
+            &["content-length", "x-first", "x-both"],
+            &["x-both", "x-second", "content-length"],
+            &[],
+        ];
+        for (n, names) in expected.iter().enumerate() {
+            let request = Request::get("http://upstream/")
+                .header(format!("x-request-{n}"), "v")
+                .body(Body::empty())
+                .unwrap();
+            let response = pool.send(request, None).await.unwrap();
+            let got: Vec<&str> = response
+                .headers()
+                .keys()
+                .map(|name| name.as_str())
+                .collect();
+            assert_eq!(got, *names, "answer {n}");
+            response.into_body().collect().await.unwrap();
+        }
+        let heads = upstream.await.unwrap();
+        for (n, head) in heads.iter().enumerate() {
+            let fields: Vec<&str> = head
+                .lines()
+                .skip(1)
+                .filter(|line| !line.is_empty() && !line.starts_with("host:"))
+                .collect();
+            assert_eq!(fields, [format!("x-request-{n}: v")], "request {n}: {head}");
+        }
     }
 
     #[tokio::test]

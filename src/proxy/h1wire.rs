@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use super::h1pool::Http1Pool;
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Spans, Step,
+    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, HeadScratch, Step,
     MAX_HEADERS, READ_BUFFER,
 };
 
@@ -52,7 +52,7 @@ pub struct Connection {
     read: BytesMut,
     write: Vec<u8>,
     /// Where an answer head's fields sit: kept, not rebuilt per answer.
-    spans: Box<Spans>,
+    head: Box<HeadScratch>,
     /// The timer that bounds the wait for an answer's head, kept from one
     /// request to the next (see [`super::h1pool`]).
     pub(super) timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -107,7 +107,7 @@ impl Connection {
             stream,
             read: BytesMut::with_capacity(READ_BUFFER),
             write: Vec::with_capacity(1024),
-            spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
+            head: HeadScratch::boxed(),
             timer: None,
         }
     }
@@ -195,12 +195,12 @@ impl Connection {
             stream,
             read,
             write,
-            spans,
+            head,
             ..
         } = self;
         let (mut reader, mut writer) = stream.split();
         let sending = send_body(&mut writer, write, framing, body);
-        let answer = read_head(&mut reader, read, spans, method);
+        let answer = read_head(&mut reader, read, head, method);
         tokio::pin!(sending, answer);
         tokio::select! {
             sent = &mut sending => match sent {
@@ -215,10 +215,16 @@ impl Connection {
         }
     }
 
+    /// Keeps a sent request's header map for this connection's next
+    /// answer (see [`HeadScratch`]).
+    pub fn recycle(&mut self, headers: HeaderMap) {
+        self.head.recycle(headers);
+    }
+
     /// Reads until the answer's head is complete (informational answers
     /// skipped) and parses it.
     pub async fn read_head(&mut self, method: &Method) -> Result<Head, WireError> {
-        read_head(&mut self.stream, &mut self.read, &mut self.spans, method).await
+        read_head(&mut self.stream, &mut self.read, &mut self.head, method).await
     }
 
     /// Reads what the socket has into the read buffer: 0 at its end.
@@ -278,13 +284,13 @@ async fn send_body(
 async fn read_head(
     reader: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
-    spans: &mut Spans,
+    scratch: &mut HeadScratch,
     method: &Method,
 ) -> Result<Head, WireError> {
     loop {
         // A reused connection's buffer is empty: nothing to parse yet.
         if !buffer.is_empty() {
-            if let Some(head) = parse_head(buffer, spans, method)? {
+            if let Some(head) = parse_head(buffer, scratch, method)? {
                 return Ok(head);
             }
         }
@@ -397,7 +403,7 @@ enum Framing {
 /// informational (1xx) answers; `None` until the head is complete.
 fn parse_head(
     buffer: &mut BytesMut,
-    spans: &mut Spans,
+    scratch: &mut HeadScratch,
     method: &Method,
 ) -> Result<Option<Head>, WireError> {
     loop {
@@ -425,7 +431,7 @@ fn parse_head(
             };
             let start = buffer.as_ptr() as usize;
             let mut fields = 0;
-            for (header, span) in response.headers.iter().zip(spans.iter_mut()) {
+            for (header, span) in response.headers.iter().zip(scratch.spans.iter_mut()) {
                 let name = header.name.as_ptr() as usize - start;
                 let value = header.value.as_ptr() as usize - start;
                 *span = (
@@ -450,8 +456,8 @@ fn parse_head(
             _ => {}
         }
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("status code"))?;
-        let mut headers = HeaderMap::with_capacity(fields + GATEWAY_HEADERS);
-        for &(name_start, name_end, value_start, value_end) in spans.iter().take(fields) {
+        let mut headers = scratch.headers(fields + GATEWAY_HEADERS);
+        for &(name_start, name_end, value_start, value_end) in scratch.spans.iter().take(fields) {
             let name = head
                 .get(name_start..name_end)
                 .and_then(|name| HeaderName::from_bytes(name).ok())
@@ -673,7 +679,7 @@ mod tests {
     fn head(wire: &str, method: Method) -> Result<Option<Head>, WireError> {
         parse_head(
             &mut BytesMut::from(wire),
-            &mut [(0, 0, 0, 0); MAX_HEADERS],
+            &mut HeadScratch::boxed(),
             &method,
         )
     }
@@ -892,7 +898,7 @@ mod tests {
                 bytes.clone()
             };
             let mut buffer = BytesMut::from(&wire[..]);
-            if let Ok(Some(head)) = parse_head(&mut buffer, &mut [(0, 0, 0, 0); MAX_HEADERS], &Method::POST) {
+            if let Ok(Some(head)) = parse_head(&mut buffer, &mut HeadScratch::boxed(), &Method::POST) {
                 // What is left is what followed the head, and a body read
                 // to the close never leaves its connection reusable.
                 proptest::prop_assert!(wire.ends_with(&buffer));

@@ -34,8 +34,8 @@ use tokio::time::{Instant, Sleep};
 use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked, Spans,
-    Step, MAX_HEADERS, READ_BUFFER,
+    content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked,
+    HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -63,7 +63,7 @@ pub(super) struct Connection<H> {
     writer: OwnedWriteHalf,
     write: Vec<u8>,
     /// Where the current head's fields sit: kept, not rebuilt per request.
-    spans: Box<Spans>,
+    head: Box<HeadScratch>,
     /// The header names this client sends, parsed once.
     names: Names,
     head_bytes: usize,
@@ -277,14 +277,15 @@ impl Facts {
 /// body is set by the caller.
 fn request_of(
     parsed: &Parsed,
-    spans: &Spans,
+    scratch: &mut HeadScratch,
     names: &mut Names,
     head: &Bytes,
 ) -> Result<Request<Body>, Refusal> {
     let (start, end) = parsed.target;
     let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Invalid)?;
-    let mut headers = HeaderMap::with_capacity(parsed.fields);
-    for &(name_start, name_end, value_start, value_end) in spans.iter().take(parsed.fields) {
+    let mut headers = scratch.headers(parsed.fields);
+    for &(name_start, name_end, value_start, value_end) in scratch.spans.iter().take(parsed.fields)
+    {
         let name = head
             .get(name_start..name_end)
             .and_then(|name| names.get(name))
@@ -317,7 +318,7 @@ impl<H: Handler> Connection<H> {
             reader: Some(Reader { half, buffer }),
             writer,
             write: Vec::with_capacity(1024),
-            spans: Box::new([(0, 0, 0, 0); MAX_HEADERS]),
+            head: HeadScratch::boxed(),
             names: Names::default(),
             head_bytes,
             closing,
@@ -339,7 +340,7 @@ impl<H: Handler> Connection<H> {
             let next = next_head(
                 reader,
                 self.head_bytes,
-                &mut self.spans,
+                &mut self.head.spans,
                 &mut self.closing,
                 timer.as_mut(),
                 first,
@@ -387,7 +388,7 @@ impl<H: Handler> Connection<H> {
         let copied = parsed.length + whole.unwrap_or(0);
         let head = Bytes::copy_from_slice(reader.buffer.get(..copied).unwrap_or_default());
         reader.buffer.advance(copied);
-        let mut request = match request_of(&parsed, &self.spans, &mut self.names, &head) {
+        let mut request = match request_of(&parsed, &mut self.head, &mut self.names, &head) {
             Ok(request) => request,
             Err(refusal) => return After::Refuse(refusal),
         };
@@ -570,7 +571,7 @@ impl<H: Handler> Connection<H> {
             declared.is_none() && !bodyless,
             keep_alive,
         );
-        drop(parts);
+        self.head.recycle(parts.headers);
         if bodyless {
             write_all(&mut self.writer, &self.write, &[])
                 .await

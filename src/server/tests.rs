@@ -58,6 +58,19 @@ impl Handler for TestHandler {
                 );
                 response
             }
+            "/headers" => {
+                // Says which fields came, and adds one of its own.
+                let fields: Vec<String> = request
+                    .headers()
+                    .iter()
+                    .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
+                    .collect();
+                let mut response = Response::new(Body::full(fields.join(";")));
+                response
+                    .headers_mut()
+                    .insert("x-answer", http::HeaderValue::from_static("headers"));
+                response
+            }
             "/early" => {
                 let mut response = Response::new(Body::full("too large"));
                 *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
@@ -153,6 +166,35 @@ async fn read_all(socket: &mut TcpStream) -> String {
     let mut all = Vec::new();
     bounded(socket.read_to_end(&mut all)).await.unwrap();
     String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn each_request_on_a_connection_has_its_own_fields_and_answer_fields() {
+    // A connection reuses one header map from message to message: nothing
+    // of an earlier request or answer may show in a later one.
+    let server = start().await;
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    let mut buffer = Vec::new();
+    for (request, fields) in [
+        (
+            &b"GET /headers HTTP/1.1\r\nhost: x\r\nx-first: 1\r\nx-both: a\r\n\r\n"[..],
+            "host=x;x-first=1;x-both=a",
+        ),
+        (
+            b"GET /headers HTTP/1.1\r\nx-both: b\r\nx-second: 2\r\n\r\n",
+            "x-both=b;x-second=2",
+        ),
+        (b"GET /headers HTTP/1.1\r\n\r\n", ""),
+    ] {
+        socket.write_all(request).await.unwrap();
+        let (head, body) = read_answer(&mut socket, &mut buffer).await;
+        assert_eq!(body, fields);
+        assert_eq!(head.matches("x-answer: headers").count(), 1, "{head}");
+        assert!(
+            !head.contains("x-first") && !head.contains("host"),
+            "{head}"
+        );
+    }
 }
 
 #[tokio::test]
