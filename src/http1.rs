@@ -19,9 +19,9 @@ pub const MAX_HEADERS: usize = 100;
 /// Where each header field's name and value sit in a head: kept with a
 /// connection rather than built for every head.
 pub type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
-/// What a connection keeps from one head to the next, boxed so that the
-/// connection stays small to move: where the fields sit, and a header map
-/// emptied for reuse. Each message a connection reads takes a map and each
+/// What a connection keeps from one head to the next (boxed, or in a boxed
+/// connection, so that what moves stays small): where the fields sit, and
+/// a header map emptied for reuse. Each message a connection reads takes a map and each
 /// one it writes gives its map back, so in steady state no head allocates
 /// one.
 #[derive(Debug)]
@@ -30,16 +30,22 @@ pub struct HeadScratch {
     spare: Option<HeaderMap>,
 }
 
+impl Default for HeadScratch {
+    fn default() -> Self {
+        Self {
+            spans: [(0, 0, 0, 0); MAX_HEADERS],
+            spare: None,
+        }
+    }
+}
+
 impl HeadScratch {
     /// A map past this capacity (a head with many fields) is let go rather
     /// than kept with an idle connection.
     const KEPT_CAPACITY: usize = 32;
 
     pub fn boxed() -> Box<Self> {
-        Box::new(Self {
-            spans: [(0, 0, 0, 0); MAX_HEADERS],
-            spare: None,
-        })
+        Box::default()
     }
 
     /// An empty map with room for `fields`: the kept one if there is one.

@@ -43,7 +43,7 @@ pub struct Http1Pool {
     host: HeaderValue,
     connect_timeout: Duration,
     /// Idle connections with the time each became idle; the newest last.
-    idle: Mutex<Vec<(Connection, Instant)>>,
+    idle: Mutex<Vec<(Box<Connection>, Instant)>>,
 }
 
 impl Http1Pool {
@@ -113,7 +113,7 @@ impl Http1Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<Connection> {
+    fn checkout(&self) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().ok()?;
         while let Some((connection, _)) = idle.pop() {
             if connection.is_reusable() {
@@ -126,7 +126,7 @@ impl Http1Pool {
 
     /// Keeps `connection`, whose last answer has been read to its end, for
     /// the next request.
-    pub(super) fn checkin(&self, connection: Connection) {
+    pub(super) fn checkin(&self, connection: Box<Connection>) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -135,7 +135,7 @@ impl Http1Pool {
         idle.push((connection, now));
     }
 
-    async fn connect(&self, deadline: Option<Instant>) -> Result<Connection, ClientError> {
+    async fn connect(&self, deadline: Option<Instant>) -> Result<Box<Connection>, ClientError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(80);
         let connect = async {

@@ -52,7 +52,7 @@ pub struct Connection {
     read: BytesMut,
     write: Vec<u8>,
     /// Where an answer head's fields sit: kept, not rebuilt per answer.
-    head: Box<HeadScratch>,
+    head: HeadScratch,
     /// The timer that bounds the wait for an answer's head, kept from one
     /// request to the next (see [`super::h1pool`]).
     pub(super) timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -102,14 +102,17 @@ pub struct WriteFailed {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream) -> Self {
-        Self {
+    /// Boxed for its life: a request, its answer's body and the pool move
+    /// the connection from one to the next, a pointer instead of its
+    /// buffers and the head's field positions.
+    pub fn new(stream: TcpStream) -> Box<Self> {
+        Box::new(Self {
             stream,
             read: BytesMut::with_capacity(READ_BUFFER),
             write: Vec::with_capacity(1024),
-            head: HeadScratch::boxed(),
+            head: HeadScratch::default(),
             timer: None,
-        }
+        })
     }
 
     /// Whether the connection, idle since its last answer, is still open
@@ -527,7 +530,7 @@ fn framing_of(
 /// back to `pool` when the body has been read to its end.
 pub fn response(
     head: Head,
-    connection: Connection,
+    connection: Box<Connection>,
     pool: Arc<Http1Pool>,
 ) -> Response<ResponseBody> {
     let decoder = match head.framing {
@@ -553,7 +556,7 @@ pub fn response(
 #[derive(Debug)]
 pub struct ResponseBody {
     /// `None` once the body has ended or failed.
-    connection: Option<Connection>,
+    connection: Option<Box<Connection>>,
     /// Where the connection goes at the end, if it can be reused.
     pool: Option<Arc<Http1Pool>>,
     decoder: Decoder,
