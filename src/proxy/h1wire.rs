@@ -755,12 +755,51 @@ mod tests {
                 Framing::Length(0),
                 true,
             ),
-            // An informational answer first is skipped.
+            // An informational answer first is skipped, its fields too.
             (
                 "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
                 Method::POST,
                 Framing::Length(0),
                 true,
+            ),
+            (
+                "HTTP/1.1 103 Early Hints\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
+                 HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
+                Method::POST,
+                Framing::Length(2),
+                true,
+            ),
+            // Names in any case; the last coding decides.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: Keep-Alive\r\n\r\n",
+                Method::POST,
+                Framing::Length(7),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nCONNECTION: Close\r\n\r\n",
+                Method::POST,
+                Framing::Length(7),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Method::POST,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::POST,
+                Framing::UntilClose,
+                false,
+            ),
+            // Chunks frame the answer even beside a length that is not one.
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: nope\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::POST,
+                Framing::Chunked,
+                false,
             ),
         ];
         for (wire, method, framing, keep_alive) in cases {
