@@ -46,6 +46,12 @@ const KEPT_READ_BUFFER: usize = 64 * 1024;
 const COPIED_BODY: usize = 4 * 1024;
 /// A write buffer grown past this is let go after the answer.
 const KEPT_WRITE_BUFFER: usize = 8 * 1024;
+/// Heads (with a body that came whole) up to this size are copied into the
+/// connection's own buffer for copies; larger ones get an allocation of
+/// their own, so that the buffer a connection keeps stays small.
+const KEPT_COPIES: usize = 16 * 1024;
+/// The buffer for copies starts this large: a usual head and body.
+const COPIES_BUFFER: usize = 1024;
 /// How long, and how much of a request body left unread, a connection
 /// closed after its answer keeps reading and discarding, so that the
 /// client reads the answer before the close resets the connection.
@@ -66,6 +72,11 @@ pub(super) struct Connection<H> {
     head: Box<HeadScratch>,
     /// The header names this client sends, parsed once.
     names: Names,
+    /// Where heads are copied to: each request's copy is split off it, and
+    /// once the request has let go of its copy (its fields are dropped when
+    /// they have been sent on) the next copy reuses the same memory, so that
+    /// in steady state a head costs a copy and no allocation.
+    copies: BytesMut,
     head_bytes: usize,
     closing: Closing,
 }
@@ -320,6 +331,7 @@ impl<H: Handler> Connection<H> {
             write: Vec::with_capacity(1024),
             head: HeadScratch::boxed(),
             names: Names::default(),
+            copies: BytesMut::new(),
             head_bytes,
             closing,
         }
@@ -386,7 +398,16 @@ impl<H: Handler> Connection<H> {
         // The head, and a body that came whole with it, are copied out:
         // the read buffer stays the connection's alone, to be reused.
         let copied = parsed.length + whole.unwrap_or(0);
-        let head = Bytes::copy_from_slice(reader.buffer.get(..copied).unwrap_or_default());
+        let source = reader.buffer.get(..copied).unwrap_or_default();
+        let head = if copied <= KEPT_COPIES {
+            if self.copies.capacity() == 0 {
+                self.copies.reserve(copied.max(COPIES_BUFFER));
+            }
+            self.copies.extend_from_slice(source);
+            self.copies.split_to(copied).freeze()
+        } else {
+            Bytes::copy_from_slice(source)
+        };
         reader.buffer.advance(copied);
         let mut request = match request_of(&parsed, &mut self.head, &mut self.names, &head) {
             Ok(request) => request,
@@ -690,6 +711,9 @@ impl<H: Handler> Connection<H> {
     fn tidy(&mut self) {
         if self.write.capacity() > KEPT_WRITE_BUFFER {
             self.write = Vec::with_capacity(1024);
+        }
+        if self.copies.capacity() > KEPT_COPIES {
+            self.copies = BytesMut::new();
         }
         if let Some(reader) = self.reader.as_mut() {
             if reader.buffer.is_empty() && reader.buffer.capacity() > KEPT_READ_BUFFER {
