@@ -21,9 +21,9 @@ pub const MAX_HEADERS: usize = 100;
 pub type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
 /// What a connection keeps from one head to the next (boxed, or in a boxed
 /// connection, so that what moves stays small): where the fields sit, and
-/// a header map emptied for reuse. Each message a connection reads takes a map and each
-/// one it writes gives its map back, so in steady state no head allocates
-/// one.
+/// a header map emptied for reuse. Each message a connection reads takes a
+/// map and each one it writes gives its map back, so in steady state no
+/// head allocates one.
 #[derive(Debug)]
 pub struct HeadScratch {
     pub spans: Spans,

@@ -22,8 +22,8 @@ pub struct RequestIds {
     /// HMAC already keyed: verifying clones it rather than hashing the key
     /// again (two SHA-256 blocks saved per id).
     keyed: HmacSha256,
-    /// The same, with `abg1|<v>|` already fed for each arm (indexed by
-    /// [`variant_index`]): issuing an id feeds only what varies.
+    /// The same, with `abg1|<v>|` already fed for control, treatment and
+    /// unassigned, in that order: issuing an id feeds only what varies.
     prefixed: [HmacSha256; 3],
 }
 
@@ -72,7 +72,13 @@ impl RequestIds {
     pub fn issue(&self, variant: Variant, experiment: &str) -> String {
         let mut random = [0u8; 16];
         hex_into(&fastrand::u64(..).to_be_bytes(), &mut random);
-        let mut hmac = self.prefixed[variant_index(variant)].clone();
+        let [control, treatment, unassigned] = &self.prefixed;
+        let mut hmac = match variant {
+            Variant::Control => control,
+            Variant::Treatment => treatment,
+            Variant::Unassigned => unassigned,
+        }
+        .clone();
         hmac.update(&random);
         hmac.update(b"|");
         hmac.update(experiment.as_bytes());
@@ -93,7 +99,9 @@ impl RequestIds {
             &mac,
             b"_",
         ] {
-            head[at..at + part.len()].copy_from_slice(part);
+            if let Some(slot) = head.get_mut(at..at + part.len()) {
+                slot.copy_from_slice(part);
+            }
             at += part.len();
         }
         let mut id = String::with_capacity(HEAD_LEN + experiment.len());
@@ -148,14 +156,6 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
-fn variant_index(variant: Variant) -> usize {
-    match variant {
-        Variant::Control => 0,
-        Variant::Treatment => 1,
-        Variant::Unassigned => 2,
-    }
-}
-
 fn variant_code(variant: Variant) -> &'static str {
     match variant {
         Variant::Control => "c",
@@ -187,6 +187,16 @@ mod tests {
                 experiment: "support_ft.v3".into()
             })
         );
+        // Each arm's id is signed with its own prefix.
+        for variant in [Variant::Control, Variant::Treatment, Variant::Unassigned] {
+            let id = ids.issue(variant, "exp_a");
+            assert_eq!(
+                ids.verify(&id).map(|found| found.variant),
+                Some(variant),
+                "{id}"
+            );
+            assert_eq!(id.len(), HEAD_LEN + "exp_a".len(), "{id}");
+        }
         // Another replica with the same key agrees; one with another key does not.
         assert!(RequestIds::new(b"fleet-key".to_vec()).verify(&id).is_some());
         assert!(RequestIds::new(b"other".to_vec()).verify(&id).is_none());
