@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
 use super::error::ProxyError;
+use super::json_scan::{key, string_value, Kind, Rejected, Scanned, Scanner};
 
 /// What the gateway reads from a request body.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -56,6 +57,86 @@ pub fn inspect(body: &[u8]) -> Result<BodyFields, ProxyError> {
             err.valid_up_to()
         )));
     }
+    match scan(body) {
+        Ok(fields) => Ok(fields),
+        Err(Rejected) => inspect_parsed(body),
+    }
+}
+
+/// The fast path: the fields as the scanner reads them, when it accepts
+/// the body (an object, its UTF-8 checked) and each field has the type
+/// the gateway wants; anything else is left to serde_json.
+fn scan(body: &[u8]) -> Scanned<BodyFields> {
+    let mut fields = BodyFields::default();
+    let mut scanner = Scanner::new(body);
+    scanner.object(|scanner, raw, escaped| {
+        let mut buffer = [0; 32];
+        let Some(key) = key(raw, escaped, &mut buffer) else {
+            return scanner.skip();
+        };
+        match key {
+            b"model" => {
+                let (span, escaped) = scanner.string()?;
+                // With its quotes: the span the rewrite replaces.
+                fields
+                    .model_spans
+                    .push(span.start.wrapping_sub(1)..span.end + 1);
+                fields.model = Some(string_value(body, span, escaped)?);
+            }
+            b"user" => {
+                let (span, escaped) = scanner.string()?;
+                fields.user = Some(string_value(body, span, escaped)?);
+            }
+            b"safety_identifier" => {
+                let (span, escaped) = scanner.string()?;
+                fields.safety_identifier = Some(string_value(body, span, escaped)?);
+            }
+            b"metadata" => fields.metadata_user_id = scan_metadata(scanner, body)?,
+            b"stream" => fields.stream = scanner.boolean_or_null()?.unwrap_or(false),
+            _ => scanner.skip()?,
+        }
+        Ok(())
+    })?;
+    scanner.end()?;
+    Ok(fields)
+}
+
+/// Anthropic's `metadata`: `null`, or an object whose `user_id` is a
+/// string, `null` or missing (given once: serde_json refuses a field
+/// given twice, and the scanner leaves that to it).
+fn scan_metadata(scanner: &mut Scanner<'_>, body: &[u8]) -> Scanned<Option<String>> {
+    if scanner.kind()? == Kind::Null {
+        return scanner.skip().map(|()| None);
+    }
+    let mut user_id = None;
+    let mut seen = false;
+    scanner.object(|scanner, raw, escaped| {
+        // serde_json reads these keys as strings, strictly: escaped ones
+        // are its to read.
+        if escaped {
+            return Err(Rejected);
+        }
+        if raw != b"user_id" {
+            return scanner.skip();
+        }
+        if std::mem::replace(&mut seen, true) {
+            return Err(Rejected);
+        }
+        user_id = match scanner.kind()? {
+            Kind::Null => scanner.skip().map(|()| None)?,
+            _ => {
+                let (span, escaped) = scanner.string()?;
+                Some(string_value(body, span, escaped)?)
+            }
+        };
+        Ok(())
+    })?;
+    Ok(user_id)
+}
+
+/// The reference path, through serde_json: for what the scanner does not
+/// accept, with serde_json's own error.
+fn inspect_parsed(body: &[u8]) -> Result<BodyFields, ProxyError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let top = TopLevel::deserialize(&mut deserializer)
         .and_then(|top| deserializer.end().map(|()| top))
@@ -320,5 +401,38 @@ mod tests {
             inspect(b"{\"a\":\"\xff\"}"),
             Err(ProxyError::InvalidJson(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod agreement {
+    use super::*;
+    use crate::proxy::json_scan::documents;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_as_clients_send_them_take_the_fast_path() {
+        for body in [
+            &br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16,"temperature":0.2,"user":"u-1"}"#[..],
+            br#"{"model":"claude","max_tokens":1024,"metadata":{"user_id":"u-2"},"stream":true,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#,
+            br#"{"model":"m\u006f","safety_identifier":"s\"1","metadata":null,"stream":null}"#,
+        ] {
+            assert!(scan(body).is_ok(), "{body:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// What the scanner accepts, serde_json accepts and reads the same.
+        #[test]
+        fn the_fast_path_reads_what_serde_json_reads(body in documents::top_object()) {
+            prop_assume!(std::str::from_utf8(&body).is_ok());
+            if let Ok(fields) = scan(&body) {
+                let parsed = inspect_parsed(&body);
+                prop_assert!(parsed.is_ok(), "{:?}: {:?}", String::from_utf8_lossy(&body), parsed);
+                prop_assert_eq!(Some(fields), parsed.ok(), "{:?}", String::from_utf8_lossy(&body));
+            }
+        }
     }
 }

@@ -40,6 +40,7 @@ mod h1pool;
 mod h1wire;
 pub mod headers;
 pub mod json;
+pub mod json_scan;
 pub mod observe;
 pub mod route;
 pub mod usage_json;

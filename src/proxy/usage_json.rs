@@ -10,6 +10,8 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::json_scan::{key, Kind, Rejected, Scanned, Scanner};
+
 /// Token counts as an answer states them; a count that is not a
 /// non-negative integer is not read.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -27,6 +29,99 @@ pub fn read(document: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     if std::str::from_utf8(document).is_err() {
         return Err(de::Error::custom("the answer is not UTF-8"));
     }
+    match scan(document) {
+        Ok(usage) => Ok(usage),
+        Err(Rejected) => read_parsed(document),
+    }
+}
+
+/// The fast path: what the scanner reads, when it accepts the document.
+fn scan(document: &[u8]) -> Scanned<Option<Usage>> {
+    let mut scanner = Scanner::new(document);
+    let mut usage = None;
+    let mut message = None;
+    // Any other top-level value is read by serde_json as a value, which
+    // the scanner leaves to it.
+    if scanner.kind()? != Kind::Object {
+        return Err(Rejected);
+    }
+    {
+        scanner.object(|scanner, raw, escaped| {
+            let mut buffer = [0; 32];
+            match key(raw, escaped, &mut buffer).map(Key::of) {
+                Some(Key::Usage) => usage = scan_usage(scanner)?,
+                Some(Key::Message) => message = scan_message(scanner)?,
+                _ => scanner.skip()?,
+            }
+            Ok(())
+        })?;
+    }
+    scanner.end()?;
+    Ok(usage.or(message))
+}
+
+/// `message`'s usage (Anthropic's `message_start`).
+fn scan_message(scanner: &mut Scanner<'_>) -> Scanned<Option<Usage>> {
+    if scanner.kind()? != Kind::Object {
+        return skip_any(scanner).map(|()| None);
+    }
+    let mut usage = None;
+    scanner.object(|scanner, raw, escaped| {
+        let mut buffer = [0; 32];
+        match key(raw, escaped, &mut buffer).map(Key::of) {
+            Some(Key::Usage) => usage = scan_usage(scanner)?,
+            _ => scanner.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(usage)
+}
+
+/// A `usage` value: its counts when it is an object.
+fn scan_usage(scanner: &mut Scanner<'_>) -> Scanned<Option<Usage>> {
+    if scanner.kind()? != Kind::Object {
+        return skip_any(scanner).map(|()| None);
+    }
+    let mut usage = Usage::default();
+    scanner.object(|scanner, raw, escaped| {
+        let mut buffer = [0; 32];
+        let slot = match key(raw, escaped, &mut buffer).map(Key::of) {
+            Some(Key::PromptTokens) => &mut usage.prompt_tokens,
+            Some(Key::CompletionTokens) => &mut usage.completion_tokens,
+            Some(Key::InputTokens) => &mut usage.input_tokens,
+            Some(Key::OutputTokens) => &mut usage.output_tokens,
+            _ => return scanner.skip(),
+        };
+        // serde_json reads a count as any value: what it does with the
+        // others (a huge exponent, a string's lone surrogate) is its call.
+        *slot = match scanner.kind()? {
+            Kind::Number => Some(scanner.number()?.ok_or(Rejected)?),
+            _ => skip_any(scanner).map(|()| None)?,
+        };
+        Ok(())
+    })?;
+    Ok(Some(usage))
+}
+
+/// Skips a value that serde_json would read as any value and the reader
+/// drops: when it is one serde_json reads as loosely as the scanner does
+/// (a string without escapes, an integer, a literal, an array, whose
+/// elements it skips).
+fn skip_any(scanner: &mut Scanner<'_>) -> Scanned<()> {
+    match scanner.kind()? {
+        Kind::String => match scanner.string()? {
+            (_, false) => Ok(()),
+            (_, true) => Err(Rejected),
+        },
+        Kind::Number => scanner.number()?.map(drop).ok_or(Rejected),
+        Kind::Object => Err(Rejected),
+        Kind::Array | Kind::True | Kind::False | Kind::Null => scanner.skip(),
+    }
+}
+
+/// The reference path, through serde_json: for what the scanner does not
+/// accept (an error, or JSON it leaves to serde_json).
+fn read_parsed(document: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     let top = serde_json::from_slice::<Shaped<Top>>(document)?;
     Ok(top
         .0
@@ -57,9 +152,9 @@ enum Key {
     Other,
 }
 
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        super::json::deserialize_key(deserializer, |key| match key {
+impl Key {
+    fn of(key: &[u8]) -> Self {
+        match key {
             b"usage" => Key::Usage,
             b"message" => Key::Message,
             b"prompt_tokens" => Key::PromptTokens,
@@ -67,7 +162,13 @@ impl<'de> Deserialize<'de> for Key {
             b"input_tokens" => Key::InputTokens,
             b"output_tokens" => Key::OutputTokens,
             _ => Key::Other,
-        })
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        super::json::deserialize_key(deserializer, Key::of)
     }
 }
 
@@ -296,6 +397,39 @@ mod tests {
             assert_eq!(got.prompt_tokens, field("prompt_tokens"));
             assert_eq!(got.input_tokens, field("input_tokens"));
             assert_eq!(got.output_tokens, field("output_tokens"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod agreement {
+    use super::*;
+    use crate::proxy::json_scan::documents;
+    use proptest::prelude::*;
+
+    #[test]
+    fn answers_as_providers_send_them_take_the_fast_path() {
+        for document in [
+            &br#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":13,"total_tokens":32,"prompt_tokens_details":{"cached_tokens":0}}}"#[..],
+            br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":5,"output_tokens":1}}}"#,
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        ] {
+            assert!(scan(document).is_ok(), "{document:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// What the scanner accepts, serde_json accepts and reads the same.
+        #[test]
+        fn the_fast_path_reads_what_serde_json_reads(document in documents::top_object()) {
+            prop_assume!(std::str::from_utf8(&document).is_ok());
+            if let Ok(usage) = scan(&document) {
+                let parsed = read_parsed(&document);
+                prop_assert!(parsed.is_ok(), "{:?}", String::from_utf8_lossy(&document));
+                prop_assert_eq!(Some(usage), parsed.ok(), "{:?}", String::from_utf8_lossy(&document));
+            }
         }
     }
 }
