@@ -8,8 +8,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Response;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::http1::Forwarded;
 
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).
@@ -47,6 +50,26 @@ impl Body {
         let bytes = bytes.into();
         Body::Full((!bytes.is_empty()).then_some(bytes))
     }
+
+    /// An upstream answer's header fields passed on as they came rather
+    /// than through its map (see [`Forwarded`]): they ride with the body,
+    /// and the side that writes the head adds them.
+    pub fn forwarded(&self) -> Option<&Forwarded> {
+        match self {
+            Body::Upstream(body) => Some(body.forwarded()),
+            Body::Observed(observed) => observed.inner().forwarded(),
+            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => None,
+        }
+    }
+}
+
+/// Adds the fields `response`'s body carries to its map, for a side that
+/// writes heads from the map alone (HTTP/2).
+pub fn with_forwarded_in_map(mut response: Response<Body>) -> Response<Body> {
+    if let Some(forwarded) = response.body().forwarded().cloned() {
+        forwarded.add_to(response.headers_mut());
+    }
+    response
 }
 
 impl From<Incoming> for Body {

@@ -28,6 +28,10 @@ pub type Spans = [(usize, usize, usize, usize); MAX_HEADERS];
 pub struct HeadScratch {
     pub spans: Spans,
     spare: Option<HeaderMap>,
+    /// Where the fields an answer passes on as they came are written (see
+    /// [`Forwarded`]): split off per answer, its memory reused once the
+    /// answer's head has been written.
+    forwarded: BytesMut,
 }
 
 impl Default for HeadScratch {
@@ -35,6 +39,7 @@ impl Default for HeadScratch {
         Self {
             spans: [(0, 0, 0, 0); MAX_HEADERS],
             spare: None,
+            forwarded: BytesMut::new(),
         }
     }
 }
@@ -43,6 +48,8 @@ impl HeadScratch {
     /// A map past this capacity (a head with many fields) is let go rather
     /// than kept with an idle connection.
     const KEPT_CAPACITY: usize = 32;
+    /// Forwarded fields' memory past this size is let go with its answer.
+    const KEPT_FORWARDED: usize = 16 * 1024;
 
     pub fn boxed() -> Box<Self> {
         Box::default()
@@ -64,6 +71,74 @@ impl HeadScratch {
         if headers.capacity() <= Self::KEPT_CAPACITY {
             headers.clear();
             self.spare = Some(headers);
+        }
+    }
+
+    /// The first `fields` spans, and room for `bytes` of forwarded
+    /// fields: the last answer's memory when its head has been written,
+    /// fresh memory when not, and none kept from a head that needed more
+    /// than a large one.
+    pub fn spans_and_forwarded(
+        &mut self,
+        fields: usize,
+        bytes: usize,
+    ) -> (&[(usize, usize, usize, usize)], &mut BytesMut) {
+        if self.forwarded.capacity() > Self::KEPT_FORWARDED {
+            self.forwarded = BytesMut::new();
+        }
+        self.forwarded.reserve(bytes);
+        let spans = self.spans.get(..fields).unwrap_or_default();
+        (spans, &mut self.forwarded)
+    }
+
+    /// The forwarded fields written since the last call.
+    pub fn take_forwarded(&mut self, date: bool) -> Forwarded {
+        let lines = if self.forwarded.is_empty() {
+            Bytes::new()
+        } else {
+            self.forwarded.split().freeze()
+        };
+        Forwarded { lines, date }
+    }
+}
+
+/// An upstream answer's header fields that the gateway neither reads nor
+/// removes, passed on to the client as they came (names in their case,
+/// as `name: value` lines ending in CRLF) instead of each being parsed
+/// into the answer's header map and written out of it again. The map
+/// holds what the gateway reads (the content's type, encoding and length)
+/// and adds; hop-by-hop fields are in neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The fields' lines.
+    pub lines: Bytes,
+    /// Whether `Date` is one of them.
+    pub date: bool,
+}
+
+impl Forwarded {
+    /// Each field's name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .split(|&byte| byte == b'\n')
+            .filter_map(|line| line.strip_suffix(b"\r"))
+            .filter_map(|line| {
+                let colon = line.iter().position(|&byte| byte == b':')?;
+                let (name, value) = line.split_at(colon);
+                Some((name, value.get(2..).unwrap_or_default()))
+            })
+    }
+
+    /// Adds the fields to `headers`, for a side that writes heads from a
+    /// map (HTTP/2, where names are lower case).
+    pub fn add_to(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                headers.append(name, value);
+            }
         }
     }
 }

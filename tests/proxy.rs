@@ -366,21 +366,117 @@ async fn anthropic_streams_pass_through_event_by_event() {
     assert!(events.contains(&"content_block_delta"));
 }
 
-#[tokio::test]
-async fn http2_clients_are_served() {
-    let (control, treatment) = mocks().await;
-    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+/// A chat call to the gateway at `base` over HTTP/2 (prior knowledge).
+async fn http2_chat(base: &str) -> http::Response<hyper::body::Incoming> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Body>();
-    let request = Request::post(format!("{}/v1/chat/completions", gw.url()))
+    let request = Request::post(format!("{base}/v1/chat/completions"))
         .header("content-type", "application/json")
         .body(Body::full(Bytes::from(CHAT)))
         .unwrap();
     let response = bounded(client.request(request)).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
+    response
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.0, "")).await;
+    let response = http2_chat(&gw.url()).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-abgate-model"], "base-model");
+}
+
+#[tokio::test]
+async fn an_upstreams_answer_fields_reach_the_client_once_each_and_hop_by_hop_ones_do_not() {
+    // The first `Connection` has options only; the second names a field,
+    // which the gateway reads through the whole head's map instead.
+    for (connection, hop) in [("keep-alive", &["1"][..]), ("close, X-Hop", &[])] {
+        let body = br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
+             Content-Type: application/json\r\nKeep-Alive: timeout=5\r\nConnection: {connection}\r\n\
+             X-Hop: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Abgate-Variant: forged\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let upstream = raw_upstream([head.as_bytes(), body].concat()).await;
+        let gw = gateway(&config_toml(&upstream, &upstream, 0.0, "")).await;
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+             x-user-id: u\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{CHAT}",
+            CHAT.len()
+        );
+        let answer = raw_exchange(gw.proxy_addr, request.as_bytes()).await;
+        let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+        let fields: Vec<(String, &str)> = head
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let (name, value) = line.split_once(':').unwrap();
+                (name.to_ascii_lowercase(), value.trim())
+            })
+            .collect();
+        let values = |name: &str| -> Vec<&str> {
+            fields
+                .iter()
+                .filter(|(field, _)| field == name)
+                .map(|(_, value)| *value)
+                .collect()
+        };
+        assert_eq!(
+            values("date"),
+            ["Thu, 01 Jan 2026 00:00:00 GMT"],
+            "{answer}"
+        );
+        assert_eq!(values("server"), ["up"], "{answer}");
+        assert_eq!(values("set-cookie"), ["a=1", "b=2"], "{answer}");
+        assert_eq!(values("content-type"), ["application/json"], "{answer}");
+        assert_eq!(
+            values("content-length"),
+            [body.len().to_string()],
+            "{answer}"
+        );
+        assert_eq!(values("x-abgate-variant"), ["control"], "{answer}");
+        assert_eq!(values("connection"), ["close"], "{answer}");
+        assert!(values("keep-alive").is_empty(), "{answer}");
+        assert_eq!(values("x-hop"), hop, "{answer}");
+        assert_eq!(rest.as_bytes(), body);
+    }
+}
+
+#[tokio::test]
+async fn http2_clients_get_an_upstreams_answer_fields() {
+    let body = br#"{"id":"x"}"#;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
+         Content-Type: application/json\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\
+         Connection: keep-alive\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let upstream = raw_upstream([head.as_bytes(), body].concat()).await;
+    let gw = gateway(&config_toml(&upstream, &upstream, 0.0, "")).await;
+    let response = http2_chat(&gw.url()).await;
+    let headers = response.headers();
+    let all = |name: &str| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|value| value.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("server"), ["up"]);
+    assert_eq!(all("date"), ["Thu, 01 Jan 2026 00:00:00 GMT"]);
+    assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(all("content-type"), ["application/json"]);
+    assert!(headers.get("connection").is_none());
+    let got = bounded(response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&got[..], body);
 }
 
 /// A user in control and a user in treatment at `fraction`.

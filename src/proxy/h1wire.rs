@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -25,10 +25,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1pool::Http1Pool;
+use super::headers;
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, HeadScratch, Step,
-    MAX_HEADERS, READ_BUFFER,
+    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Forwarded,
+    HeadScratch, Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// The longest answer head accepted.
@@ -376,6 +377,8 @@ pub struct Head {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
+    /// The fields passed on as they came.
+    pub forwarded: Forwarded,
     framing: Framing,
     /// Whether the connection may carry another request after this answer.
     keep_alive: bool,
@@ -459,71 +462,196 @@ fn parse_head(
             _ => {}
         }
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("status code"))?;
-        let mut headers = scratch.headers(fields + GATEWAY_HEADERS);
-        for &(name_start, name_end, value_start, value_end) in scratch.spans.iter().take(fields) {
-            let name = head
-                .get(name_start..name_end)
-                .and_then(|name| HeaderName::from_bytes(name).ok())
-                .ok_or(WireError::Invalid("header name"))?;
-            if value_end > head.len() || value_start > value_end {
-                return Err(WireError::Invalid("header value"));
+        let spans = scratch.spans.get(..fields).unwrap_or_default();
+        // Names a `Connection` field lists are hop-by-hop too: an answer
+        // with such a list (rare) is read whole into its map, and the
+        // proxy strips what the list names.
+        let whole = spans
+            .iter()
+            .any(|&(name_start, name_end, value_start, value_end)| {
+                let name = head.get(name_start..name_end).unwrap_or_default();
+                let value = head.get(value_start..value_end).unwrap_or_default();
+                name.eq_ignore_ascii_case(b"connection") && lists_fields(value)
+            });
+        let mut headers =
+            scratch.headers(if whole { fields } else { READ_FIELDS } + GATEWAY_HEADERS);
+        let mut framing = FramingFields::default();
+        let mut date = false;
+        let (spans, lines) = scratch.spans_and_forwarded(fields, head.len() + 2 * fields);
+        for &(name_start, name_end, value_start, value_end) in spans {
+            let name = head.get(name_start..name_end);
+            let value = head.get(value_start..value_end);
+            let (Some(name), Some(value)) = (name, value) else {
+                return Err(WireError::Invalid("header field"));
+            };
+            let field = AnswerField::of(name);
+            framing.note(field, value);
+            if whole || field.is_read() {
+                // httparse has checked the name's and value's bytes.
+                let name =
+                    HeaderName::from_bytes(name).map_err(|_| WireError::Invalid("header name"))?;
+                let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                    .map_err(|_| WireError::Invalid("header value"))?;
+                headers.append(name, value);
+            } else if field.is_passed_on() {
+                date |= field == AnswerField::Date;
+                lines.extend_from_slice(name);
+                lines.extend_from_slice(b": ");
+                lines.extend_from_slice(value);
+                lines.extend_from_slice(b"\r\n");
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|_| WireError::Invalid("header value"))?;
-            headers.append(name, value);
         }
+        let forwarded = scratch.take_forwarded(date);
         let version = if minor == 1 {
             Version::HTTP_11
         } else {
             Version::HTTP_10
         };
-        let (framing, keep_alive) = framing_of(status, method, &headers)?;
-        let closes = headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|value| has_token(value.as_bytes(), b"close"));
+        let (framing_kind, keep_alive) = framing.framing(status, method)?;
         return Ok(Some(Head {
             status,
             version,
             headers,
-            framing,
-            keep_alive: keep_alive && version == Version::HTTP_11 && !closes,
+            forwarded,
+            framing: framing_kind,
+            keep_alive: keep_alive && version == Version::HTTP_11 && !framing.closes,
         }));
     }
 }
 
-/// The body's framing, and whether it leaves the connection reusable.
-fn framing_of(
-    status: StatusCode,
-    method: &Method,
-    headers: &HeaderMap,
-) -> Result<(Framing, bool), WireError> {
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Length(0), true));
-    }
-    if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = ends_chunked(last.as_bytes());
-        // With a Content-Length too, the connection is not to be trusted
-        // again (RFC 9112 §6.3).
-        let reusable = chunked && !headers.contains_key(CONTENT_LENGTH);
-        let framing = if chunked {
-            Framing::Chunked
+/// How many fields of an answer its map holds at most, besides the
+/// gateway's: those the gateway reads.
+const READ_FIELDS: usize = 4;
+
+/// What an answer's header field is to the gateway, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnswerField {
+    /// Read by the gateway, so kept in the answer's map: the content's
+    /// type, encoding and length, and the gateway's own namespace
+    /// (`x-abgate-*`, whose values the gateway's replace).
+    Read { content_length: bool },
+    /// `Date`: passed on, and the client's side then adds none.
+    Date,
+    /// Describes the upstream's connection (RFC 9110 §7.6.1): not passed
+    /// on. Two of them frame the answer or end the connection.
+    HopByHop(Option<Framer>),
+    /// Anything else: passed on as it came.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framer {
+    Connection,
+    TransferEncoding,
+}
+
+impl AnswerField {
+    fn of(name: &[u8]) -> Self {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        if is("content-type") || is("content-encoding") {
+            AnswerField::Read {
+                content_length: false,
+            }
+        } else if is("content-length") {
+            AnswerField::Read {
+                content_length: true,
+            }
+        } else if is("date") {
+            AnswerField::Date
+        } else if is("connection") {
+            AnswerField::HopByHop(Some(Framer::Connection))
+        } else if is("transfer-encoding") {
+            AnswerField::HopByHop(Some(Framer::TransferEncoding))
+        } else if headers::is_hop_by_hop(name) {
+            AnswerField::HopByHop(None)
+        } else if headers::in_gateway_namespace(name) {
+            AnswerField::Read {
+                content_length: false,
+            }
         } else {
-            Framing::UntilClose
-        };
-        return Ok((framing, reusable));
+            AnswerField::Other
+        }
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        length = Some(content_length(value.as_bytes(), length).map_err(WireError::Invalid)?);
+
+    fn is_read(self) -> bool {
+        matches!(self, AnswerField::Read { .. })
     }
-    Ok(match length {
-        Some(length) => (Framing::Length(length), true),
-        None => (Framing::UntilClose, false),
+
+    fn is_passed_on(self) -> bool {
+        matches!(self, AnswerField::Date | AnswerField::Other)
+    }
+}
+
+/// Whether a `Connection` value lists anything but its options (`close`,
+/// `keep-alive`): the names of more hop-by-hop fields.
+fn lists_fields(value: &[u8]) -> bool {
+    value.split(|&byte| byte == b',').any(|token| {
+        let token = token.trim_ascii();
+        !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"close")
+            && !token.eq_ignore_ascii_case(b"keep-alive")
     })
+}
+
+/// What an answer's fields say of its framing, noted as they are read.
+#[derive(Debug, Default)]
+struct FramingFields<'a> {
+    /// The last `Transfer-Encoding` field's value.
+    transfer_encoding: Option<&'a [u8]>,
+    /// The length the `Content-Length` fields agree on, or why they do not.
+    content_length: Option<Result<u64, &'static str>>,
+    /// Whether a `Connection` field has `close`.
+    closes: bool,
+}
+
+impl<'a> FramingFields<'a> {
+    fn note(&mut self, field: AnswerField, value: &'a [u8]) {
+        match field {
+            AnswerField::Read {
+                content_length: true,
+            } => {
+                self.content_length = match self.content_length {
+                    None => Some(content_length(value, None)),
+                    Some(Ok(known)) => Some(content_length(value, Some(known))),
+                    error @ Some(Err(_)) => error,
+                };
+            }
+            AnswerField::HopByHop(Some(Framer::TransferEncoding)) => {
+                self.transfer_encoding = Some(value);
+            }
+            AnswerField::HopByHop(Some(Framer::Connection)) => {
+                self.closes |= has_token(value, b"close");
+            }
+            _ => {}
+        }
+    }
+
+    /// The body's framing, and whether it leaves the connection reusable.
+    fn framing(&self, status: StatusCode, method: &Method) -> Result<(Framing, bool), WireError> {
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok((Framing::Length(0), true));
+        }
+        if let Some(last) = self.transfer_encoding {
+            let chunked = ends_chunked(last);
+            // With a Content-Length too, the connection is not to be
+            // trusted again (RFC 9112 §6.3).
+            let reusable = chunked && self.content_length.is_none();
+            let framing = if chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            };
+            return Ok((framing, reusable));
+        }
+        match self.content_length {
+            Some(Ok(length)) => Ok((Framing::Length(length), true)),
+            Some(Err(why)) => Err(WireError::Invalid(why)),
+            None => Ok((Framing::UntilClose, false)),
+        }
+    }
 }
 
 /// The answer for `head`, its body read from `connection`, which goes
@@ -542,6 +670,7 @@ pub fn response(
         connection: Some(connection),
         pool: head.keep_alive.then_some(pool),
         decoder,
+        forwarded: head.forwarded,
     };
     body.settle();
     let mut response = Response::new(body);
@@ -560,6 +689,9 @@ pub struct ResponseBody {
     /// Where the connection goes at the end, if it can be reused.
     pool: Option<Arc<Http1Pool>>,
     decoder: Decoder,
+    /// The answer's fields passed on as they came, for the client's side
+    /// to write with the head.
+    forwarded: Forwarded,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,6 +703,11 @@ enum Decoder {
 }
 
 impl ResponseBody {
+    /// The answer's fields passed on as they came (not in its map).
+    pub fn forwarded(&self) -> &Forwarded {
+        &self.forwarded
+    }
+
     /// Decodes one step from what has been read.
     fn step(&mut self) -> Result<Step, WireError> {
         let Some(connection) = self.connection.as_mut() else {
@@ -696,7 +833,8 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(ok.status, StatusCode::OK);
-        assert_eq!(ok.headers["x-a"], "b");
+        assert_eq!(ok.headers["content-length"], "12");
+        assert_eq!(ok.forwarded.lines, "x-a: b\r\n");
         assert_eq!((ok.framing, ok.keep_alive), (Framing::Length(12), true));
 
         let cases = [
@@ -810,6 +948,64 @@ mod tests {
                 "{wire:?}"
             );
         }
+    }
+
+    #[test]
+    fn fields_the_gateway_reads_are_mapped_and_the_rest_passed_on_as_they_came() {
+        let parsed = head(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 26 Nov 2026 08:00:00 GMT\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nX-Abgate-Variant: forged\r\nSet-Cookie: a=1\r\n\
+             set-cookie: b=2\r\nContent-Encoding: identity\r\nTrailer: x\r\nUpgrade: h2c\r\n\
+             x-ratelimit-remaining:7\r\n\r\n",
+            Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        let mapped: Vec<(&str, &str)> = parsed
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            mapped,
+            [
+                ("content-type", "application/json"),
+                ("content-length", "2"),
+                ("x-abgate-variant", "forged"),
+                ("content-encoding", "identity"),
+            ]
+        );
+        assert_eq!(
+            parsed.forwarded.lines,
+            "Server: up\r\nDate: Thu, 26 Nov 2026 08:00:00 GMT\r\nSet-Cookie: a=1\r\n\
+             set-cookie: b=2\r\nx-ratelimit-remaining: 7\r\n"
+        );
+        assert!(parsed.forwarded.date);
+        let fields: Vec<(&[u8], &[u8])> = parsed.forwarded.fields().collect();
+        assert_eq!(
+            fields[1],
+            (&b"Date"[..], &b"Thu, 26 Nov 2026 08:00:00 GMT"[..])
+        );
+        assert_eq!(fields[4], (&b"x-ratelimit-remaining"[..], &b"7"[..]));
+        let mut map = HeaderMap::new();
+        parsed.forwarded.add_to(&mut map);
+        assert_eq!(map.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(map.len(), 5);
+
+        // A `Connection` that names more hop-by-hop fields: the whole head
+        // goes to the map, for the proxy to strip what it names.
+        let listing = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nServer: up\r\n\
+             Content-Length: 0\r\n\r\n",
+            Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(listing.headers.len(), 4);
+        assert!(listing.forwarded.lines.is_empty());
+        assert!(!listing.forwarded.date);
+        assert!(!listing.keep_alive);
     }
 
     #[test]

@@ -21,24 +21,49 @@ enum Class {
     Local,
 }
 
+/// Headers that describe one connection (RFC 9110 §7.6.1), lower case.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The prefix of the gateway's own headers.
+const GATEWAY_NAMESPACE: &str = "x-abgate-";
+
 fn class(name: &HeaderName) -> Class {
-    match name.as_str() {
-        "connection"
-        | "keep-alive"
-        | "proxy-connection"
-        | "proxy-authenticate"
-        | "proxy-authorization"
-        | "te"
-        | "trailer"
-        | "transfer-encoding"
-        | "upgrade" => Class::HopByHop,
+    let name = name.as_str();
+    if HOP_BY_HOP.contains(&name) {
+        return Class::HopByHop;
+    }
+    match name {
         "authorization" | "x-api-key" | "api-key" | "openai-organization" | "openai-project" => {
             Class::Credential
         }
         "host" | "expect" => Class::Local,
-        name if name.starts_with("x-abgate-") => Class::Local,
+        name if name.starts_with(GATEWAY_NAMESPACE) => Class::Local,
         _ => Class::EndToEnd,
     }
+}
+
+/// Whether a header name, in any case, is hop-by-hop.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+}
+
+/// Whether a header name, in any case, is in the gateway's `x-abgate-*`
+/// namespace.
+pub fn in_gateway_namespace(name: &[u8]) -> bool {
+    name.get(..GATEWAY_NAMESPACE.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(GATEWAY_NAMESPACE.as_bytes()))
 }
 
 /// Removes the headers whose class `remove` picks, and with hop-by-hop

@@ -120,6 +120,11 @@ pub struct ObservedBody {
 }
 
 impl ObservedBody {
+    /// The body being measured.
+    pub fn inner(&self) -> &Body {
+        &self.inner
+    }
+
     /// Wraps `inner`; the request is recorded when it ends or is dropped.
     pub fn new(inner: Body, mut observation: Observation) -> Self {
         let usage = UsageReader::new(observation.usage_format);

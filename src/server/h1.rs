@@ -35,7 +35,7 @@ use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
     content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked,
-    HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
+    Forwarded, HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -585,7 +585,10 @@ impl<H: Handler> Connection<H> {
         self.write.clear();
         encode_head(
             &mut self.write,
-            &parts.headers,
+            Fields {
+                headers: &parts.headers,
+                forwarded: body.forwarded(),
+            },
             status,
             exchange.version,
             framing,
@@ -824,11 +827,18 @@ enum Outgoing {
     UntilClose,
 }
 
+/// An answer's header fields: its map, and those an upstream's answer
+/// passes on as they came.
+struct Fields<'a> {
+    headers: &'a HeaderMap,
+    forwarded: Option<&'a Forwarded>,
+}
+
 /// Writes the status line and headers, with the framing and connection
 /// headers the answer needs.
 fn encode_head(
     out: &mut Vec<u8>,
-    headers: &HeaderMap,
+    Fields { headers, forwarded }: Fields<'_>,
     status: StatusCode,
     version: Version,
     framing: Outgoing,
@@ -857,6 +867,9 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(forwarded) = forwarded {
+        out.extend_from_slice(&forwarded.lines);
+    }
     match framing {
         Outgoing::Length(length) if add_length => {
             let _ = write!(out, "content-length: {length}\r\n");
@@ -871,7 +884,7 @@ fn encode_head(
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
-    if !headers.contains_key(DATE) {
+    if !headers.contains_key(DATE) && !forwarded.is_some_and(|forwarded| forwarded.date) {
         out.extend_from_slice(b"date: ");
         date::write(out);
         out.extend_from_slice(b"\r\n");

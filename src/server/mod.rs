@@ -159,7 +159,10 @@ async fn serve_http2<H: Handler>(
 ) {
     let service = service_fn(move |request: Request<Incoming>| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(request.map(Body::Stream), peer).await) }
+        async move {
+            let response = handler.handle(request.map(Body::Stream), peer).await;
+            Ok::<_, Infallible>(crate::body::with_forwarded_in_map(response))
+        }
     });
     let io = TokioIo::new(Prefixed { prefix, stream });
     let mut connection = pin!(http2.serve_connection(io, service));
