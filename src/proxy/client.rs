@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::request::Parts;
 use http::uri::Scheme;
 use http::{Request, Response};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -85,17 +86,21 @@ impl std::error::Error for ClientError {
 impl HttpClient {
     /// Sends `request` (absolute URI) and waits for the answer's headers.
     pub async fn request(&self, request: Request<Body>) -> Result<Response<Body>, ClientError> {
-        self.request_until(request, None).await
+        let (mut parts, body) = request.into_parts();
+        self.request_until(&mut parts, body, None).await
     }
 
-    /// [`HttpClient::request`], giving up at `deadline` if one is given
-    /// ([`ClientError::TimedOut`]).
+    /// [`HttpClient::request`] of the request `parts` and `body` make,
+    /// giving up at `deadline` if one is given ([`ClientError::TimedOut`]).
+    /// The head is lent, not given: the sending may take what it needs of
+    /// it (its header map, to reuse), and what it leaves is the caller's.
     pub async fn request_until(
         &self,
-        request: Request<Body>,
+        parts: &mut Parts,
+        body: Body,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Response<Body>, ClientError> {
-        let uri = request.uri();
+        let uri = &parts.uri;
         if uri.scheme() == Some(&Scheme::HTTP) {
             let pool = self
                 .plain
@@ -103,10 +108,12 @@ impl HttpClient {
                 .find(|pool| uri.authority() == Some(pool.authority()));
             if let Some(pool) = pool {
                 // Its connections keep their own timers.
-                let response = pool.send(request, deadline).await?;
+                let response = pool.send(parts, body, deadline).await?;
                 return Ok(response.map(Body::Upstream));
             }
         }
+        let (empty, ()) = Request::new(()).into_parts();
+        let request = Request::from_parts(std::mem::replace(parts, empty), body);
         let sent = self.general.request(request);
         let response = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, sent)

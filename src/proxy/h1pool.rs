@@ -24,8 +24,9 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use http::header::HeaderValue;
+use http::request::Parts;
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Response, Uri};
 use tokio::net::TcpStream;
 
 use super::client::ClientError;
@@ -67,11 +68,11 @@ impl Http1Pool {
     /// `deadline` if one is given ([`ClientError::TimedOut`] then).
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<Body>,
+        parts: &mut Parts,
+        body: Body,
         deadline: Option<Instant>,
     ) -> Result<Response<ResponseBody>, ClientError> {
-        let (parts, body) = request.into_parts();
-        let mut framing = BodyFraming::of(&parts, &body);
+        let mut framing = BodyFraming::of(parts, &body);
         let mut timer = None;
         let mut connection = loop {
             let (mut connection, reused) = match self.checkout() {
@@ -79,7 +80,7 @@ impl Http1Pool {
                 None => (self.connect(deadline).await?, false),
             };
             arm(&mut timer, &mut connection, deadline);
-            let written = connection.write_head(&parts, &self.host, &mut framing);
+            let written = connection.write_head(parts, &self.host, &mut framing);
             match within(&mut timer, deadline, written).await? {
                 Ok(()) => break connection,
                 // Not a byte written: the idle connection had closed
@@ -94,10 +95,10 @@ impl Http1Pool {
         // connection reads into: let go of them now, so that the buffer can
         // be read into again while the answer is awaited, not replaced. The
         // emptied map serves the answer's head.
-        let method = parts.method;
-        connection.recycle(parts.headers);
-        drop(parts.uri);
-        drop(parts.extensions);
+        let method = std::mem::take(&mut parts.method);
+        connection.recycle(std::mem::take(&mut parts.headers));
+        parts.uri = Uri::default();
+        parts.extensions.clear();
         let answer = async {
             match connection.write_body(framing, body, &method).await {
                 Ok(None) => connection.read_head(&method).await,
@@ -241,6 +242,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use bytes::Bytes;
+    use http::Request;
     use http_body::Body as _;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -269,6 +271,16 @@ mod tests {
         let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
         let pool = Http1Pool::new(authority, Duration::from_secs(5)).unwrap();
         (listener, Arc::new(pool))
+    }
+
+    /// Sends `request` through `pool`, its head lent as the proxy lends it.
+    async fn send(
+        pool: &Arc<Http1Pool>,
+        request: Request<Body>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<ResponseBody>, ClientError> {
+        let (mut parts, body) = request.into_parts();
+        pool.send(&mut parts, body, deadline).await
     }
 
     fn post(body: Body) -> Request<Body> {
@@ -311,7 +323,7 @@ mod tests {
                 .header(format!("x-request-{n}"), "v")
                 .body(Body::empty())
                 .unwrap();
-            let response = pool.send(request, None).await.unwrap();
+            let response = send(&pool, request, None).await.unwrap();
             let got: Vec<&str> = response
                 .headers()
                 .keys()
@@ -372,19 +384,19 @@ mod tests {
             socket.read_to_end(&mut rest).await.unwrap();
         });
 
-        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
+        let response = send(&pool, post(Body::full("{}")), None).await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(idle_count(&pool), 0, "lent out while its body is unread");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"helloworld");
         assert_eq!(idle_count(&pool), 1);
 
-        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
+        let response = send(&pool, post(Body::full("{}")), None).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"again");
         assert_eq!(idle_count(&pool), 0, "not reused after stray bytes");
 
-        let response = pool.send(post(Body::full("{}")), None).await.unwrap();
+        let response = send(&pool, post(Body::full("{}")), None).await.unwrap();
         assert_eq!(response.status(), 503);
         // Dropped before its end: the connection is closed, not kept.
         drop(response);
@@ -433,8 +445,7 @@ mod tests {
         });
         let within = |millis| Some(Instant::now() + Duration::from_millis(millis));
 
-        let response = pool
-            .send(post(Body::full("{}")), within(200))
+        let response = send(&pool, post(Body::full("{}")), within(200))
             .await
             .unwrap();
         response.into_body().collect().await.unwrap();
@@ -442,15 +453,14 @@ mod tests {
         // The timer, still set for 200 ms after the first request, fires
         // while the second waits: it is moved on, not taken as a timeout.
         let started = Instant::now();
-        let response = pool
-            .send(post(Body::full("{}")), within(2_000))
+        let response = send(&pool, post(Body::full("{}")), within(2_000))
             .await
             .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(400));
         response.into_body().collect().await.unwrap();
         // The third is never answered: it ends at its own deadline.
         let started = Instant::now();
-        let outcome = pool.send(post(Body::full("{}")), within(300)).await;
+        let outcome = send(&pool, post(Body::full("{}")), within(300)).await;
         assert!(matches!(outcome, Err(ClientError::TimedOut)), "{outcome:?}");
         let waited = started.elapsed();
         assert!(
@@ -467,7 +477,7 @@ mod tests {
             let upstream = refuse_on_the_head(listener, hold);
             let body = Body::full(vec![b'x'; 16 * 1024 * 1024]);
             let response =
-                tokio::time::timeout(Duration::from_secs(10), pool.send(post(body), None))
+                tokio::time::timeout(Duration::from_secs(10), send(&pool, post(body), None))
                     .await
                     .expect("the early answer, not a wait for the body to be read")
                     .unwrap();
@@ -503,8 +513,7 @@ mod tests {
             .await
             .unwrap();
         drop(sender);
-        let response = pool
-            .send(post(Body::Channel(receiver)), None)
+        let response = send(&pool, post(Body::Channel(receiver)), None)
             .await
             .unwrap();
         assert_eq!(response.status(), 200);

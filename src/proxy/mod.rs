@@ -812,8 +812,11 @@ impl Gateway {
         );
 
         // Forward, and fall back to control if treatment fails before answering.
-        let request = Request::from_parts(parts, body);
-        let attempt = self.send(live, request, variant, total_at, decision).await;
+        // The request's head stays here, lent to the sending: a future that
+        // owned it would copy it at each step down.
+        let attempt = self
+            .send(live, &mut parts, body, variant, total_at, decision)
+            .await;
         let response = match (resend, fallback::failure(&attempt)) {
             (Some(resend), Some(failure)) => {
                 // Boxed: inline, this rare path would make every request's
@@ -841,7 +844,8 @@ impl Gateway {
     async fn send(
         &self,
         live: &Live,
-        request: Request<Body>,
+        parts: &mut http::request::Parts,
+        body: Body,
         variant: Variant,
         total_at: Instant,
         decision: &mut Decision,
@@ -856,7 +860,7 @@ impl Gateway {
         };
         let response = live
             .client
-            .request_until(request, Some(deadline.into()))
+            .request_until(parts, body, Some(deadline.into()))
             .await;
         let headers_at = Instant::now();
         decision.upstream_wait += headers_at.saturating_duration_since(waiting);
@@ -932,8 +936,9 @@ impl Gateway {
         let (request, model) =
             resend.request_for(&config.control, config.gateway_keys.is_some())?;
         decision.model = model;
+        let (mut parts, body) = request.into_parts();
         let answer = self
-            .send(live, request, Variant::Control, total_at, decision)
+            .send(live, &mut parts, body, Variant::Control, total_at, decision)
             .await;
         let served = answer
             .as_ref()
