@@ -94,6 +94,18 @@ async fn https_upstreams_with_a_private_ca_speak_http2() {
         "one pooled HTTP/2 connection carried every request"
     );
     assert_eq!(treatment.request_count(), 4);
+    // The client's Host named the gateway; the upstream is told its own
+    // name (HTTP/2's :authority), not the gateway's.
+    let gateway_host = gw.proxy_addr.to_string();
+    for request in treatment.requests() {
+        assert_ne!(
+            request
+                .headers
+                .get("host")
+                .and_then(|host| host.to_str().ok()),
+            Some(gateway_host.as_str())
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{CONTENT_LENGTH, HOST};
 use http::request::Parts;
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -113,7 +114,14 @@ impl HttpClient {
             }
         }
         let (empty, ()) = Request::new(()).into_parts();
-        let request = Request::from_parts(std::mem::replace(parts, empty), body);
+        let mut request = Request::from_parts(std::mem::replace(parts, empty), body);
+        // hyper writes what the map says: the client's Host names the
+        // gateway, and a body held whole (rewritten, perhaps) gets its
+        // length from its size, not from the client.
+        request.headers_mut().remove(HOST);
+        if matches!(request.body(), Body::Full(_)) {
+            request.headers_mut().remove(CONTENT_LENGTH);
+        }
         let sent = self.general.request(request);
         let response = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, sent)

@@ -40,7 +40,7 @@ impl Resend {
     ) -> Result<(Request<Body>, Option<HeaderValue>), ProxyError> {
         let (body, model) = rewrite_for(upstream, &self.body, &self.fields);
         let mut headers = self.headers.clone();
-        super::headers::prepare_upstream_request(&mut headers, upstream, true, gateway_auth);
+        super::headers::prepare_upstream_request(&mut headers, upstream, gateway_auth);
         let mut request = Request::new(Body::full(body));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = super::upstream_uri(upstream, &self.uri)?;

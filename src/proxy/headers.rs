@@ -16,9 +16,12 @@ enum Class {
     HopByHop,
     /// Carries or scopes the client's credential.
     Credential,
-    /// Meant for the gateway's own hop: `Host` and `Expect` of the
-    /// client's request, and the gateway's `x-abgate-*` namespace.
+    /// Meant for the gateway's own hop: `Expect` of the client's request,
+    /// and the gateway's `x-abgate-*` namespace.
     Local,
+    /// The client's `Host`, which names the gateway: the side that sends
+    /// to the upstream writes the upstream's instead.
+    Host,
 }
 
 /// Headers that describe one connection (RFC 9110 §7.6.1), lower case.
@@ -46,7 +49,8 @@ fn class(name: &HeaderName) -> Class {
         "authorization" | "x-api-key" | "api-key" | "openai-organization" | "openai-project" => {
             Class::Credential
         }
-        "host" | "expect" => Class::Local,
+        "host" => Class::Host,
+        "expect" => Class::Local,
         name if name.starts_with(GATEWAY_NAMESPACE) => Class::Local,
         _ => Class::EndToEnd,
     }
@@ -131,31 +135,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Rewrites a client's request headers for `upstream`: hop-by-hop headers,
-/// `Host`, `Expect` and the gateway's `x-abgate-*` namespace removed (a
-/// client cannot pass off its own values as the gateway's), the
-/// credential, and no stale `Content-Length` when the body was rewritten. With
-/// `gateway_auth` the client's credential headers held the gateway key,
-/// which never leaves the gateway: they are removed whether or not the
-/// upstream gets its own.
-pub fn prepare_upstream_request(
-    headers: &mut HeaderMap,
-    upstream: &Upstream,
-    body_rewritten: bool,
-    gateway_auth: bool,
-) {
-    // Host: the HTTP client sets Host (HTTP/1.1) or :authority (HTTP/2)
-    // from the upstream URI; the client's names the gateway. Expect: the
-    // body is already read (or streamed as is), nothing to wait for.
+/// `Expect` and the gateway's `x-abgate-*` namespace removed (a client
+/// cannot pass off its own values as the gateway's), and the credential.
+/// With `gateway_auth` the client's credential headers held the gateway
+/// key, which never leaves the gateway: they are removed whether or not
+/// the upstream gets its own.
+///
+/// `Host` and `Content-Length` are left for the sending side, which
+/// replaces both without a lookup in the map: the connection's own writer
+/// puts the upstream's Host and a whole body's length in the head instead
+/// of the client's, and the general client removes them before hyper sets
+/// its own (see `client::HttpClient::request_until`).
+pub fn prepare_upstream_request(headers: &mut HeaderMap, upstream: &Upstream, gateway_auth: bool) {
+    // Expect: the body is already read (or streamed as is), nothing to
+    // wait for.
     let strip_credentials = gateway_auth || upstream.credential.is_some();
     remove_where(headers, |class| match class {
-        Class::EndToEnd => false,
+        Class::EndToEnd | Class::Host => false,
         Class::Credential => strip_credentials,
         Class::HopByHop | Class::Local => true,
     });
-    if body_rewritten {
-        // The HTTP client sets the new length from the body's exact size.
-        headers.remove(header::CONTENT_LENGTH);
-    }
     if let Some(credential) = &upstream.credential {
         match upstream.provider {
             Provider::Openai => {
@@ -273,12 +272,15 @@ mod tests {
     #[test]
     fn the_client_keeps_its_credential_when_the_upstream_has_none() {
         let mut headers = client_headers();
-        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), true, false);
+        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), false);
+        // Host and the length are the sending side's to replace.
         assert_eq!(
             names(&headers),
             [
                 "authorization",
+                "content-length",
                 "content-type",
+                "host",
                 "openai-organization",
                 "x-user-id"
             ]
@@ -290,23 +292,29 @@ mod tests {
     fn an_injected_key_replaces_every_client_credential() {
         let mut headers = client_headers();
         let openai = upstream(Provider::Openai, Some("Bearer upstream-key"));
-        prepare_upstream_request(&mut headers, &openai, true, false);
+        prepare_upstream_request(&mut headers, &openai, false);
         assert_eq!(
             names(&headers),
-            ["authorization", "content-type", "x-user-id"]
+            [
+                "authorization",
+                "content-length",
+                "content-type",
+                "host",
+                "x-user-id"
+            ]
         );
         assert_eq!(headers["authorization"], "Bearer upstream-key");
 
         let mut headers = client_headers();
         let anthropic = upstream(Provider::Anthropic, Some("upstream-key"));
-        // A body streamed through as sent keeps its length.
-        prepare_upstream_request(&mut headers, &anthropic, false, false);
+        prepare_upstream_request(&mut headers, &anthropic, false);
         assert_eq!(
             names(&headers),
             [
                 "anthropic-version",
                 "content-length",
                 "content-type",
+                "host",
                 "x-api-key",
                 "x-user-id"
             ]
@@ -318,7 +326,10 @@ mod tests {
         let mut headers = client_headers();
         headers.insert("x-api-key", HeaderValue::from_static("gateway-key"));
         headers.insert("api-key", HeaderValue::from_static("gateway-key"));
-        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), true, true);
-        assert_eq!(names(&headers), ["content-type", "x-user-id"]);
+        prepare_upstream_request(&mut headers, &upstream(Provider::Openai, None), true);
+        assert_eq!(
+            names(&headers),
+            ["content-length", "content-type", "host", "x-user-id"]
+        );
     }
 }

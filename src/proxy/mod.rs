@@ -783,7 +783,7 @@ impl Gateway {
 
         // Rewrite.
         let mut resend = None;
-        let (body, rewritten) = match body {
+        let body = match body {
             ClientBody::Json(bytes, fields) => {
                 let (rewritten, model) = fallback::rewrite_for(upstream, &bytes, &fields);
                 decision.model = model;
@@ -798,16 +798,15 @@ impl Gateway {
                         fields,
                     });
                 }
-                (Body::full(rewritten), true)
+                Body::full(rewritten)
             }
-            ClientBody::Stream(body) => (body, false),
+            ClientBody::Stream(body) => body,
         };
         parts.uri = upstream_uri(upstream, &parts.uri)?;
         parts.version = Version::HTTP_11;
         headers::prepare_upstream_request(
             &mut parts.headers,
             upstream,
-            rewritten,
             config.gateway_keys.is_some(),
         );
 
