@@ -8,10 +8,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::Response;
+use http::{HeaderMap, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+#[cfg(doc)]
 use crate::http1::Forwarded;
 
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
@@ -51,25 +52,45 @@ impl Body {
         Body::Full((!bytes.is_empty()).then_some(bytes))
     }
 
-    /// An upstream answer's header fields passed on as they came rather
-    /// than through its map (see [`Forwarded`]): they ride with the body,
-    /// and the side that writes the head adds them.
-    pub fn forwarded(&self) -> Option<&Forwarded> {
+    /// Writes the header fields that ride with this body rather than in
+    /// its answer's map: the gateway's own (`x-abgate-*`) and an upstream
+    /// answer's passed on as they came (see [`Forwarded`]). `true` when
+    /// `Date` is among them.
+    pub fn write_fields(&self, out: &mut Vec<u8>) -> bool {
         match self {
-            Body::Upstream(body) => Some(body.forwarded()),
-            Body::Observed(observed) => observed.inner().forwarded(),
-            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => None,
+            Body::Upstream(body) => {
+                let forwarded = body.forwarded();
+                out.extend_from_slice(&forwarded.lines);
+                forwarded.date
+            }
+            Body::Observed(observed) => {
+                observed.fields().write(out);
+                observed.inner().write_fields(out)
+            }
+            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => false,
+        }
+    }
+
+    /// Adds the same fields to `headers`, for a side that writes heads
+    /// from the map alone (HTTP/2).
+    pub fn add_fields_to(&self, headers: &mut HeaderMap) {
+        match self {
+            Body::Upstream(body) => body.forwarded().add_to(headers),
+            Body::Observed(observed) => {
+                observed.fields().add_to(headers);
+                observed.inner().add_fields_to(headers);
+            }
+            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => {}
         }
     }
 }
 
-/// Adds the fields `response`'s body carries to its map, for a side that
+/// `response` with the fields its body carries in its map, for a side that
 /// writes heads from the map alone (HTTP/2).
-pub fn with_forwarded_in_map(mut response: Response<Body>) -> Response<Body> {
-    if let Some(forwarded) = response.body().forwarded().cloned() {
-        forwarded.add_to(response.headers_mut());
-    }
-    response
+pub fn with_fields_in_map(response: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    body.add_fields_to(&mut parts.headers);
+    Response::from_parts(parts, body)
 }
 
 impl From<Incoming> for Body {

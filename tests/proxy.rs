@@ -399,6 +399,7 @@ async fn an_upstreams_answer_fields_reach_the_client_once_each_and_hop_by_hop_on
             "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
              Content-Type: application/json\r\nKeep-Alive: timeout=5\r\nConnection: {connection}\r\n\
              X-Hop: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Abgate-Variant: forged\r\n\
+             X-Abgate-Upstream: 1\r\n\
              Content-Length: {}\r\n\r\n",
             body.len()
         );
@@ -439,7 +440,10 @@ async fn an_upstreams_answer_fields_reach_the_client_once_each_and_hop_by_hop_on
             [body.len().to_string()],
             "{answer}"
         );
+        // The gateway's namespace on an answer is the gateway's alone.
         assert_eq!(values("x-abgate-variant"), ["control"], "{answer}");
+        assert!(values("x-abgate-upstream").is_empty(), "{answer}");
+        assert_eq!(values("x-abgate-experiment"), ["test-exp"], "{answer}");
         assert_eq!(values("connection"), ["close"], "{answer}");
         assert!(values("keep-alive").is_empty(), "{answer}");
         assert_eq!(values("x-hop"), hop, "{answer}");
@@ -453,7 +457,7 @@ async fn http2_clients_get_an_upstreams_answer_fields() {
     let head = format!(
         "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n\
          Content-Type: application/json\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\
-         Connection: keep-alive\r\nContent-Length: {}\r\n\r\n",
+         X-Abgate-Variant: forged\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     let upstream = raw_upstream([head.as_bytes(), body].concat()).await;
@@ -471,6 +475,8 @@ async fn http2_clients_get_an_upstreams_answer_fields() {
     assert_eq!(all("date"), ["Thu, 01 Jan 2026 00:00:00 GMT"]);
     assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
     assert_eq!(all("content-type"), ["application/json"]);
+    assert_eq!(all("x-abgate-variant"), ["unassigned"]);
+    assert_eq!(all("x-abgate-model"), ["base-model"]);
     assert!(headers.get("connection").is_none());
     let got = bounded(response.into_body().collect())
         .await

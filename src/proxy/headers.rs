@@ -16,9 +16,11 @@ enum Class {
     HopByHop,
     /// Carries or scopes the client's credential.
     Credential,
-    /// Meant for the gateway's own hop: `Expect` of the client's request,
-    /// and the gateway's `x-abgate-*` namespace.
+    /// Meant for the gateway's own hop: `Expect` of the client's request.
     Local,
+    /// The gateway's `x-abgate-*` namespace: neither a client nor an
+    /// upstream can pass off its own values as the gateway's.
+    Gateway,
     /// The client's `Host`, which names the gateway: the side that sends
     /// to the upstream writes the upstream's instead.
     Host,
@@ -51,7 +53,7 @@ fn class(name: &HeaderName) -> Class {
         }
         "host" => Class::Host,
         "expect" => Class::Local,
-        name if name.starts_with(GATEWAY_NAMESPACE) => Class::Local,
+        name if name.starts_with(GATEWAY_NAMESPACE) => Class::Gateway,
         _ => Class::EndToEnd,
     }
 }
@@ -129,9 +131,13 @@ impl Doomed {
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 
-/// Removes hop-by-hop headers, including any the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, |class| class == Class::HopByHop);
+/// Readies an upstream's answer headers for the client: hop-by-hop
+/// headers removed (with any the `Connection` header names), and the
+/// gateway's namespace, whose fields on the answer are the gateway's alone.
+pub fn prepare_answer(headers: &mut HeaderMap) {
+    remove_where(headers, |class| {
+        matches!(class, Class::HopByHop | Class::Gateway)
+    });
 }
 
 /// Rewrites a client's request headers for `upstream`: hop-by-hop headers,
@@ -153,7 +159,7 @@ pub fn prepare_upstream_request(headers: &mut HeaderMap, upstream: &Upstream, ga
     remove_where(headers, |class| match class {
         Class::EndToEnd | Class::Host => false,
         Class::Credential => strip_credentials,
-        Class::HopByHop | Class::Local => true,
+        Class::HopByHop | Class::Local | Class::Gateway => true,
     });
     if let Some(credential) = &upstream.credential {
         match upstream.provider {
@@ -233,7 +239,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
+        prepare_answer(&mut headers);
         assert_eq!(names(&headers), ["x-kept"]);
 
         // More names than fit without allocating, over two fields.
@@ -249,23 +255,23 @@ mod tests {
         for name in ["x-a", "x-b", "x-c", "x-d", "x-e", "x-kept"] {
             headers.insert(name, HeaderValue::from_static("1"));
         }
-        strip_hop_by_hop(&mut headers);
+        prepare_answer(&mut headers);
         assert_eq!(names(&headers), ["x-kept"]);
     }
 
     #[test]
-    fn an_answer_without_hop_by_hop_headers_is_left_as_is() {
+    fn an_answer_without_hop_by_hop_headers_keeps_all_but_the_gateways_namespace() {
         let mut headers = HeaderMap::new();
         headers.insert(
             "content-type",
             HeaderValue::from_static("text/event-stream"),
         );
-        headers.insert(
-            "x-abgate-upstream",
-            HeaderValue::from_static("kept on answers"),
-        );
         let before = headers.clone();
-        strip_hop_by_hop(&mut headers);
+        headers.insert(
+            "x-abgate-variant",
+            HeaderValue::from_static("the upstream's, not the gateway's"),
+        );
+        prepare_answer(&mut headers);
         assert_eq!(headers, before);
     }
 

@@ -31,6 +31,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod answer_fields;
 pub mod client;
 pub mod deadline;
 pub mod error;
@@ -534,7 +535,7 @@ impl Gateway {
         });
         pending.answered = true;
         let mut decision = std::mem::take(&mut pending.decision);
-        let (mut response, error, deadlines) = match result {
+        let (response, error, deadlines) = match result {
             Ok(response) => {
                 // The headers are here; from now on the body is watched.
                 let headers_at = decision.headers_at.unwrap_or_else(Instant::now);
@@ -577,29 +578,16 @@ impl Gateway {
             error_event,
             ..self.observation(&live, &mut decision, status, error, started, &request_id)
         };
-        let headers = response.headers_mut();
-        if decision.forced {
-            headers.insert(access::FORCED_HEADER, HeaderValue::from_static("true"));
-        }
-        if let Some(variant) = decision.variant {
-            headers.insert(VARIANT_HEADER, HeaderValue::from_static(variant.as_str()));
-        }
-        if decision.fallback {
-            headers.insert(FALLBACK_HEADER, HeaderValue::from_static("true"));
-            headers.insert(
-                SERVED_BY_HEADER,
-                HeaderValue::from_static(Variant::Control.as_str()),
-            );
-        }
-        if let Some(model) = decision.model.take() {
-            headers.insert(MODEL_HEADER, model);
-        }
-        headers.insert(EXPERIMENT_HEADER, config.experiment_header.clone());
-        // The id's own bytes become the value, not a copy of them.
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(request_id)) {
-            headers.insert(REQUEST_ID_HEADER, value);
-        }
-        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation))))
+        let fields = answer_fields::GatewayFields {
+            forced: decision.forced,
+            variant: decision.variant,
+            fallback: decision.fallback,
+            model: decision.model.take(),
+            experiment: Some(config.experiment_header.clone()),
+            // The id's own bytes become the value, not a copy of them.
+            request_id: HeaderValue::from_maybe_shared(Bytes::from(request_id)).ok(),
+        };
+        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation, fields))))
     }
 
     /// What is known about a request when its answer starts (or when it
@@ -831,7 +819,7 @@ impl Gateway {
 
         // Answer: the upstream's status, headers and body stream, as is.
         let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::prepare_answer(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
     }
 }

@@ -33,6 +33,7 @@ use crate::drain::CutSignal;
 use crate::events::{Event, EventSink};
 use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
 use crate::proxy::admission::Places;
+use crate::proxy::answer_fields::GatewayFields;
 use crate::proxy::deadline::Deadlines;
 use crate::proxy::error::{ProxyError, Timeout};
 use crate::proxy::route::Route;
@@ -103,6 +104,8 @@ pub struct EventDraft {
 /// A response body that records its request when it ends.
 pub struct ObservedBody {
     inner: Body,
+    /// The gateway's fields, for the head.
+    fields: GatewayFields,
     observation: Option<Observation>,
     first_byte: Option<Duration>,
     /// When the last frame came, if the body ended with it: its end.
@@ -125,11 +128,18 @@ impl ObservedBody {
         &self.inner
     }
 
-    /// Wraps `inner`; the request is recorded when it ends or is dropped.
-    pub fn new(inner: Body, mut observation: Observation) -> Self {
+    /// The gateway's fields on the answer.
+    pub fn fields(&self) -> &GatewayFields {
+        &self.fields
+    }
+
+    /// Wraps `inner`, with the gateway's `fields` for the answer's head;
+    /// the request is recorded when it ends or is dropped.
+    pub fn new(inner: Body, mut observation: Observation, fields: GatewayFields) -> Self {
         let usage = UsageReader::new(observation.usage_format);
         Self {
             inner,
+            fields,
             deadlines: observation.deadlines.take(),
             cut: observation.cut.take(),
             error_event: observation.error_event,
@@ -146,7 +156,7 @@ impl ObservedBody {
     /// Records a request that ends without an answer body (the client
     /// left before there was one to send).
     pub fn record_unanswered(observation: Observation) {
-        let mut body = Self::new(Body::empty(), observation);
+        let mut body = Self::new(Body::empty(), observation, GatewayFields::default());
         body.finish(None);
     }
 

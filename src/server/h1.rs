@@ -35,7 +35,7 @@ use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
     content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked,
-    Forwarded, HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
+    HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -587,7 +587,7 @@ impl<H: Handler> Connection<H> {
             &mut self.write,
             Fields {
                 headers: &parts.headers,
-                forwarded: body.forwarded(),
+                body: &body,
             },
             status,
             exchange.version,
@@ -827,18 +827,18 @@ enum Outgoing {
     UntilClose,
 }
 
-/// An answer's header fields: its map, and those an upstream's answer
-/// passes on as they came.
+/// An answer's header fields: its map, and those that ride with its body
+/// (see [`Body::write_fields`]).
 struct Fields<'a> {
     headers: &'a HeaderMap,
-    forwarded: Option<&'a Forwarded>,
+    body: &'a Body,
 }
 
 /// Writes the status line and headers, with the framing and connection
 /// headers the answer needs.
 fn encode_head(
     out: &mut Vec<u8>,
-    Fields { headers, forwarded }: Fields<'_>,
+    Fields { headers, body }: Fields<'_>,
     status: StatusCode,
     version: Version,
     framing: Outgoing,
@@ -867,9 +867,7 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(forwarded) = forwarded {
-        out.extend_from_slice(&forwarded.lines);
-    }
+    let date = body.write_fields(out);
     match framing {
         Outgoing::Length(length) if add_length => {
             let _ = write!(out, "content-length: {length}\r\n");
@@ -884,7 +882,7 @@ fn encode_head(
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
-    if !headers.contains_key(DATE) && !forwarded.is_some_and(|forwarded| forwarded.date) {
+    if !date && !headers.contains_key(DATE) {
         out.extend_from_slice(b"date: ");
         date::write(out);
         out.extend_from_slice(b"\r\n");

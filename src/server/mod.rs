@@ -161,7 +161,7 @@ async fn serve_http2<H: Handler>(
         let handler = handler.clone();
         async move {
             let response = handler.handle(request.map(Body::Stream), peer).await;
-            Ok::<_, Infallible>(crate::body::with_forwarded_in_map(response))
+            Ok::<_, Infallible>(crate::body::with_fields_in_map(response))
         }
     });
     let io = TokioIo::new(Prefixed { prefix, stream });
