@@ -452,6 +452,30 @@ async fn an_upstreams_answer_fields_reach_the_client_once_each_and_hop_by_hop_on
 }
 
 #[tokio::test]
+async fn a_head_answer_keeps_the_upstreams_length_and_a_body_gets_its_own() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 123\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    let gw = gateway(&config_toml(&upstream, &upstream, 0.0, "")).await;
+    let answer = raw_exchange(
+        gw.proxy_addr,
+        b"HEAD /v1/models HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap();
+    let lengths: Vec<&str> = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .map(|(_, value)| value.trim())
+        .collect();
+    assert_eq!(lengths, ["123"], "{answer}");
+    assert!(rest.is_empty(), "{answer}");
+}
+
+#[tokio::test]
 async fn http2_clients_get_an_upstreams_answer_fields() {
     let body = br#"{"id":"x"}"#;
     let head = format!(

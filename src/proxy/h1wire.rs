@@ -477,6 +477,12 @@ fn parse_head(
             scratch.headers(if whole { fields } else { READ_FIELDS } + GATEWAY_HEADERS);
         let mut framing = FramingFields::default();
         let mut date = false;
+        // Without a body (RFC 9110 §6.4.1) the client's side adds no
+        // length, so the upstream's is passed on; with one, the client's
+        // side writes the body's own from its framing.
+        let bodyless = *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
         let (spans, lines) = scratch.spans_and_forwarded(fields, head.len() + 2 * fields);
         for &(name_start, name_end, value_start, value_end) in spans {
             let name = head.get(name_start..name_end);
@@ -486,14 +492,14 @@ fn parse_head(
             };
             let field = AnswerField::of(name);
             framing.note(field, value);
-            if whole || field.is_read() {
+            if whole || field.is_mapped() {
                 // httparse has checked the name's and value's bytes.
                 let name =
                     HeaderName::from_bytes(name).map_err(|_| WireError::Invalid("header name"))?;
                 let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
                     .map_err(|_| WireError::Invalid("header value"))?;
                 headers.append(name, value);
-            } else if field.is_passed_on() {
+            } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
                 lines.extend_from_slice(name);
                 lines.extend_from_slice(b": ");
@@ -526,8 +532,8 @@ const READ_FIELDS: usize = 4;
 /// What an answer's header field is to the gateway, from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AnswerField {
-    /// Read by the gateway, so kept in the answer's map: the content's
-    /// type, encoding and length.
+    /// Read by the gateway: the content's type and encoding, kept in the
+    /// answer's map; its length, noted for the framing.
     Read { content_length: bool },
     /// In the gateway's own namespace (`x-abgate-*`): on an answer, its
     /// fields are the gateway's alone.
@@ -573,12 +579,23 @@ impl AnswerField {
         }
     }
 
-    fn is_read(self) -> bool {
-        matches!(self, AnswerField::Read { .. })
+    fn is_mapped(self) -> bool {
+        matches!(
+            self,
+            AnswerField::Read {
+                content_length: false
+            }
+        )
     }
 
-    fn is_passed_on(self) -> bool {
-        matches!(self, AnswerField::Date | AnswerField::Other)
+    /// Whether the field goes to the client as it came: a length only
+    /// when the answer has no body to frame.
+    fn is_passed_on(self, bodyless: bool) -> bool {
+        match self {
+            AnswerField::Date | AnswerField::Other => true,
+            AnswerField::Read { content_length } => content_length && bodyless,
+            AnswerField::Gateway | AnswerField::HopByHop(_) => false,
+        }
     }
 }
 
@@ -833,7 +850,8 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(ok.status, StatusCode::OK);
-        assert_eq!(ok.headers["content-length"], "12");
+        // The length frames the body; the client's side writes its own.
+        assert!(ok.headers.is_empty());
         assert_eq!(ok.forwarded.lines, "x-a: b\r\n");
         assert_eq!((ok.framing, ok.keep_alive), (Framing::Length(12), true));
 
@@ -971,7 +989,6 @@ mod tests {
             mapped,
             [
                 ("content-type", "application/json"),
-                ("content-length", "2"),
                 ("content-encoding", "identity"),
             ]
         );

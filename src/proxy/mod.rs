@@ -1012,7 +1012,13 @@ fn takes_error_event(response: &Response<Body>) -> bool {
             .to_str()
             .is_ok_and(|encoding| encoding.trim().eq_ignore_ascii_case("identity")),
     };
-    event_stream && identity && !headers.contains_key(CONTENT_LENGTH)
+    // A known length (declared, or the framing of an upstream's answer,
+    // whose Content-Length stays out of the map) leaves no room for one.
+    let length_known = headers.contains_key(CONTENT_LENGTH)
+        || http_body::Body::size_hint(response.body())
+            .exact()
+            .is_some();
+    event_stream && identity && !length_known
 }
 
 /// Refuses methods no model API uses (TRACE, CONNECT, extensions): they
