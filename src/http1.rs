@@ -106,8 +106,9 @@ impl HeadScratch {
 /// removes, passed on to the client as they came (names in their case,
 /// as `name: value` lines ending in CRLF) instead of each being parsed
 /// into the answer's header map and written out of it again. The map
-/// holds what the gateway reads (the content's type, encoding and length)
-/// and adds; hop-by-hop fields are in neither.
+/// holds what the gateway reads (the content's type and encoding); the
+/// length frames the body and the client's side writes the body's own;
+/// hop-by-hop fields and the upstream's `x-abgate-*` are in neither.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Forwarded {
     /// The fields' lines.

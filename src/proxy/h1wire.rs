@@ -34,9 +34,6 @@ use crate::http1::{
 
 /// The longest answer head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Room kept in an answer's header map for the headers the gateway adds
-/// (`x-abgate-*`), so that adding them does not grow it.
-const GATEWAY_HEADERS: usize = 8;
 /// A whole request body up to this size is copied behind the head, and
 /// the two go out in one plain write; a larger one goes in a vectored
 /// write with the head, uncopied.
@@ -473,8 +470,7 @@ fn parse_head(
                 let value = head.get(value_start..value_end).unwrap_or_default();
                 name.eq_ignore_ascii_case(b"connection") && lists_fields(value)
             });
-        let mut headers =
-            scratch.headers(if whole { fields } else { READ_FIELDS } + GATEWAY_HEADERS);
+        let mut headers = scratch.headers(if whole { fields } else { READ_FIELDS });
         let mut framing = FramingFields::default();
         let mut date = false;
         // Without a body (RFC 9110 §6.4.1) the client's side adds no
@@ -525,8 +521,8 @@ fn parse_head(
     }
 }
 
-/// How many fields of an answer its map holds at most, besides the
-/// gateway's: those the gateway reads.
+/// How many fields of an answer its map usually holds: those the gateway
+/// reads (the gateway's own ride with the body, see `answer_fields`).
 const READ_FIELDS: usize = 4;
 
 /// What an answer's header field is to the gateway, from its name.
