@@ -20,7 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -183,6 +183,11 @@ pub(crate) struct Closing {
     receiver: watch::Receiver<bool>,
     /// The wait for it, made on the first idle wait that needs it.
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The waker the wait is registered with: while it is the one asking
+    /// and nothing changed, the wait needs no poll (a poll of a waiting
+    /// `Notify` takes its lock, once per request on a kept-alive
+    /// connection).
+    registered: Option<Waker>,
     closed: bool,
 }
 
@@ -191,6 +196,7 @@ impl Closing {
         Self {
             receiver,
             waiting: None,
+            registered: None,
             closed: false,
         }
     }
@@ -206,6 +212,15 @@ impl Closing {
         if self.closed {
             return Poll::Ready(());
         }
+        let asking = cx.waker();
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(asking))
+            && !self.is_closing()
+        {
+            return Poll::Pending;
+        }
         let receiver = &self.receiver;
         let waiting = self.waiting.get_or_insert_with(|| {
             let mut receiver = receiver.clone();
@@ -217,6 +232,13 @@ impl Closing {
         if poll.is_ready() {
             self.closed = true;
             self.waiting = None;
+            self.registered = None;
+        } else if !self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(asking))
+        {
+            self.registered = Some(asking.clone());
         }
         poll
     }
