@@ -17,6 +17,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -34,8 +35,15 @@ use super::h1wire::{self, BodyFraming, Connection, ResponseBody, WireError, Writ
 use crate::body::Body;
 use crate::http1::poll_deadline;
 
-/// Idle connections older than this are closed.
+/// Idle connections older than this are closed (by the next reaper tick
+/// after it, so within a third more).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often the reaper ticks: an idle connection's age is counted in its
+/// ticks, so that handing a connection back reads no clock.
+const REAP_EVERY: Duration = Duration::from_secs(30);
+/// Ticks after which an idle connection is closed: it has then been idle
+/// for at least [`IDLE_TIMEOUT`] and at most a tick more.
+const IDLE_TICKS: u64 = IDLE_TIMEOUT.as_secs() / REAP_EVERY.as_secs() + 1;
 
 /// One upstream's HTTP/1.1 connections.
 #[derive(Debug)]
@@ -43,8 +51,11 @@ pub struct Http1Pool {
     authority: Authority,
     host: HeaderValue,
     connect_timeout: Duration,
-    /// Idle connections with the time each became idle; the newest last.
-    idle: Mutex<Vec<(Box<Connection>, Instant)>>,
+    /// Idle connections with the reaper's tick at which each became idle;
+    /// the newest last.
+    idle: Mutex<Vec<(Box<Connection>, u64)>>,
+    /// The reaper's ticks so far.
+    ticks: AtomicU64,
 }
 
 impl Http1Pool {
@@ -56,6 +67,7 @@ impl Http1Pool {
             host,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
+            ticks: AtomicU64::new(0),
         })
     }
 
@@ -131,7 +143,7 @@ impl Http1Pool {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        let now = Instant::now();
+        let now = self.ticks.load(Ordering::Relaxed);
         expire(&mut idle, now);
         idle.push((connection, now));
     }
@@ -210,29 +222,30 @@ async fn within<T>(
     .await
 }
 
-/// Closes the connections idle for longer than [`IDLE_TIMEOUT`]; the
-/// oldest are first.
-fn expire<C>(idle: &mut Vec<(C, Instant)>, now: Instant) {
+/// Closes the connections idle for [`IDLE_TICKS`] reaper ticks or more at
+/// tick `now`; the oldest are first.
+fn expire<C>(idle: &mut Vec<(C, u64)>, now: u64) {
     let expired = idle
         .iter()
-        .take_while(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        .take_while(|(_, since)| now.saturating_sub(*since) >= IDLE_TICKS)
         .count();
     idle.drain(..expired);
 }
 
-/// Closes `pool`'s expired idle connections every third of
-/// [`IDLE_TIMEOUT`], so that they go when traffic stops too; ends with the
+/// Ticks `pool`'s idle clock every [`REAP_EVERY`] and closes its expired
+/// idle connections, so that they go when traffic stops too; ends with the
 /// pool (a config that no longer names its upstream).
 pub async fn reap_idle(pool: Weak<Http1Pool>) {
-    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+    let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
+        let now = pool.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         if let Ok(mut idle) = pool.idle.lock() {
-            expire(&mut idle, Instant::now());
+            expire(&mut idle, now);
         };
     }
 }
@@ -531,18 +544,18 @@ mod tests {
 
     #[test]
     fn connections_idle_past_the_timeout_are_closed_and_the_rest_kept() {
-        // Ahead of the clock, so that subtracting cannot go before its start.
-        let now = Instant::now() + IDLE_TIMEOUT * 2;
+        // Four ticks of 30 s: idle 90 s at least, 120 s at most.
+        assert_eq!(IDLE_TICKS, 4);
         let mut idle = vec![
-            ("connection", now - IDLE_TIMEOUT - Duration::from_secs(5)),
-            ("connection", now - IDLE_TIMEOUT - Duration::from_secs(1)),
-            ("connection", now - IDLE_TIMEOUT + Duration::from_secs(1)),
-            ("connection", now),
+            ("connection", 3),
+            ("connection", 6),
+            ("connection", 7),
+            ("connection", 10),
         ];
-        expire(&mut idle, now);
-        let left: Vec<Instant> = idle.iter().map(|(_, since)| *since).collect();
-        assert_eq!(left, [now - IDLE_TIMEOUT + Duration::from_secs(1), now]);
-        expire(&mut idle, now + IDLE_TIMEOUT + Duration::from_secs(1));
+        expire(&mut idle, 10);
+        let left: Vec<u64> = idle.iter().map(|(_, since)| *since).collect();
+        assert_eq!(left, [7, 10]);
+        expire(&mut idle, 14);
         assert!(idle.is_empty());
     }
 }
