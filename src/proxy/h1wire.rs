@@ -24,6 +24,8 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use smallvec::SmallVec;
+
 use super::h1pool::Http1Pool;
 use super::headers;
 use crate::body::{Body, BoxError};
@@ -452,24 +454,42 @@ fn parse_head(
                 fields,
             )
         };
-        let head = buffer.split_to(length).freeze();
         match code {
             101 => return Err(WireError::Invalid("switching protocols was not asked for")),
-            100..=199 => continue,
+            100..=199 => {
+                buffer.advance(length);
+                continue;
+            }
             _ => {}
         }
         let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("status code"))?;
         let spans = scratch.spans.get(..fields).unwrap_or_default();
+        let field_at = |&(name_start, name_end, value_start, value_end): &(_, _, _, _)| {
+            let name = buffer.get(name_start..name_end).unwrap_or_default();
+            let value = buffer.get(value_start..value_end).unwrap_or_default();
+            (name, value)
+        };
         // Names a `Connection` field lists are hop-by-hop too: an answer
         // with such a list (rare) is read whole into its map, and the
         // proxy strips what the list names.
         let whole = spans
             .iter()
-            .any(|&(name_start, name_end, value_start, value_end)| {
-                let name = head.get(name_start..name_end).unwrap_or_default();
-                let value = head.get(value_start..value_end).unwrap_or_default();
-                name.eq_ignore_ascii_case(b"connection") && lists_fields(value)
-            });
+            .map(field_at)
+            .any(|(name, value)| name.eq_ignore_ascii_case(b"connection") && lists_fields(value));
+        // A map read whole holds slices of the head. Otherwise the head
+        // is kept past this parse only if a value in the map is not one of
+        // the common ones, which are shared constants.
+        let head = if whole {
+            buffer.split_to(length).freeze()
+        } else {
+            Bytes::new()
+        };
+        let bytes = if whole {
+            &head[..]
+        } else {
+            buffer.get(..length).unwrap_or_default()
+        };
+        let mut uncommon: SmallVec<[(HeaderName, usize, usize); 2]> = SmallVec::new();
         let mut headers = scratch.headers(if whole { fields } else { READ_FIELDS });
         let mut framing = FramingFields::default();
         let mut date = false;
@@ -479,10 +499,10 @@ fn parse_head(
         let bodyless = *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let (spans, lines) = scratch.spans_and_forwarded(fields, head.len() + 2 * fields);
+        let (spans, lines) = scratch.spans_and_forwarded(fields, length + 2 * fields);
         for &(name_start, name_end, value_start, value_end) in spans {
-            let name = head.get(name_start..name_end);
-            let value = head.get(value_start..value_end);
+            let name = bytes.get(name_start..name_end);
+            let value = bytes.get(value_start..value_end);
             let (Some(name), Some(value)) = (name, value) else {
                 return Err(WireError::Invalid("header field"));
             };
@@ -492,9 +512,18 @@ fn parse_head(
                 // httparse has checked the name's and value's bytes.
                 let name =
                     HeaderName::from_bytes(name).map_err(|_| WireError::Invalid("header name"))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                    .map_err(|_| WireError::Invalid("header value"))?;
-                headers.append(name, value);
+                match common_value(value) {
+                    Some(common) if !whole => {
+                        headers.append(name, common);
+                    }
+                    _ if !whole => uncommon.push((name, value_start, value_end)),
+                    _ => {
+                        let value =
+                            HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                                .map_err(|_| WireError::Invalid("header value"))?;
+                        headers.append(name, value);
+                    }
+                }
             } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
                 lines.extend_from_slice(name);
@@ -503,22 +532,57 @@ fn parse_head(
                 lines.extend_from_slice(b"\r\n");
             }
         }
+        let (framing_kind, keep_alive) = framing.framing(status, method)?;
+        let closes = framing.closes;
+        if !whole {
+            if uncommon.is_empty() {
+                buffer.advance(length);
+            } else {
+                let head = buffer.split_to(length).freeze();
+                for (name, value_start, value_end) in uncommon {
+                    let value = head
+                        .get(value_start..value_end)
+                        .map(|_| head.slice(value_start..value_end))
+                        .ok_or(WireError::Invalid("header value"))?;
+                    let value = HeaderValue::from_maybe_shared(value)
+                        .map_err(|_| WireError::Invalid("header value"))?;
+                    headers.append(name, value);
+                }
+            }
+        }
         let forwarded = scratch.take_forwarded(date);
         let version = if minor == 1 {
             Version::HTTP_11
         } else {
             Version::HTTP_10
         };
-        let (framing_kind, keep_alive) = framing.framing(status, method)?;
         return Ok(Some(Head {
             status,
             version,
             headers,
             forwarded,
             framing: framing_kind,
-            keep_alive: keep_alive && version == Version::HTTP_11 && !framing.closes,
+            keep_alive: keep_alive && version == Version::HTTP_11 && !closes,
         }));
     }
+}
+
+/// Values of the fields an answer's map holds common enough to keep as
+/// constants, so that the map takes no slice of the answer's head (each
+/// slice a reference count taken and given back).
+fn common_value(value: &[u8]) -> Option<HeaderValue> {
+    const COMMON: [HeaderValue; 6] = [
+        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json; charset=utf-8"),
+        HeaderValue::from_static("text/event-stream"),
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        HeaderValue::from_static("gzip"),
+        HeaderValue::from_static("identity"),
+    ];
+    COMMON
+        .iter()
+        .find(|common| common.as_bytes() == value)
+        .cloned()
 }
 
 /// How many fields of an answer its map usually holds: those the gateway
@@ -1004,6 +1068,30 @@ mod tests {
         parsed.forwarded.add_to(&mut map);
         assert_eq!(map.get_all("set-cookie").iter().count(), 2);
         assert_eq!(map.len(), 5);
+
+        // A value that is not one of the common ones is a slice of the
+        // head, which outlives the buffer it was read into.
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; x=1\r\nContent-Encoding: gzip\r\n\
+             Content-Length: 0\r\n\r\nnext",
+        );
+        let parsed = parse_head(&mut buffer, &mut HeadScratch::boxed(), &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buffer[..], b"next", "the head is taken off the buffer");
+        buffer.clear();
+        buffer.extend_from_slice(b"overwritten, every byte of it");
+        assert_eq!(parsed.headers["content-type"], "text/plain; x=1");
+        assert_eq!(parsed.headers["content-encoding"], "gzip");
+        // With common values only, too.
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\nnext",
+        );
+        let parsed = parse_head(&mut buffer, &mut HeadScratch::boxed(), &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buffer[..], b"next", "the head is taken off the buffer");
+        assert_eq!(parsed.headers["content-type"], "application/json");
 
         // A `Connection` that names more hop-by-hop fields: the whole head
         // goes to the map, for the proxy to strip what it names.
