@@ -521,6 +521,24 @@ pub(super) mod documents {
             .prop_map(|(document, at, edit, byte)| mutate(document.into_bytes(), at, edit, byte))
     }
 
+    /// What the property tests of the scanner's readers hold: wherever the
+    /// fast path `scan` accepts a UTF-8 `document`, the serde_json path
+    /// `parse` accepts it too and reads the same.
+    pub fn agree<T: PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+        document: &[u8],
+        scan: impl Fn(&[u8]) -> super::Scanned<T>,
+        parse: impl Fn(&[u8]) -> Result<T, E>,
+    ) -> Result<(), TestCaseError> {
+        prop_assume!(std::str::from_utf8(document).is_ok());
+        if let Ok(read) = scan(document) {
+            let text = String::from_utf8_lossy(document);
+            let parsed = parse(document);
+            prop_assert!(parsed.is_ok(), "{:?}: {:?}", text, parsed);
+            prop_assert_eq!(Some(read), parsed.ok(), "{:?}", text);
+        }
+        Ok(())
+    }
+
     /// Any value, valid or one edit away from it.
     pub fn any_value() -> impl Strategy<Value = Vec<u8>> {
         (value(), any::<usize>(), any::<u8>(), any::<u8>())

@@ -424,12 +424,7 @@ mod agreement {
         /// What the scanner accepts, serde_json accepts and reads the same.
         #[test]
         fn the_fast_path_reads_what_serde_json_reads(document in documents::top_object()) {
-            prop_assume!(std::str::from_utf8(&document).is_ok());
-            if let Ok(usage) = scan(&document) {
-                let parsed = read_parsed(&document);
-                prop_assert!(parsed.is_ok(), "{:?}", String::from_utf8_lossy(&document));
-                prop_assert_eq!(Some(usage), parsed.ok(), "{:?}", String::from_utf8_lossy(&document));
-            }
+            documents::agree(&document, scan, read_parsed)?;
         }
     }
 }
