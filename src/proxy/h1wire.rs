@@ -512,17 +512,12 @@ fn parse_head(
                 // httparse has checked the name's and value's bytes.
                 let name =
                     HeaderName::from_bytes(name).map_err(|_| WireError::Invalid("header name"))?;
-                match common_value(value) {
-                    Some(common) if !whole => {
-                        headers.append(name, common);
-                    }
-                    _ if !whole => uncommon.push((name, value_start, value_end)),
-                    _ => {
-                        let value =
-                            HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                                .map_err(|_| WireError::Invalid("header value"))?;
-                        headers.append(name, value);
-                    }
+                if whole {
+                    headers.append(name, value_in(&head, value_start..value_end)?);
+                } else if let Some(common) = common_value(value) {
+                    headers.append(name, common);
+                } else {
+                    uncommon.push((name, value_start, value_end));
                 }
             } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
@@ -540,13 +535,7 @@ fn parse_head(
             } else {
                 let head = buffer.split_to(length).freeze();
                 for (name, value_start, value_end) in uncommon {
-                    let value = head
-                        .get(value_start..value_end)
-                        .map(|_| head.slice(value_start..value_end))
-                        .ok_or(WireError::Invalid("header value"))?;
-                    let value = HeaderValue::from_maybe_shared(value)
-                        .map_err(|_| WireError::Invalid("header value"))?;
-                    headers.append(name, value);
+                    headers.append(name, value_in(&head, value_start..value_end)?);
                 }
             }
         }
@@ -565,6 +554,14 @@ fn parse_head(
             keep_alive: keep_alive && version == Version::HTTP_11 && !closes,
         }));
     }
+}
+
+/// The header value at `span` of `head`, sharing its memory.
+fn value_in(head: &Bytes, span: std::ops::Range<usize>) -> Result<HeaderValue, WireError> {
+    if head.get(span.clone()).is_none() {
+        return Err(WireError::Invalid("header value"));
+    }
+    HeaderValue::from_maybe_shared(head.slice(span)).map_err(|_| WireError::Invalid("header value"))
 }
 
 /// Values of the fields an answer's map holds common enough to keep as

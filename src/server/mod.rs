@@ -213,12 +213,11 @@ impl Closing {
             return Poll::Ready(());
         }
         let asking = cx.waker();
-        if self
+        let registered = self
             .registered
             .as_ref()
-            .is_some_and(|waker| waker.will_wake(asking))
-            && !self.is_closing()
-        {
+            .is_some_and(|waker| waker.will_wake(asking));
+        if registered && !self.is_closing() {
             return Poll::Pending;
         }
         let receiver = &self.receiver;
@@ -233,11 +232,7 @@ impl Closing {
             self.closed = true;
             self.waiting = None;
             self.registered = None;
-        } else if !self
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(asking))
-        {
+        } else if !registered {
             self.registered = Some(asking.clone());
         }
         poll
