@@ -8,12 +8,17 @@
 //! are done once per experiment ([`Metrics::bind`]) into arrays indexed by
 //! enum; recording a request is then a handful of atomic adds.
 
+mod histogram;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+pub use histogram::{Histogram, HistogramVec};
 
 use crate::assign::Variant;
 use crate::proxy::route::Route;
@@ -196,17 +201,10 @@ pub const AUTH_FAILURE_KINDS: [&str; 3] = [
     "forced_variant_refused",
 ];
 
-fn histogram(
-    name: &str,
-    help: &str,
-    buckets: &[f64],
-    labels: &[&str],
-) -> prometheus::Result<HistogramVec> {
-    HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )
-}
+/// Seconds, counted in nanoseconds.
+const SECONDS: f64 = 1e-9;
+/// Counted as they are (bytes, ratings).
+const UNITS: f64 = 1.0;
 
 impl Metrics {
     /// Creates and registers every family.
@@ -219,16 +217,18 @@ impl Metrics {
             ),
             &["experiment", "variant", "route", "status_class"],
         )?;
-        let duration = histogram(
+        let duration = HistogramVec::new(
             "abgate_request_duration_seconds",
             "Request start to last byte sent to the client.",
             LATENCY_BUCKETS,
+            SECONDS,
             &["experiment", "variant", "route", "stream"],
         )?;
-        let time_to_first_byte = histogram(
+        let time_to_first_byte = HistogramVec::new(
             "abgate_time_to_first_byte_seconds",
             "Request start to the first response body byte (time to first token for streams).",
             LATENCY_BUCKETS,
+            SECONDS,
             &["experiment", "variant", "route", "stream"],
         )?;
         let upstream_errors = IntCounterVec::new(
@@ -238,16 +238,18 @@ impl Metrics {
             ),
             &["experiment", "variant", "kind"],
         )?;
-        let overhead = histogram(
+        let overhead = HistogramVec::new(
             "abgate_overhead_seconds",
             "Time spent inside abgate itself, excluding the upstream wait.",
             OVERHEAD_BUCKETS,
+            SECONDS,
             &["route"],
         )?;
-        let response_bytes = histogram(
+        let response_bytes = HistogramVec::new(
             "abgate_response_bytes",
             "Response body size sent to the client.",
             BYTES_BUCKETS,
+            UNITS,
             &["experiment", "variant", "route"],
         )?;
         let tokens = IntCounterVec::new(
@@ -283,10 +285,11 @@ impl Metrics {
             ),
             &["experiment", "variant", "outcome"],
         )?;
-        let feedback_rating = histogram(
+        let feedback_rating = HistogramVec::new(
             "abgate_feedback_rating",
             "User ratings (1 to 5), by the arm that served the request.",
             &[1.0, 2.0, 3.0, 4.0, 5.0],
+            UNITS,
             &["experiment", "variant"],
         )?;
         let sample_ratio_p_value = GaugeVec::new(
@@ -491,7 +494,7 @@ impl Metrics {
         if let Some(rating) = rating {
             self.feedback_rating
                 .with_label_values(&[experiment, variant.as_str()])
-                .observe(f64::from(rating));
+                .observe(u64::from(rating));
         }
     }
 
@@ -515,11 +518,11 @@ impl Metrics {
         let ratings = self
             .feedback_rating
             .with_label_values(&[experiment, variant.as_str()]);
-        let count = ratings.get_sample_count();
+        let ratings = ratings.snapshot();
         FeedbackStats {
             outcomes: counts,
-            ratings: count,
-            mean_rating: (count > 0).then(|| ratings.get_sample_sum() / count as f64),
+            ratings: ratings.count,
+            mean_rating: (ratings.count > 0).then(|| ratings.sum / ratings.count as f64),
         }
     }
 
@@ -624,9 +627,9 @@ impl Metrics {
 /// The children of one arm.
 struct ArmMetrics {
     requests: [[IntCounter; 3]; 6],
-    duration: [[Histogram; 2]; 6],
-    time_to_first_byte: [[Histogram; 2]; 6],
-    response_bytes: [Histogram; 6],
+    duration: [[Arc<Histogram>; 2]; 6],
+    time_to_first_byte: [[Arc<Histogram>; 2]; 6],
+    response_bytes: [Arc<Histogram>; 6],
     upstream_errors: [IntCounter; UpstreamErrorKind::ALL.len()],
     prompt_tokens: IntCounter,
     completion_tokens: IntCounter,
@@ -638,7 +641,7 @@ pub struct ExperimentMetrics {
     arms: [ArmMetrics; 3],
     /// Forced requests by arm (control, treatment) and status class.
     forced: [[IntCounter; 3]; 2],
-    overhead: [Histogram; 6],
+    overhead: [Arc<Histogram>; 6],
     fraction: Gauge,
 }
 
@@ -696,11 +699,11 @@ impl ExperimentMetrics {
         let route = route_index(record.route);
         let stream = usize::from(record.stream);
         arm.requests[route][status_class_index(record.status)].inc();
-        arm.duration[route][stream].observe(record.duration.as_secs_f64());
+        arm.duration[route][stream].observe_duration(record.duration);
         if let Some(ttfb) = record.time_to_first_byte {
-            arm.time_to_first_byte[route][stream].observe(ttfb.as_secs_f64());
+            arm.time_to_first_byte[route][stream].observe_duration(ttfb);
         }
-        arm.response_bytes[route].observe(record.response_bytes as f64);
+        arm.response_bytes[route].observe(record.response_bytes);
         if let Some(kind) = record.error {
             arm.upstream_errors[kind.index()].inc();
         }
@@ -710,7 +713,7 @@ impl ExperimentMetrics {
         if let Some(tokens) = record.completion_tokens {
             arm.completion_tokens.inc_by(tokens);
         }
-        self.overhead[route].observe(record.overhead.as_secs_f64());
+        self.overhead[route].observe_duration(record.overhead);
     }
 }
 
@@ -728,7 +731,7 @@ impl Distribution {
     /// Merges histograms with the same buckets and summarises them. The
     /// quantiles interpolate linearly inside a bucket, as PromQL's
     /// `histogram_quantile` does, so they agree with the dashboards.
-    fn of<'a>(histograms: impl IntoIterator<Item = &'a Histogram>) -> Self {
+    fn of<'a>(histograms: impl IntoIterator<Item = &'a Arc<Histogram>>) -> Self {
         Buckets::of(histograms).summary()
     }
 }
@@ -745,20 +748,18 @@ pub struct Buckets {
 
 impl Buckets {
     /// The histograms' buckets, added up.
-    pub fn of<'a>(histograms: impl IntoIterator<Item = &'a Histogram>) -> Self {
-        use prometheus::core::Metric as _;
+    pub fn of<'a>(histograms: impl IntoIterator<Item = &'a Arc<Histogram>>) -> Self {
         let mut merged = Self::default();
         for histogram in histograms {
-            let metric = histogram.metric();
-            let data = metric.get_histogram();
-            merged.count += data.get_sample_count();
-            merged.sum += data.get_sample_sum();
-            for (i, bucket) in data.get_bucket().iter().enumerate() {
-                if merged.bounds.len() <= i {
-                    merged.bounds.push(bucket.upper_bound());
-                    merged.cumulative.push(0);
-                }
-                merged.cumulative[i] += bucket.cumulative_count();
+            let snapshot = histogram.snapshot();
+            merged.count += snapshot.count;
+            merged.sum += snapshot.sum;
+            if merged.bounds.is_empty() {
+                merged.bounds = snapshot.bounds.to_vec();
+                merged.cumulative = vec![0; snapshot.bounds.len()];
+            }
+            for (total, cumulative) in merged.cumulative.iter_mut().zip(&snapshot.cumulative) {
+                *total += cumulative;
             }
         }
         merged
