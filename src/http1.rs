@@ -353,6 +353,27 @@ impl Chunked {
     }
 }
 
+/// Writes `name: <length>` and CRLF, the length in decimal: a head's
+/// Content-Length without the formatting machinery (or, through
+/// `to_string`, an allocation) per message.
+pub fn write_length_field(out: &mut Vec<u8>, name: &[u8], length: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = length;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(digits.get(at..).unwrap_or_default());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Takes up to `left` bytes off the front of `buffer`, counting them off
 /// `left`.
 fn take(buffer: &mut BytesMut, left: &mut u64) -> Bytes {
@@ -386,6 +407,15 @@ pub fn poll_deadline(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn a_length_field_is_written_in_decimal() {
+        for length in [0, 7, 10, 360, 4096, 1_000_000, u64::MAX] {
+            let mut out = b"x".to_vec();
+            write_length_field(&mut out, b"content-length", length);
+            assert_eq!(out, format!("xcontent-length: {length}\r\n").into_bytes());
+        }
+    }
 
     /// Decodes `wire` as a chunked body fed `piece` bytes at a time:
     /// the data, and whether the decoder reached the end.

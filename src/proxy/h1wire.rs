@@ -359,9 +359,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
                 )
             {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(length.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
+                crate::http1::write_length_field(out, b"content-length", length as u64);
             }
         }
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),

@@ -560,8 +560,7 @@ impl Gateway {
             }
         };
         let status = response.status().as_u16();
-        let usage_format = usage_format(&response);
-        let error_event = takes_error_event(&response);
+        let (usage_format, error_event) = answer_content(&response);
         let request_id = decision.request_id.take().unwrap_or_else(|| {
             live.request_ids
                 .issue(decision.id_variant(), &config.experiment)
@@ -971,54 +970,48 @@ fn ids_for(config: &Snapshot, process_ids: &RequestIds) -> RequestIds {
     }
 }
 
-/// How to read token usage from a response: successful JSON (plain or
-/// gzip, as providers send it when clients accept it) or plain SSE answers.
-fn usage_format(response: &Response<Body>) -> UsageFormat {
+/// What the observer makes of an answer's content, each of its fields
+/// looked up once: how its token usage is read (successful JSON, plain or
+/// gzip as providers send it when clients accept it, or plain SSE), and
+/// whether a failure mid-body can be told to the client as an SSE error
+/// event (an uncompressed event stream without a declared length, so that
+/// an event added at the end is read as one).
+fn answer_content(response: &Response<Body>) -> (UsageFormat, bool) {
     let headers = response.headers();
-    if !response.status().is_success() {
-        return UsageFormat::None;
-    }
+    let media = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let event_stream = media.starts_with("text/event-stream");
+    let json = media.starts_with("application/json");
+    // An encoding that is not text is neither identity nor gzip.
     let encoding = headers
         .get(http::header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    let media = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    match (media, encoding.as_deref()) {
-        (Some(media), None | Some("identity")) if media.starts_with("text/event-stream") => {
-            UsageFormat::EventStream
-        }
-        (Some(media), None | Some("identity")) if media.starts_with("application/json") => {
-            UsageFormat::Json
-        }
-        (Some(media), Some("gzip")) if media.starts_with("application/json") => {
-            UsageFormat::GzipJson
-        }
-        _ => UsageFormat::None,
-    }
-}
-
-/// Whether a failure mid-body can be told to the client as an SSE error
-/// event: an uncompressed event stream without a declared length, so
-/// that an event added at the end is read as one.
-fn takes_error_event(response: &Response<Body>) -> bool {
-    let headers = response.headers();
-    let event_stream = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|media| media.starts_with("text/event-stream"));
-    let identity = match headers.get(http::header::CONTENT_ENCODING) {
+        .map(|value| value.to_str().map_or("", str::trim));
+    let identity = match encoding {
         None => true,
-        Some(encoding) => encoding
-            .to_str()
-            .is_ok_and(|encoding| encoding.trim().eq_ignore_ascii_case("identity")),
+        Some(encoding) => encoding.eq_ignore_ascii_case("identity"),
+    };
+    let gzip = encoding.is_some_and(|encoding| encoding.eq_ignore_ascii_case("gzip"));
+    let usage = if !response.status().is_success() {
+        UsageFormat::None
+    } else if identity && event_stream {
+        UsageFormat::EventStream
+    } else if identity && json {
+        UsageFormat::Json
+    } else if gzip && json {
+        UsageFormat::GzipJson
+    } else {
+        UsageFormat::None
     };
     // A known length (declared, or the framing of an upstream's answer,
-    // whose Content-Length stays out of the map) leaves no room for one.
+    // whose Content-Length stays out of the map) leaves no room for an
+    // event.
     let length_known = headers.contains_key(CONTENT_LENGTH)
         || http_body::Body::size_hint(response.body())
             .exact()
             .is_some();
-    event_stream && identity && !length_known
+    (usage, event_stream && identity && !length_known)
 }
 
 /// Refuses methods no model API uses (TRACE, CONNECT, extensions): they

@@ -870,7 +870,7 @@ fn encode_head(
     let date = body.write_fields(out);
     match framing {
         Outgoing::Length(length) if add_length => {
-            let _ = write!(out, "content-length: {length}\r\n");
+            crate::http1::write_length_field(out, b"content-length", length);
         }
         Outgoing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
