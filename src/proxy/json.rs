@@ -147,7 +147,13 @@ fn inspect_parsed(body: &[u8]) -> Result<BodyFields, ProxyError> {
 /// Returns `body` with every top-level `model` value replaced by
 /// `model_json` (a JSON string literal).
 pub fn rewrite_model(body: &Bytes, spans: &[Range<usize>], model_json: &[u8]) -> Bytes {
-    if spans.is_empty() {
+    // Every `model` already written as the arm's, byte for byte (as a
+    // client of the base model writes it for control): the body goes on
+    // as it came, without a copy.
+    if spans
+        .iter()
+        .all(|span| body.get(span.clone()) == Some(model_json))
+    {
         return body.clone();
     }
     let removed: usize = spans.iter().map(|span| span.len()).sum();
@@ -342,6 +348,23 @@ mod tests {
     fn rewrite_replaces_duplicate_and_escaped_keys() {
         let body = r#"{"model":"a","m\u006fdel":"b"}"#;
         assert_eq!(rewrite(body, "c"), r#"{"model":"c","m\u006fdel":"c"}"#);
+    }
+
+    #[test]
+    fn a_model_already_the_arms_goes_on_uncopied() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4o-mini","model":"gpt-4o-mini"}"#);
+        let fields = inspect(&body).unwrap();
+        let same = rewrite_model(&body, &fields.model_spans, br#""gpt-4o-mini""#);
+        assert_eq!(same, body);
+        assert_eq!(same.as_ptr(), body.as_ptr());
+        // One of two differs: both are written.
+        let body = Bytes::from_static(br#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#);
+        let fields = inspect(&body).unwrap();
+        let rewritten = rewrite_model(&body, &fields.model_spans, br#""gpt-4o-mini""#);
+        assert_eq!(
+            &rewritten[..],
+            br#"{"model":"gpt-4o-mini","model":"gpt-4o-mini"}"#
+        );
     }
 
     #[test]
