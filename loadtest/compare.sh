@@ -12,9 +12,15 @@
 #   loadtest/results/<date>-compare.{md,json} and <date>-compare-latency.svg
 #   loadtest/results/<date>-stream.{md,json}  and <date>-stream-first-chunk.svg
 #
-# Settings (environment): RATE, CONCURRENCY, DURATION, MAX_DURATION, WARMUP,
-# ROUNDS, TARGETS, GEN_CPUS, PROXY_CPUS; for --stream: STREAMS, CHUNKS,
-# CHUNK_DELAY_MS, STREAM_DURATION. Ports 18001-18022 on 127.0.0.1 must be free.
+# The `abgate` target is the build one would deploy for speed: the release
+# profile plus profile-guided optimization (loadtest/pgo.sh, a few minutes
+# more); `abgate-plain` is the release build without it, measured beside
+# it. PGO=0 skips the guided build, and `abgate` is then the plain build.
+#
+# Settings (environment): PGO, RATE, CONCURRENCY, DURATION, MAX_DURATION,
+# WARMUP, ROUNDS, TARGETS, GEN_CPUS, PROXY_CPUS; for --stream: STREAMS,
+# CHUNKS, CHUNK_DELAY_MS, STREAM_DURATION. Ports 18001-18022 on 127.0.0.1
+# must be free.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,11 +66,18 @@ else
   PROXY_CPUS=${PROXY_CPUS:-0}
 fi
 
+PGO=${PGO:-1}
+if [ "$PGO" = 1 ]; then
+  DEFAULT_TARGETS="direct abgate abgate-plain nginx haproxy"
+  ABGATE_SERVED=$ROOT/target/pgo/release/abgate
+else
+  DEFAULT_TARGETS="direct abgate nginx haproxy"
+  ABGATE_SERVED=$ABGATE
+fi
+TARGETS=${TARGETS:-$DEFAULT_TARGETS}
 if [ "$MODE" = plain ]; then
-  TARGETS=${TARGETS:-direct abgate nginx haproxy}
   ROUNDS=${ROUNDS:-2}
 else
-  TARGETS=${TARGETS:-direct abgate nginx haproxy}
   ROUNDS=${ROUNDS:-1}
 fi
 
@@ -74,6 +87,9 @@ source "$ROOT/loadtest/lib.sh"
 # --- what it needs -----------------------------------------------------------
 install_missing nginx:nginx haproxy:haproxy taskset:util-linux
 cargo build --release --bins --quiet
+if [ "$PGO" = 1 ]; then
+  "$ROOT/loadtest/pgo.sh"
+fi
 
 RUN=$(mktemp -d /tmp/abgate-compare.XXXXXX)
 mkdir -p "$RESULTS"
@@ -113,10 +129,12 @@ start_target() {
     direct)
       URL=http://127.0.0.1:18001/v1/chat/completions
       return ;;
-    abgate)
+    abgate | abgate-plain)
       # Logging at its default level: what an operator would run.
-      taskset -c "$PROXY_CPUS" "$ABGATE" serve --config "$PEERS/abgate.toml" \
-        >"$RUN/abgate.log" 2>&1 &
+      local binary=$ABGATE_SERVED
+      [ "$target" = abgate-plain ] && binary=$ABGATE
+      taskset -c "$PROXY_CPUS" "$binary" serve --config "$PEERS/abgate.toml" \
+        >"$RUN/$target.log" 2>&1 &
       STARTED+=($!)
       WATCH=($!)
       URL=http://127.0.0.1:18010/v1/chat/completions
@@ -140,7 +158,7 @@ start_target() {
       URL=http://127.0.0.1:18012/v1/chat/completions
       wait_port 18012 ;;
     *)
-      echo "unknown target $target (direct, abgate, nginx, haproxy)" >&2
+      echo "unknown target $target (direct, abgate, abgate-plain, nginx, haproxy)" >&2
       exit 2 ;;
   esac
 }
@@ -167,7 +185,7 @@ DATE=$(date +%Y-%m-%d)
 MACHINE="Machine: $(nproc) vCPU ($(lscpu | sed -n 's/^Model name: *//p' | head -1)), \
 $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r); \
 load generator and upstream on CPU $GEN_CPUS, target alone on CPU $PROXY_CPUS (taskset). \
-abgate $(git rev-parse --short HEAD 2>/dev/null || echo '?'), \
+abgate $(git rev-parse --short HEAD 2>/dev/null || echo '?')$([ "$PGO" = 1 ] && echo ' (abgate: profile-guided build; abgate-plain: release build)'), \
 $(nginx -v 2>&1 | sed 's/^nginx version: //'), \
 $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'). \
 Taken on $(date -u +'%Y-%m-%d %H:%M UTC')."

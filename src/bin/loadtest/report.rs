@@ -215,16 +215,16 @@ impl Comparison {
         out
     }
 
-    /// abgate against the faster peer (neither abgate nor the baseline):
-    /// its share of that peer's throughput, and its CPU per request
-    /// relative to the peer's.
+    /// abgate against the faster peer (not the baseline, nor another build
+    /// of abgate such as `abgate-plain`): its share of that peer's
+    /// throughput, and its CPU per request relative to the peer's.
     fn against_peers(&self) -> Option<String> {
         let abgate = self.rows.iter().find(|row| row.label == "abgate")?;
         let own = abgate.max_throughput_rps?;
         let (peer, best) = self
             .rows
             .iter()
-            .filter(|row| row.label != "abgate" && row.label != self.baseline)
+            .filter(|row| !row.label.starts_with("abgate") && row.label != self.baseline)
             .filter_map(|row| Some((row, row.max_throughput_rps?)))
             .max_by(|a, b| a.1.total_cmp(&b.1))?;
         let mut line = format!(
@@ -550,6 +550,25 @@ mod tests {
         let text = comparison.text();
         assert!(text.lines().any(|line| line.starts_with("abgate  ")));
         assert!(text.contains(verdict));
+    }
+
+    #[test]
+    fn another_build_of_abgate_is_not_a_peer() {
+        let runs = [
+            run("direct", "closed", 500, 900, 20_000.0),
+            run("abgate", "closed", 600, 1000, 15_000.0),
+            run("abgate-plain", "closed", 600, 1000, 19_000.0),
+            run("nginx", "closed", 500, 900, 18_000.0),
+        ];
+        let markdown = Comparison::new(&runs, "direct", "test machine").markdown();
+        assert!(
+            markdown.contains("| abgate-plain | 19000 req/s |"),
+            "{markdown}"
+        );
+        assert!(
+            markdown.contains("abgate: 83% of the faster peer's throughput (nginx at 18000 req/s)"),
+            "{markdown}"
+        );
     }
 
     #[test]
