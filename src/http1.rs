@@ -357,13 +357,14 @@ impl Chunked {
 /// Content-Length without the formatting machinery (or, through
 /// `to_string`, an allocation) per message.
 pub fn write_length_field(out: &mut Vec<u8>, name: &[u8], length: u64) {
+    // Filled from the end: a u64 has at most 20 digits.
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = length;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (rest % 10) as u8;
         rest /= 10;
+        at -= 1;
         if rest == 0 {
             break;
         }
