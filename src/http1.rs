@@ -9,7 +9,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, Sleep};
@@ -353,10 +353,18 @@ impl Chunked {
     }
 }
 
-/// Writes `name: <length>` and CRLF, the length in decimal: a head's
-/// Content-Length without the formatting machinery (or, through
-/// `to_string`, an allocation) per message.
-pub fn write_length_field(out: &mut Vec<u8>, name: &[u8], length: u64) {
+/// Writes one header field line: `name: value` and CRLF.
+pub fn write_field(out: &mut impl BufMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+/// Writes a head's Content-Length line, the length in decimal, without the
+/// formatting machinery (or, through `to_string`, an allocation) per
+/// message.
+pub fn write_content_length(out: &mut Vec<u8>, length: u64) {
     // Filled from the end: a u64 has at most 20 digits.
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -369,10 +377,7 @@ pub fn write_length_field(out: &mut Vec<u8>, name: &[u8], length: u64) {
             break;
         }
     }
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(digits.get(at..).unwrap_or_default());
-    out.extend_from_slice(b"\r\n");
+    write_field(out, b"content-length", digits.get(at..).unwrap_or_default());
 }
 
 /// Takes up to `left` bytes off the front of `buffer`, counting them off
@@ -413,7 +418,7 @@ mod tests {
     fn a_length_field_is_written_in_decimal() {
         for length in [0, 7, 10, 360, 4096, 1_000_000, u64::MAX] {
             let mut out = b"x".to_vec();
-            write_length_field(&mut out, b"content-length", length);
+            write_content_length(&mut out, length);
             assert_eq!(out, format!("xcontent-length: {length}\r\n").into_bytes());
         }
     }

@@ -54,12 +54,7 @@ impl GatewayFields {
     /// Writes the fields as head lines (each value is a checked
     /// `HeaderValue` or one of the gateway's own words).
     pub fn write(&self, out: &mut Vec<u8>) {
-        self.each(|name, value| {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        });
+        self.each(|name, value| crate::http1::write_field(out, name.as_str().as_bytes(), value));
     }
 
     /// Puts the fields in `headers`, for a side that writes heads from a

@@ -343,10 +343,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
         // Host is the upstream's; a whole body's length is its own.
         let skip = *name == HOST || (*name == CONTENT_LENGTH && whole);
         if !skip {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            crate::http1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     match framing {
@@ -359,7 +356,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
                 )
             {
-                crate::http1::write_length_field(out, b"content-length", length as u64);
+                crate::http1::write_content_length(out, length as u64);
             }
         }
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -519,10 +516,7 @@ fn parse_head(
                 }
             } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
-                lines.extend_from_slice(name);
-                lines.extend_from_slice(b": ");
-                lines.extend_from_slice(value);
-                lines.extend_from_slice(b"\r\n");
+                crate::http1::write_field(lines, name, value);
             }
         }
         let (framing_kind, keep_alive) = framing.framing(status, method)?;

@@ -862,15 +862,12 @@ fn encode_head(
             continue;
         }
         has_connection |= *name == CONNECTION;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::http1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let date = body.write_fields(out);
     match framing {
         Outgoing::Length(length) if add_length => {
-            crate::http1::write_length_field(out, b"content-length", length);
+            crate::http1::write_content_length(out, length);
         }
         Outgoing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
