@@ -54,13 +54,8 @@ impl<'a> Scanner<'a> {
 
     /// The next byte that is not whitespace, not consumed.
     pub fn peek(&mut self) -> Option<u8> {
-        while let Some(byte) = self.byte() {
-            if !matches!(byte, b' ' | b'\n' | b'\r' | b'\t') {
-                return Some(byte);
-            }
-            self.at += 1;
-        }
-        None
+        self.at = whitespace(self.bytes, self.at);
+        self.byte()
     }
 
     fn expect(&mut self, byte: u8) -> Scanned<()> {
