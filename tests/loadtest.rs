@@ -36,6 +36,18 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// A 200 ms open loop at `rate` against `url`, no warm-up, with `extra`
+/// arguments: its table and its JSON result.
+async fn open_loop(name: &str, url: &str, rate: &str, extra: &[&str]) -> (String, Value) {
+    let json = fresh_dir(&format!("loadtest-{name}")).join(format!("{name}.json"));
+    let json_path = json.to_str().unwrap();
+    let mut args = vec!["run", "--url", url, "--rate", rate, "--warmup", "0s"];
+    args.extend(["--duration", "200ms", "--json", json_path]);
+    args.extend_from_slice(extra);
+    let table = loadtest(&args).await;
+    (table, read_json(&json))
+}
+
 /// Every request started in the window ended once: answered, failed or
 /// (never here) left unanswered.
 fn assert_accounted(result: &Value) {
@@ -144,7 +156,6 @@ async fn a_closed_loop_of_streams_counts_every_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_counted_by_kind() {
     let mock = spawn_mock(MockConfig::named("base")).await;
-    let dir = fresh_dir("loadtest-errors");
     let url = format!("{}/v1/chat/completions", mock.url());
     let refused = {
         // A port that was just free: nothing listens there.
@@ -158,24 +169,7 @@ async fn failures_are_counted_by_kind() {
         ("status", url.as_str(), "x-mock-status: 503"),
         ("refused", refused.as_str(), "x-nothing: 1"),
     ] {
-        let json = dir.join(format!("{name}.json"));
-        let table = loadtest(&[
-            "run",
-            "--url",
-            url,
-            "--rate",
-            "100",
-            "--warmup",
-            "0s",
-            "--duration",
-            "200ms",
-            "-H",
-            header,
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .await;
-        let result = read_json(&json);
+        let (table, result) = open_loop(name, url, "100", &["-H", header]).await;
         assert_eq!(result["ok"], 0, "{name}: {result}");
         let errors = result["errors"].as_object().unwrap();
         let kind = if name == "status" {
@@ -192,6 +186,28 @@ async fn failures_are_counted_by_kind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_the_server_closed_while_idle_is_replaced() {
+    // Each connection answers one request as keep-alive, then the server
+    // hangs up: the next request finds its idle connection closed and goes
+    // again on a new one, as a real client's would.
+    let upstream = scripted_upstream(|_, mut socket| async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = socket
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .await;
+    })
+    .await;
+    let url = format!("{upstream}/v1/chat/completions");
+    let (_, result) = open_loop("idle-close", &url, "100", &["--connections", "1"]).await;
+    assert_eq!(result["errors"], serde_json::json!({}), "{result}");
+    let ok = result["ok"].as_u64().unwrap();
+    assert!((19..=21).contains(&ok), "{result}");
+    assert_accounted(&result);
+    // One connection per request: every one after the first was replaced.
+    assert_eq!(result["connections"].as_u64().unwrap(), ok, "{result}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_breaks_off_after_its_200_is_a_failure() {
     // The upstream sends one event and hangs up: the gateway has already
     // answered 200 and ends the stream with an SSE error event.
@@ -203,25 +219,8 @@ async fn a_stream_that_breaks_off_after_its_200_is_a_failure() {
     })
     .await;
     let gw = gateway(&config_toml(&upstream, &upstream, 0.0, "")).await;
-    let dir = fresh_dir("loadtest-broken-stream");
-    let json = dir.join("broken.json");
     let url = format!("{}/v1/chat/completions", gw.url());
-    let table = loadtest(&[
-        "run",
-        "--url",
-        &url,
-        "--rate",
-        "50",
-        "--stream",
-        "--warmup",
-        "0s",
-        "--duration",
-        "200ms",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .await;
-    let result = read_json(&json);
+    let (table, result) = open_loop("broken-stream", &url, "50", &["--stream"]).await;
     assert_eq!(result["ok"], 0, "{result}");
     let errors = result["errors"].as_object().unwrap();
     assert_eq!(errors.len(), 1, "{result}");

@@ -23,26 +23,18 @@
 //! holds by two independent counts, not by construction.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
 use crate::record::Recorder;
 use crate::request::RequestTemplate;
-
-/// A client connection to the server under test.
-type Sender = SendRequest<Full<Bytes>>;
+use crate::wire::{self, Connection};
 
 /// How requests are issued.
 #[derive(Debug, Clone, Copy)]
@@ -296,7 +288,7 @@ async fn open_loop(
     mut schedule: UnboundedReceiver<Instant>,
     max_connections: usize,
 ) {
-    let idle: Rc<RefCell<Vec<Sender>>> = Rc::default();
+    let idle: Rc<RefCell<Vec<Connection>>> = Rc::default();
     let permits = Rc::new(Semaphore::new(max_connections));
     while let Some(intended) = schedule.recv().await {
         let (worker, idle, permits) = (worker.clone(), idle.clone(), permits.clone());
@@ -312,13 +304,13 @@ async fn open_loop(
             let Ok(_permit) = permits.acquire().await else {
                 return;
             };
-            let idle_sender = idle.borrow_mut().pop();
-            let sender = match ready(idle_sender).await {
-                Some(sender) => Ok(sender),
+            let idle_connection = idle.borrow_mut().pop();
+            let connection = match idle_connection {
+                Some(connection) => Ok(connection),
                 None => worker.connect().await,
             };
-            let result = match sender {
-                Ok(mut sender) => {
+            let result = match connection {
+                Ok(mut connection) => {
                     if measured {
                         worker
                             .recorder
@@ -326,9 +318,10 @@ async fn open_loop(
                             .schedule_lag
                             .record(intended.elapsed());
                     }
-                    let result = worker.exchange(&mut sender, intended, measured).await;
-                    if result.is_ok() {
-                        idle.borrow_mut().push(sender);
+                    let (result, reusable) =
+                        worker.exchange(&mut connection, intended, measured).await;
+                    if reusable {
+                        idle.borrow_mut().push(connection);
                     }
                     result
                 }
@@ -366,7 +359,7 @@ async fn closed_loop(worker: Rc<Worker>, users: usize) {
 /// One request at a time on one connection, reconnecting after a failure.
 async fn virtual_user(worker: Rc<Worker>, busy: Busy) {
     let _busy = busy;
-    let mut kept: Option<Sender> = None;
+    let mut kept: Option<Connection> = None;
     loop {
         let started = Instant::now();
         if started >= worker.window.end {
@@ -376,15 +369,15 @@ async fn virtual_user(worker: Rc<Worker>, busy: Busy) {
         if measured {
             worker.sent();
         }
-        let sender = match ready(kept.take()).await {
-            Some(sender) => Ok(sender),
+        let connection = match kept.take() {
+            Some(connection) => Ok(connection),
             None => worker.connect().await,
         };
-        let result = match sender {
-            Ok(mut sender) => {
-                let result = worker.exchange(&mut sender, started, measured).await;
-                if result.is_ok() {
-                    kept = Some(sender);
+        let result = match connection {
+            Ok(mut connection) => {
+                let (result, reusable) = worker.exchange(&mut connection, started, measured).await;
+                if reusable {
+                    kept = Some(connection);
                 }
                 result
             }
@@ -398,13 +391,6 @@ async fn virtual_user(worker: Rc<Worker>, busy: Busy) {
             worker.count(result);
         }
     }
-}
-
-/// `sender` once it can take a request, or `None` if its connection closed
-/// (a server may end an idle keep-alive connection at any time).
-async fn ready(sender: Option<Sender>) -> Option<Sender> {
-    let mut sender = sender?;
-    sender.ready().await.ok().map(|()| sender)
 }
 
 /// Counts a request in flight while alive.
@@ -440,70 +426,66 @@ impl Worker {
         }
     }
 
-    /// A new keep-alive connection, its driver running on this thread.
-    async fn connect(&self) -> Result<Sender, String> {
-        let addr: SocketAddr = self.template.addr;
-        let stream = tokio::time::timeout(self.plan.timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| "connect_timeout".to_owned())?
-            .map_err(|_| "connect".to_owned())?;
-        // Requests are small and latency is the measurement: no Nagle.
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|err| classify(&err).to_owned())?;
-        tokio::task::spawn_local(async move {
-            let _ = connection.await;
-        });
+    /// A new keep-alive connection.
+    async fn connect(&self) -> Result<Connection, String> {
+        let connection =
+            tokio::time::timeout(self.plan.timeout, Connection::open(self.template.addr))
+                .await
+                .map_err(|_| "connect_timeout".to_owned())?
+                .map_err(|_| "connect".to_owned())?;
         self.connections.set(self.connections.get() + 1);
-        Ok(sender)
+        Ok(connection)
     }
 
     /// Sends one request and reads its whole answer, recording its timings
     /// from `started` when `measured`. `Ok` only for a 2xx answer read to
-    /// its end; the connection may then be reused.
+    /// its end; also whether the connection may carry the next request.
     async fn exchange(
         &self,
-        sender: &mut Sender,
+        connection: &mut Connection,
         started: Instant,
         measured: bool,
-    ) -> Result<(), String> {
+    ) -> (Result<(), String>, bool) {
         let user = self.rng.borrow_mut().usize(..self.template.user_count());
-        let request = self.template.build(user).map_err(|_| "build".to_owned())?;
+        let mut reads = BodyReads::new(self.plan.stream, measured);
         let exchange = async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|err| classify(&err).to_owned())?;
-            let status = response.status();
-            let mut body = response.into_body();
-            let mut reads = BodyReads::new(self.plan.stream, measured);
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|err| classify(&err).to_owned())?;
-                if let Ok(data) = frame.into_data() {
-                    reads.read(&data, started, &self.recorder);
-                }
+            self.template.write(user, &mut connection.request);
+            let mut answered = connection
+                .exchange(|data| reads.read(data, started, &self.recorder))
+                .await;
+            if answered == Err(wire::CLOSED) && connection.used() {
+                // The server ended the idle keep-alive connection (it may
+                // at any time): the request goes again on a new one.
+                let request = std::mem::take(&mut connection.request);
+                *connection = self.connect().await?;
+                connection.request = request;
+                answered = connection
+                    .exchange(|data| reads.read(data, started, &self.recorder))
+                    .await;
             }
-            if !status.is_success() {
-                return Err(format!("status_{}", status.as_u16()));
-            }
-            if reads.error_event {
-                // A stream that broke off after its 200: the gateway ends
-                // it with an SSE error event, which is a failure.
-                return Err("stream_error".to_owned());
-            }
-            Ok(reads)
+            answered.map_err(str::to_owned)
         };
-        let reads = tokio::time::timeout(self.plan.timeout, exchange)
-            .await
-            .map_err(|_| "timeout".to_owned())??;
-        if measured {
-            let mut recorder = self.recorder.borrow_mut();
-            recorder.latency.record(started.elapsed());
-            recorder.events += reads.events;
-            recorder.body_bytes += reads.bytes;
-        }
-        Ok(())
+        let answered = match tokio::time::timeout(self.plan.timeout, exchange).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(kind)) => return (Err(kind), false),
+            Err(_) => return (Err("timeout".to_owned()), false),
+        };
+        let result = if !(200..300).contains(&answered.status) {
+            Err(format!("status_{}", answered.status))
+        } else if reads.error_event {
+            // A stream that broke off after its 200: the gateway ends it
+            // with an SSE error event, which is a failure.
+            Err("stream_error".to_owned())
+        } else {
+            if measured {
+                let mut recorder = self.recorder.borrow_mut();
+                recorder.latency.record(started.elapsed());
+                recorder.events += reads.events;
+                recorder.body_bytes += reads.bytes;
+            }
+            Ok(())
+        };
+        (result, answered.reusable)
     }
 }
 
@@ -595,21 +577,6 @@ fn count_event_ends(data: &[u8], pending_newline: &mut bool) -> u64 {
     }
     *pending_newline = previous_newline;
     events
-}
-
-/// The error kind of a failed exchange, as counted in the results.
-fn classify(err: &hyper::Error) -> &'static str {
-    if err.is_timeout() {
-        "timeout"
-    } else if err.is_incomplete_message() {
-        "reset"
-    } else if err.is_closed() || err.is_canceled() {
-        "closed"
-    } else if err.is_parse() {
-        "bad_response"
-    } else {
-        "io"
-    }
 }
 
 #[cfg(test)]

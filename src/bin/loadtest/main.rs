@@ -16,6 +16,7 @@ mod record;
 mod report;
 mod request;
 mod result;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

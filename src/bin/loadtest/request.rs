@@ -1,24 +1,25 @@
-//! The requests a run sends, built once: a shared body, one header value per
-//! synthetic user, and the extra headers. Sending a request then costs a
-//! few reference-count increments and header inserts, no formatting.
+//! The requests a run sends, built once as bytes: the head up to the user
+//! header, one value per synthetic user, and the rest of the head with the
+//! body. Writing a request is then three copies into a kept buffer, no
+//! formatting.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
+use abgate::http1;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
-use http::{HeaderMap, Method, Request, Uri};
-use http_body_util::Full;
+use http::header::{HeaderName, HeaderValue};
+use http::Uri;
 
 /// Where requests go and what they carry.
 pub struct RequestTemplate {
     /// The server's address, resolved once.
     pub addr: SocketAddr,
-    host: HeaderValue,
-    path: Uri,
-    body: Bytes,
-    user_header: HeaderName,
+    /// The request line and every field but the user's, up to the user
+    /// header's name and colon.
+    head: Vec<u8>,
     users: Vec<HeaderValue>,
-    extra: HeaderMap,
+    /// The end of the user's field and of the head, and the body.
+    tail: Vec<u8>,
 }
 
 /// What the template is made from (the command line's view).
@@ -56,11 +57,7 @@ impl RequestTemplate {
             .map_err(|err| format!("--url {:?}: {err}", spec.url))?
             .next()
             .ok_or_else(|| format!("--url {:?}: the host has no address", spec.url))?;
-        let path: Uri = url
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .parse()
-            .map_err(|err| format!("--url {:?}: {err}", spec.url))?;
+        let path = url.path_and_query().map_or("/", |pq| pq.as_str());
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|err| format!("--url {:?}: {err}", spec.url))?;
         let user_header = HeaderName::from_bytes(spec.user_header.as_bytes())
@@ -69,7 +66,11 @@ impl RequestTemplate {
             .map(|n| HeaderValue::from_str(&format!("user-{n}")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| format!("user IDs: {err}"))?;
-        let mut extra = HeaderMap::new();
+        let body = chat_body(spec.model, spec.stream);
+        let mut head = format!("POST {path} HTTP/1.1\r\n").into_bytes();
+        http1::write_field(&mut head, b"host", host.as_bytes());
+        http1::write_field(&mut head, b"content-type", b"application/json");
+        http1::write_content_length(&mut head, body.len() as u64);
         for pair in spec.headers {
             let (name, value) = pair
                 .split_once(':')
@@ -78,16 +79,17 @@ impl RequestTemplate {
                 .map_err(|err| format!("--header {pair:?}: {err}"))?;
             let value = HeaderValue::from_str(value.trim())
                 .map_err(|err| format!("--header {pair:?}: {err}"))?;
-            extra.append(name, value);
+            http1::write_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
         }
+        head.extend_from_slice(user_header.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        let mut tail = b"\r\n\r\n".to_vec();
+        tail.extend_from_slice(&body);
         Ok(Self {
             addr,
-            host,
-            path,
-            body: chat_body(spec.model, spec.stream),
-            user_header,
+            head,
             users,
-            extra,
+            tail,
         })
     }
 
@@ -96,23 +98,15 @@ impl RequestTemplate {
         self.users.len()
     }
 
-    /// The request for user number `user` (taken modulo the user count).
-    pub fn build(&self, user: usize) -> Result<Request<Full<Bytes>>, http::Error> {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(self.path.clone())
-            .body(Full::new(self.body.clone()))?;
-        let headers = request.headers_mut();
-        headers.reserve(4 + self.extra.len());
-        headers.insert(HOST, self.host.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    /// Writes the request of user number `user` (taken modulo the user
+    /// count) into `out`, replacing what it held.
+    pub fn write(&self, user: usize, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&self.head);
         if let Some(id) = self.users.get(user % self.users.len()) {
-            headers.insert(self.user_header.clone(), id.clone());
+            out.extend_from_slice(id.as_bytes());
         }
-        for (name, value) in &self.extra {
-            headers.append(name.clone(), value.clone());
-        }
-        Ok(request)
+        out.extend_from_slice(&self.tail);
     }
 }
 
@@ -152,12 +146,27 @@ mod tests {
         let template = template("http://127.0.0.1:8080/v1/chat/completions", &headers).unwrap();
         assert_eq!(template.addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(template.user_count(), 3);
-        let request = template.build(4).unwrap();
-        assert_eq!(request.uri(), "/v1/chat/completions");
-        assert_eq!(request.headers()["host"], "127.0.0.1:8080");
-        assert_eq!(request.headers()["x-user-id"], "user-1");
-        assert_eq!(request.headers()["x-mock-chunks"], "200");
-        let body: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+        let mut written = b"left over".to_vec();
+        template.write(4, &mut written);
+        let mut fields = [httparse::EMPTY_HEADER; 8];
+        let mut request = httparse::Request::new(&mut fields);
+        let httparse::Status::Complete(head) = request.parse(&written).unwrap() else {
+            panic!("a partial head: {}", String::from_utf8_lossy(&written));
+        };
+        assert_eq!(request.method, Some("POST"));
+        assert_eq!(request.path, Some("/v1/chat/completions"));
+        let field = |name: &str| {
+            let found = request.headers.iter().filter(|field| field.name == name);
+            found.map(|field| field.value).collect::<Vec<_>>()
+        };
+        assert_eq!(field("host"), [b"127.0.0.1:8080"]);
+        assert_eq!(field("x-user-id"), [b"user-1"]);
+        assert_eq!(field("x-mock-chunks"), [b"200"]);
+        assert_eq!(field("content-type"), [b"application/json"]);
+        let body = &written[head..];
+        let length = body.len().to_string();
+        assert_eq!(field("content-length"), [length.as_bytes()]);
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(body["model"], "gpt-4o-mini");
     }
