@@ -164,7 +164,7 @@ impl Comparison {
             out.push_str(&table.text());
             out.push('\n');
         }
-        if let Some(line) = self.against_peers() {
+        for line in self.against_peers() {
             let _ = writeln!(out, "{line}\n");
         }
         out
@@ -180,7 +180,7 @@ impl Comparison {
             out.push_str(&table.markdown());
             out.push('\n');
         }
-        if let Some(line) = self.against_peers() {
+        for line in self.against_peers() {
             let _ = writeln!(out, "{line}\n");
         }
         if self.runs.len() > self.rows.len() + self.stream_rows.len() {
@@ -215,31 +215,41 @@ impl Comparison {
         out
     }
 
-    /// abgate against the faster peer (not the baseline, nor another build
-    /// of abgate such as `abgate-plain`): its share of that peer's
-    /// throughput, and its CPU per request relative to the peer's.
-    fn against_peers(&self) -> Option<String> {
-        let abgate = self.rows.iter().find(|row| row.label == "abgate")?;
-        let own = abgate.max_throughput_rps?;
-        let (peer, best) = self
+    /// Each build of abgate (`abgate`, `abgate-plain`, …) against the
+    /// faster peer: not the baseline, nor another build of abgate.
+    fn against_peers(&self) -> Vec<String> {
+        let Some((peer, best)) = self
             .rows
             .iter()
             .filter(|row| !row.label.starts_with("abgate") && row.label != self.baseline)
             .filter_map(|row| Some((row, row.max_throughput_rps?)))
-            .max_by(|a, b| a.1.total_cmp(&b.1))?;
-        let mut line = format!(
-            "abgate: {:.0}% of the faster peer's throughput ({} at {:.0} req/s)",
-            own / best * 100.0,
-            peer.label,
-            best
-        );
-        if let (Some(own_cpu), Some(peer_cpu)) =
-            (abgate.cpu_per_10k_at_max, peer.cpu_per_10k_at_max)
-        {
-            let _ = write!(line, ", at {:.2}× its CPU per request", own_cpu / peer_cpu);
-        }
-        line.push('.');
-        Some(line)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+        else {
+            return Vec::new();
+        };
+        let builds = self
+            .rows
+            .iter()
+            .filter(|row| row.label.starts_with("abgate"));
+        builds
+            .filter_map(|build| {
+                let own = build.max_throughput_rps?;
+                let mut line = format!(
+                    "{}: {:.0}% of the faster peer's throughput ({} at {:.0} req/s)",
+                    build.label,
+                    own / best * 100.0,
+                    peer.label,
+                    best
+                );
+                if let (Some(own_cpu), Some(peer_cpu)) =
+                    (build.cpu_per_10k_at_max, peer.cpu_per_10k_at_max)
+                {
+                    let _ = write!(line, ", at {:.2}× its CPU per request", own_cpu / peer_cpu);
+                }
+                line.push('.');
+                Some(line)
+            })
+            .collect()
     }
 
     fn tables(&self) -> Vec<Table> {
@@ -567,6 +577,13 @@ mod tests {
         );
         assert!(
             markdown.contains("abgate: 83% of the faster peer's throughput (nginx at 18000 req/s)"),
+            "{markdown}"
+        );
+        // Each build gets its own line, against the same peer.
+        assert!(
+            markdown.contains(
+                "abgate-plain: 106% of the faster peer's throughput (nginx at 18000 req/s)"
+            ),
             "{markdown}"
         );
     }
