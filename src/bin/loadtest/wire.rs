@@ -144,6 +144,8 @@ impl Connection {
     /// Reads up to the end of a final (non-1xx) answer's head and consumes
     /// it: its status, framing and whether it keeps the connection open.
     async fn read_head(&mut self) -> Result<(u16, Framing, bool), Kind> {
+        // A 1xx head read: the answer has begun, even on an empty buffer.
+        let mut interim = false;
         loop {
             let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
             let mut head = httparse::Response::new(&mut fields);
@@ -154,6 +156,7 @@ impl Connection {
                     self.buffer.advance(length);
                     // 100 Continue and friends come before the answer.
                     if (100..200).contains(&status) && status != 101 {
+                        interim = true;
                         continue;
                     }
                     return Ok((status, framing, keep_alive));
@@ -162,7 +165,7 @@ impl Connection {
                 _ => return Err(BAD_RESPONSE),
             }
             // A new exchange starts on an empty buffer (see `reusable`).
-            let answering = !self.buffer.is_empty();
+            let answering = interim || !self.buffer.is_empty();
             if self.fill(answering).await? == 0 {
                 return Err(if answering { RESET } else { CLOSED });
             }
