@@ -353,6 +353,105 @@ impl Chunked {
     }
 }
 
+/// How an answer's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerFraming {
+    /// After this many bytes.
+    Length(u64),
+    /// After the last chunk.
+    Chunked,
+    /// When the server closes the connection.
+    UntilClose,
+}
+
+/// What an answer's fields say of its framing, noted as they are read:
+/// the gateway's upstream side and the load generator read answers by the
+/// same rules.
+#[derive(Debug, Default)]
+pub struct FramingFields<'a> {
+    /// The last `Transfer-Encoding` field's value.
+    transfer_encoding: Option<&'a [u8]>,
+    /// The length the `Content-Length` fields agree on, or why they do not.
+    content_length: Option<Result<u64, &'static str>>,
+    /// Whether a `Connection` field has `close`.
+    closes: bool,
+}
+
+impl<'a> FramingFields<'a> {
+    /// A `Content-Length` field's value.
+    pub fn content_length(&mut self, value: &[u8]) {
+        self.content_length = match self.content_length {
+            None => Some(content_length(value, None)),
+            Some(Ok(known)) => Some(content_length(value, Some(known))),
+            error @ Some(Err(_)) => error,
+        };
+    }
+
+    /// A `Transfer-Encoding` field's value.
+    pub fn transfer_encoding(&mut self, value: &'a [u8]) {
+        self.transfer_encoding = Some(value);
+    }
+
+    /// A `Connection` field's value.
+    pub fn connection(&mut self, value: &[u8]) {
+        self.closes |= has_token(value, b"close");
+    }
+
+    /// Notes the field if it is one of the three that frame an answer
+    /// (for a reader that has not told its fields apart already).
+    pub fn note(&mut self, name: &[u8], value: &'a [u8]) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_length(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding(value);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            self.connection(value);
+        }
+    }
+
+    /// The body's framing for an answer with `status` to a request that
+    /// was (`head_request`) or was not HEAD, and whether the connection
+    /// may carry another request after it: HTTP/1.1 (`minor_version` 1),
+    /// no `Connection: close`, and a framing that does not run to the
+    /// close.
+    pub fn framing(
+        &self,
+        status: u16,
+        head_request: bool,
+        minor_version: u8,
+    ) -> Result<(AnswerFraming, bool), &'static str> {
+        let (framing, reusable) = self.framing_alone(status, head_request)?;
+        Ok((framing, reusable && minor_version == 1 && !self.closes))
+    }
+
+    fn framing_alone(
+        &self,
+        status: u16,
+        head_request: bool,
+    ) -> Result<(AnswerFraming, bool), &'static str> {
+        if head_request || status == 204 || status == 304 {
+            return Ok((AnswerFraming::Length(0), true));
+        }
+        if let Some(last) = self.transfer_encoding {
+            let chunked = ends_chunked(last);
+            // With a Content-Length too, the connection is not to be
+            // trusted again (RFC 9112 §6.3).
+            let reusable = chunked && self.content_length.is_none();
+            let framing = if chunked {
+                AnswerFraming::Chunked
+            } else {
+                AnswerFraming::UntilClose
+            };
+            return Ok((framing, reusable));
+        }
+        match self.content_length {
+            Some(Ok(length)) => Ok((AnswerFraming::Length(length), true)),
+            Some(Err(why)) => Err(why),
+            None => Ok((AnswerFraming::UntilClose, false)),
+        }
+    }
+}
+
 /// Writes one header field line: `name: value` and CRLF.
 pub fn write_field(out: &mut impl BufMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);

@@ -30,8 +30,8 @@ use super::h1pool::Http1Pool;
 use super::headers;
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_fill, step_length, Chunked, Forwarded,
-    HeadScratch, Step, MAX_HEADERS, READ_BUFFER,
+    poll_fill, step_length, AnswerFraming, Chunked, Forwarded, FramingFields, HeadScratch, Step,
+    MAX_HEADERS, READ_BUFFER,
 };
 
 /// The longest answer head accepted.
@@ -373,7 +373,7 @@ pub struct Head {
     pub headers: HeaderMap,
     /// The fields passed on as they came.
     pub forwarded: Forwarded,
-    framing: Framing,
+    framing: AnswerFraming,
     /// Whether the connection may carry another request after this answer.
     keep_alive: bool,
 }
@@ -386,17 +386,6 @@ impl Head {
             ..self
         }
     }
-}
-
-/// How an answer's body ends (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// After this many bytes.
-    Length(u64),
-    /// After the last chunk.
-    Chunked,
-    /// When the upstream closes the connection.
-    UntilClose,
 }
 
 /// Parses a complete answer head off the front of `buffer`, skipping
@@ -502,7 +491,7 @@ fn parse_head(
                 return Err(WireError::Invalid("header field"));
             };
             let field = AnswerField::of(name);
-            framing.note(field, value);
+            note_framing(&mut framing, field, value);
             if whole || field.is_mapped() {
                 // httparse has checked the name's and value's bytes.
                 let name =
@@ -519,8 +508,9 @@ fn parse_head(
                 crate::http1::write_field(lines, name, value);
             }
         }
-        let (framing_kind, keep_alive) = framing.framing(status, method)?;
-        let closes = framing.closes;
+        let (framing_kind, keep_alive) = framing
+            .framing(code, *method == Method::HEAD, minor)
+            .map_err(WireError::Invalid)?;
         if !whole {
             if uncommon.is_empty() {
                 buffer.advance(length);
@@ -543,7 +533,7 @@ fn parse_head(
             headers,
             forwarded,
             framing: framing_kind,
-            keep_alive: keep_alive && version == Version::HTTP_11 && !closes,
+            keep_alive,
         }));
     }
 }
@@ -659,64 +649,16 @@ fn lists_fields(value: &[u8]) -> bool {
     })
 }
 
-/// What an answer's fields say of its framing, noted as they are read.
-#[derive(Debug, Default)]
-struct FramingFields<'a> {
-    /// The last `Transfer-Encoding` field's value.
-    transfer_encoding: Option<&'a [u8]>,
-    /// The length the `Content-Length` fields agree on, or why they do not.
-    content_length: Option<Result<u64, &'static str>>,
-    /// Whether a `Connection` field has `close`.
-    closes: bool,
-}
-
-impl<'a> FramingFields<'a> {
-    fn note(&mut self, field: AnswerField, value: &'a [u8]) {
-        match field {
-            AnswerField::Read {
-                content_length: true,
-            } => {
-                self.content_length = match self.content_length {
-                    None => Some(content_length(value, None)),
-                    Some(Ok(known)) => Some(content_length(value, Some(known))),
-                    error @ Some(Err(_)) => error,
-                };
-            }
-            AnswerField::HopByHop(Some(Framer::TransferEncoding)) => {
-                self.transfer_encoding = Some(value);
-            }
-            AnswerField::HopByHop(Some(Framer::Connection)) => {
-                self.closes |= has_token(value, b"close");
-            }
-            _ => {}
-        }
-    }
-
-    /// The body's framing, and whether it leaves the connection reusable.
-    fn framing(&self, status: StatusCode, method: &Method) -> Result<(Framing, bool), WireError> {
-        if *method == Method::HEAD
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            return Ok((Framing::Length(0), true));
-        }
-        if let Some(last) = self.transfer_encoding {
-            let chunked = ends_chunked(last);
-            // With a Content-Length too, the connection is not to be
-            // trusted again (RFC 9112 §6.3).
-            let reusable = chunked && self.content_length.is_none();
-            let framing = if chunked {
-                Framing::Chunked
-            } else {
-                Framing::UntilClose
-            };
-            return Ok((framing, reusable));
-        }
-        match self.content_length {
-            Some(Ok(length)) => Ok((Framing::Length(length), true)),
-            Some(Err(why)) => Err(WireError::Invalid(why)),
-            None => Ok((Framing::UntilClose, false)),
-        }
+/// Notes `field` in `framing` if it is one that frames the answer, told
+/// apart by its kind rather than by its name again.
+fn note_framing<'a>(framing: &mut FramingFields<'a>, field: AnswerField, value: &'a [u8]) {
+    match field {
+        AnswerField::Read {
+            content_length: true,
+        } => framing.content_length(value),
+        AnswerField::HopByHop(Some(Framer::TransferEncoding)) => framing.transfer_encoding(value),
+        AnswerField::HopByHop(Some(Framer::Connection)) => framing.connection(value),
+        _ => {}
     }
 }
 
@@ -728,9 +670,9 @@ pub fn response(
     pool: Arc<Http1Pool>,
 ) -> Response<ResponseBody> {
     let decoder = match head.framing {
-        Framing::Length(length) => Decoder::Length(length),
-        Framing::Chunked => Decoder::Chunked(Chunked::START),
-        Framing::UntilClose => Decoder::UntilClose,
+        AnswerFraming::Length(length) => Decoder::Length(length),
+        AnswerFraming::Chunked => Decoder::Chunked(Chunked::START),
+        AnswerFraming::UntilClose => Decoder::UntilClose,
     };
     let mut body = ResponseBody {
         connection: Some(connection),
@@ -902,108 +844,111 @@ mod tests {
         // The length frames the body; the client's side writes its own.
         assert!(ok.headers.is_empty());
         assert_eq!(ok.forwarded.lines, "x-a: b\r\n");
-        assert_eq!((ok.framing, ok.keep_alive), (Framing::Length(12), true));
+        assert_eq!(
+            (ok.framing, ok.keep_alive),
+            (AnswerFraming::Length(12), true)
+        );
 
         let cases = [
             // Chunked wins over a length, and the connection is not kept.
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
                 Method::POST,
-                Framing::Chunked,
+                AnswerFraming::Chunked,
                 true,
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
                 Method::POST,
-                Framing::Chunked,
+                AnswerFraming::Chunked,
                 false,
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
                 Method::POST,
-                Framing::UntilClose,
+                AnswerFraming::UntilClose,
                 false,
             ),
             (
                 "HTTP/1.1 200 OK\r\n\r\n",
                 Method::POST,
-                Framing::UntilClose,
+                AnswerFraming::UntilClose,
                 false,
             ),
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n",
                 Method::POST,
-                Framing::Length(5),
+                AnswerFraming::Length(5),
                 false,
             ),
             (
                 "HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n",
                 Method::POST,
-                Framing::Length(5),
+                AnswerFraming::Length(5),
                 false,
             ),
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
                 Method::POST,
-                Framing::Length(5),
+                AnswerFraming::Length(5),
                 true,
             ),
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
                 Method::HEAD,
-                Framing::Length(0),
+                AnswerFraming::Length(0),
                 true,
             ),
             (
                 "HTTP/1.1 204 No Content\r\n\r\n",
                 Method::POST,
-                Framing::Length(0),
+                AnswerFraming::Length(0),
                 true,
             ),
             // An informational answer first is skipped, its fields too.
             (
                 "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
                 Method::POST,
-                Framing::Length(0),
+                AnswerFraming::Length(0),
                 true,
             ),
             (
                 "HTTP/1.1 103 Early Hints\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n\
                  HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
                 Method::POST,
-                Framing::Length(2),
+                AnswerFraming::Length(2),
                 true,
             ),
             // Names in any case; the last coding decides.
             (
                 "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: Keep-Alive\r\n\r\n",
                 Method::POST,
-                Framing::Length(7),
+                AnswerFraming::Length(7),
                 true,
             ),
             (
                 "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nCONNECTION: Close\r\n\r\n",
                 Method::POST,
-                Framing::Length(7),
+                AnswerFraming::Length(7),
                 false,
             ),
             (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Method::POST,
-                Framing::Chunked,
+                AnswerFraming::Chunked,
                 true,
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
                 Method::POST,
-                Framing::UntilClose,
+                AnswerFraming::UntilClose,
                 false,
             ),
             // Chunks frame the answer even beside a length that is not one.
             (
                 "HTTP/1.1 200 OK\r\ncontent-length: nope\r\ntransfer-encoding: chunked\r\n\r\n",
                 Method::POST,
-                Framing::Chunked,
+                AnswerFraming::Chunked,
                 false,
             ),
         ];
@@ -1229,7 +1174,7 @@ mod tests {
                 // What is left is what followed the head, and a body read
                 // to the close never leaves its connection reusable.
                 proptest::prop_assert!(wire.ends_with(&buffer));
-                proptest::prop_assert!(head.framing != Framing::UntilClose || !head.keep_alive);
+                proptest::prop_assert!(head.framing != AnswerFraming::UntilClose || !head.keep_alive);
             }
         }
     }

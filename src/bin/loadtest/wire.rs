@@ -14,7 +14,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 
-use abgate::http1::{self, Chunked};
+use abgate::http1::{self, AnswerFraming, Chunked, FramingFields};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -47,13 +47,6 @@ pub struct Connection {
     pub request: Vec<u8>,
     /// An answer has been read whole on it.
     used: bool,
-}
-
-/// How an answer's body is delimited (RFC 9112 §6.3).
-enum Framing {
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
 }
 
 /// What a finished exchange tells the caller.
@@ -92,7 +85,7 @@ impl Connection {
             .map_err(|err| before_answer(&err))?;
         let (status, framing, keep_alive) = self.read_head().await?;
         match framing {
-            Framing::Length(mut left) => {
+            AnswerFraming::Length(mut left) => {
                 while left > 0 {
                     if self.buffer.is_empty() && self.fill(true).await? == 0 {
                         return Err(RESET);
@@ -105,28 +98,31 @@ impl Connection {
                     left -= piece as u64;
                 }
             }
-            Framing::Chunked(mut chunked) => loop {
-                chunked
-                    .advance(&mut self.buffer)
-                    .map_err(|_| BAD_RESPONSE)?;
-                match chunked {
-                    Chunked::Done => break,
-                    Chunked::Data(left) if !self.buffer.is_empty() => {
-                        let piece = self
-                            .buffer
-                            .len()
-                            .min(usize::try_from(left).unwrap_or(usize::MAX));
-                        self.hand_over(piece, &mut on_data);
-                        chunked = Chunked::Data(left - piece as u64);
-                    }
-                    _ => {
-                        if self.fill(true).await? == 0 {
-                            return Err(RESET);
+            AnswerFraming::Chunked => {
+                let mut chunked = Chunked::START;
+                loop {
+                    chunked
+                        .advance(&mut self.buffer)
+                        .map_err(|_| BAD_RESPONSE)?;
+                    match chunked {
+                        Chunked::Done => break,
+                        Chunked::Data(left) if !self.buffer.is_empty() => {
+                            let piece = self
+                                .buffer
+                                .len()
+                                .min(usize::try_from(left).unwrap_or(usize::MAX));
+                            self.hand_over(piece, &mut on_data);
+                            chunked = Chunked::Data(left - piece as u64);
+                        }
+                        _ => {
+                            if self.fill(true).await? == 0 {
+                                return Err(RESET);
+                            }
                         }
                     }
                 }
-            },
-            Framing::UntilClose => loop {
+            }
+            AnswerFraming::UntilClose => loop {
                 let piece = self.buffer.len();
                 self.hand_over(piece, &mut on_data);
                 if self.fill(true).await? == 0 {
@@ -143,7 +139,7 @@ impl Connection {
 
     /// Reads up to the end of a final (non-1xx) answer's head and consumes
     /// it: its status, framing and whether it keeps the connection open.
-    async fn read_head(&mut self) -> Result<(u16, Framing, bool), Kind> {
+    async fn read_head(&mut self) -> Result<(u16, AnswerFraming, bool), Kind> {
         // A 1xx head read: the answer has begun, even on an empty buffer.
         let mut interim = false;
         loop {
@@ -152,13 +148,22 @@ impl Connection {
             match head.parse(&self.buffer) {
                 Ok(httparse::Status::Complete(length)) => {
                     let status = head.code.unwrap_or(0);
-                    let (framing, keep_alive) = framing(&head)?;
-                    self.buffer.advance(length);
                     // 100 Continue and friends come before the answer.
                     if (100..200).contains(&status) && status != 101 {
+                        self.buffer.advance(length);
                         interim = true;
                         continue;
                     }
+                    // The same rules as the gateway's upstream side.
+                    let mut framing_fields = FramingFields::default();
+                    for field in head.headers.iter() {
+                        framing_fields.note(field.name.as_bytes(), field.value);
+                    }
+                    let minor_version = head.version.unwrap_or(0);
+                    let (framing, keep_alive) = framing_fields
+                        .framing(status, false, minor_version)
+                        .map_err(|_| BAD_RESPONSE)?;
+                    self.buffer.advance(length);
                     return Ok((status, framing, keep_alive));
                 }
                 Ok(httparse::Status::Partial) if self.buffer.len() < MAX_HEAD => {}
@@ -207,40 +212,6 @@ fn before_answer(err: &io::Error) -> Kind {
         | io::ErrorKind::ConnectionAborted => CLOSED,
         _ => IO,
     }
-}
-
-/// An answer head's body framing and whether the connection stays open
-/// after it (HTTP/1.1 unless `Connection: close`; 1.0 only with
-/// `Connection: keep-alive`).
-fn framing(head: &httparse::Response) -> Result<(Framing, bool), Kind> {
-    let status = head.code.unwrap_or(0);
-    let mut keep_alive = head.version == Some(1);
-    let mut length = None;
-    let mut chunked = None;
-    for field in head.headers.iter() {
-        if field.name.eq_ignore_ascii_case("content-length") {
-            length = Some(http1::content_length(field.value, length).map_err(|_| BAD_RESPONSE)?);
-        } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = Some(http1::ends_chunked(field.value));
-        } else if field.name.eq_ignore_ascii_case("connection") {
-            if http1::has_token(field.value, b"close") {
-                keep_alive = false;
-            } else if http1::has_token(field.value, b"keep-alive") {
-                keep_alive = true;
-            }
-        }
-    }
-    let framing = if (100..200).contains(&status) || status == 204 || status == 304 {
-        Framing::Length(0)
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked(Chunked::START),
-            (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(length)) => Framing::Length(length),
-        }
-    };
-    let keep_alive = keep_alive && !matches!(framing, Framing::UntilClose);
-    Ok((framing, keep_alive))
 }
 
 #[cfg(test)]
