@@ -263,6 +263,12 @@ pub struct TimeoutsConfig {
     /// Request start to the last byte of the answer, streams included.
     #[serde(default = "default_total_ms")]
     pub total_ms: u64,
+    /// Longest wait for a client to take one write of its answer: a
+    /// client that stops reading is cut off after it, and its upstream
+    /// connection closed, instead of holding both (and a stream the
+    /// upstream keeps generating) until `total_ms`.
+    #[serde(default = "default_client_write_ms")]
+    pub client_write_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -272,6 +278,7 @@ impl Default for TimeoutsConfig {
             first_byte_ms: default_first_byte_ms(),
             idle_ms: default_idle_ms(),
             total_ms: default_total_ms(),
+            client_write_ms: default_client_write_ms(),
         }
     }
 }
@@ -333,6 +340,9 @@ fn default_idle_ms() -> u64 {
 }
 fn default_total_ms() -> u64 {
     900_000
+}
+fn default_client_write_ms() -> u64 {
+    30_000
 }
 fn default_max_inflight() -> usize {
     DEFAULT_MAX_INFLIGHT
@@ -499,6 +509,7 @@ impl Config {
             ("timeouts.first_byte_ms", self.timeouts.first_byte_ms),
             ("timeouts.idle_ms", self.timeouts.idle_ms),
             ("timeouts.total_ms", self.timeouts.total_ms),
+            ("timeouts.client_write_ms", self.timeouts.client_write_ms),
         ] {
             if value == 0 {
                 report(key, "must be greater than 0".into());
@@ -649,6 +660,7 @@ impl Config {
                     first_byte_timeout: Duration::from_millis(self.timeouts.first_byte_ms),
                     idle_timeout: Duration::from_millis(self.timeouts.idle_ms),
                     total_timeout: Duration::from_millis(self.timeouts.total_ms),
+                    client_write_timeout: Duration::from_millis(self.timeouts.client_write_ms),
                     fallback_to_control: self.variants.treatment.fallback_to_control,
                     drain_delay: Duration::from_millis(self.server.drain_delay_ms),
                     drain_timeout: Duration::from_millis(self.server.drain_timeout_ms),
@@ -935,6 +947,8 @@ pub struct Snapshot {
     pub idle_timeout: Duration,
     /// Request start to the answer's last byte.
     pub total_timeout: Duration,
+    /// Longest wait for the client to take one write of the answer.
+    pub client_write_timeout: Duration,
     /// Resend to control what treatment's upstream failed before answering.
     pub fallback_to_control: bool,
     /// On shutdown: not ready, still serving, for this long.

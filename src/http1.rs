@@ -236,22 +236,82 @@ pub fn step_length(buffer: &mut BytesMut, left: &mut u64) -> Step {
     }
 }
 
-/// Where a chunked body's decoding stands (RFC 9112 §7.1).
+/// Where a chunked body's decoding stands (RFC 9112 §7.1). The grammar
+/// is read exactly, as hyper and nginx read it: a byte two parsers could
+/// read two ways (a bare CR or LF, junk after the size, `0x`) is an
+/// error, never skipped over.
+///
+/// ```text
+/// chunk      = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
+/// chunk-size = 1*HEXDIG
+/// chunk-ext  = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
+/// ext-val    = token / quoted-string
+/// trailer    = *( field-name ":" OWS field-value OWS CRLF ) CRLF
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunked {
     /// Reading a chunk's size, in hex.
     Size { size: u64, digits: u8 },
-    /// Past the size: extensions, up to the end of the line.
-    SizeLine { size: u64, read: usize },
+    /// Past the size, in its extensions, up to the line's CR; `read`
+    /// bytes of them so far.
+    SizeLine {
+        size: u64,
+        at: Extension,
+        read: usize,
+    },
+    /// The size line's CR has been read: its LF must follow.
+    SizeLf { size: u64 },
     /// This many bytes of the chunk's data still to come.
     Data(u64),
     /// The CRLF after a chunk's data (`cr`: its CR has been read).
     DataEnd { cr: bool },
-    /// The trailer section after the last chunk: `line` bytes into its
-    /// current line, `read` bytes in all.
-    Trailers { line: usize, read: usize },
+    /// The trailer section after the last chunk: where in its current
+    /// line, and `read` bytes in all.
+    Trailers { at: TrailerLine, read: usize },
     /// The last chunk and its trailers have been read.
     Done,
+}
+
+/// Where in a chunk's extensions the size line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// After the size, or after a whole extension: whitespace, `;` or CR.
+    Between,
+    /// After `;`: whitespace, or a name's first byte.
+    NameStart,
+    Name,
+    /// After a name and whitespace: `=`, `;` or CR.
+    AfterName,
+    /// After `=`: whitespace, a token, or a quoted string's `"`.
+    ValueStart,
+    Token,
+    Quoted,
+    /// After a backslash in a quoted string.
+    Escaped,
+}
+
+/// Where in a trailer section's line the decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailerLine {
+    /// At a line's start: a field name, or the section's closing CRLF.
+    Start,
+    Name,
+    Value,
+    /// A field line's CR has been read.
+    Lf,
+    /// The closing CR has been read.
+    EndLf,
+}
+
+/// Whether `byte` may be in a token (RFC 9110 §5.6.2).
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// Whether `byte` may be in a field value or quoted string: visible
+/// ASCII, space, tab, and obs-text (RFC 9110 §5.5).
+fn is_field_byte(byte: u8) -> bool {
+    byte == b'\t' || byte == b' ' || (0x21..=0x7e).contains(&byte) || byte >= 0x80
 }
 
 impl Chunked {
@@ -297,59 +357,108 @@ impl Chunked {
 
     /// The state after one more framing byte.
     fn next(self, byte: u8) -> Result<Chunked, &'static str> {
-        Ok(match (self, byte) {
-            (Chunked::DataEnd { cr: false }, b'\r') => Chunked::DataEnd { cr: true },
-            // A bare LF is taken too, as most decoders do.
-            (Chunked::DataEnd { .. }, b'\n') => Chunked::Size { size: 0, digits: 0 },
-            (Chunked::DataEnd { .. }, _) => return Err("chunk data not followed by CRLF"),
-            (Chunked::Size { size, digits }, byte) if byte.is_ascii_hexdigit() => {
-                if digits >= 15 {
-                    return Err("chunk size too large");
+        Ok(match self {
+            Chunked::DataEnd { cr: false } if byte == b'\r' => Chunked::DataEnd { cr: true },
+            Chunked::DataEnd { cr: true } if byte == b'\n' => Chunked::START,
+            Chunked::DataEnd { .. } => return Err("chunk data not followed by CRLF"),
+            Chunked::Size { size, digits } => match byte {
+                _ if byte.is_ascii_hexdigit() => {
+                    if digits >= 15 {
+                        return Err("chunk size too large");
+                    }
+                    let value = (byte as char).to_digit(16).unwrap_or(0);
+                    Chunked::Size {
+                        size: size * 16 + u64::from(value),
+                        digits: digits + 1,
+                    }
                 }
-                let value = (byte as char).to_digit(16).unwrap_or(0);
-                Chunked::Size {
-                    size: size * 16 + u64::from(value),
-                    digits: digits + 1,
+                _ if digits == 0 => return Err("chunk size missing"),
+                b'\r' => Chunked::SizeLf { size },
+                b' ' | b'\t' | b';' => Chunked::SizeLine {
+                    size,
+                    at: Extension::Between,
+                    read: 0,
                 }
-            }
-            (Chunked::Size { digits: 0, .. }, _) => return Err("chunk size missing"),
-            (Chunked::Size { size, .. }, b'\n') | (Chunked::SizeLine { size, .. }, b'\n') => {
-                Self::after_size_line(size)
-            }
-            (Chunked::Size { size, .. }, _) => Chunked::SizeLine { size, read: 1 },
-            (Chunked::SizeLine { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+                .next(byte)?,
+                _ => return Err("invalid byte after chunk size"),
+            },
+            Chunked::SizeLine { read, .. } if read >= MAX_FRAMING_BYTES => {
                 return Err("chunk size line too long")
             }
-            (Chunked::SizeLine { size, read }, _) => Chunked::SizeLine {
-                size,
-                read: read + 1,
-            },
-            (Chunked::Trailers { read, .. }, _) if read >= MAX_FRAMING_BYTES => {
+            Chunked::SizeLine { size, at, read } => {
+                if byte == b'\r' && !matches!(at, Extension::Quoted | Extension::Escaped) {
+                    return match at {
+                        Extension::NameStart | Extension::ValueStart => {
+                            Err("chunk extension incomplete")
+                        }
+                        _ => Ok(Chunked::SizeLf { size }),
+                    };
+                }
+                Chunked::SizeLine {
+                    size,
+                    at: at.next(byte)?,
+                    read: read + 1,
+                }
+            }
+            Chunked::SizeLf { size } if byte == b'\n' => Self::after_size_line(size),
+            Chunked::SizeLf { .. } => return Err("chunk size line not ended by CRLF"),
+            Chunked::Trailers { read, .. } if read >= MAX_FRAMING_BYTES => {
                 return Err("trailer section too long")
             }
-            (Chunked::Trailers { line: 0, .. }, b'\n') => Chunked::Done,
-            (Chunked::Trailers { read, .. }, b'\n') => Chunked::Trailers {
-                line: 0,
-                read: read + 1,
-            },
-            (Chunked::Trailers { line, read }, b'\r') => Chunked::Trailers {
-                line,
-                read: read + 1,
-            },
-            (Chunked::Trailers { line, read }, _) => Chunked::Trailers {
-                line: line + 1,
-                read: read + 1,
-            },
-            (state @ (Chunked::Data(_) | Chunked::Done), _) => state,
+            Chunked::Trailers { at, read } => {
+                let at = match (at, byte) {
+                    (TrailerLine::EndLf, b'\n') => return Ok(Chunked::Done),
+                    (TrailerLine::Start, b'\r') => TrailerLine::EndLf,
+                    (TrailerLine::Start | TrailerLine::Name, _) if is_tchar(byte) => {
+                        TrailerLine::Name
+                    }
+                    (TrailerLine::Name, b':') => TrailerLine::Value,
+                    (TrailerLine::Value, b'\r') => TrailerLine::Lf,
+                    (TrailerLine::Value, _) if is_field_byte(byte) => TrailerLine::Value,
+                    (TrailerLine::Lf, b'\n') => TrailerLine::Start,
+                    _ => return Err("invalid trailer section"),
+                };
+                Chunked::Trailers { at, read: read + 1 }
+            }
+            state @ (Chunked::Data(_) | Chunked::Done) => state,
         })
     }
 
     fn after_size_line(size: u64) -> Chunked {
         if size == 0 {
-            Chunked::Trailers { line: 0, read: 0 }
+            Chunked::Trailers {
+                at: TrailerLine::Start,
+                read: 0,
+            }
         } else {
             Chunked::Data(size)
         }
+    }
+}
+
+impl Extension {
+    /// Where the extensions are after `byte` (not the line's CR, which
+    /// [`Chunked::next`] handles).
+    fn next(self, byte: u8) -> Result<Extension, &'static str> {
+        let whitespace = byte == b' ' || byte == b'\t';
+        Ok(match self {
+            Extension::Between | Extension::AfterName if whitespace => self,
+            Extension::NameStart | Extension::ValueStart if whitespace => self,
+            Extension::Between | Extension::AfterName | Extension::Token if byte == b';' => {
+                Extension::NameStart
+            }
+            Extension::NameStart | Extension::Name if is_tchar(byte) => Extension::Name,
+            Extension::Name if whitespace => Extension::AfterName,
+            Extension::Name if byte == b';' => Extension::NameStart,
+            Extension::Name | Extension::AfterName if byte == b'=' => Extension::ValueStart,
+            Extension::ValueStart | Extension::Token if is_tchar(byte) => Extension::Token,
+            Extension::Token if whitespace => Extension::Between,
+            Extension::ValueStart if byte == b'"' => Extension::Quoted,
+            Extension::Quoted if byte == b'"' => Extension::Between,
+            Extension::Quoted if byte == b'\\' => Extension::Escaped,
+            Extension::Quoted | Extension::Escaped if is_field_byte(byte) => Extension::Quoted,
+            _ => return Err("invalid chunk extension"),
+        })
     }
 }
 
@@ -602,7 +711,7 @@ mod tests {
     #[test]
     fn chunked_bodies_decode_whatever_the_reads_split() {
         let wire: &[u8] = b"5\r\nhello\r\n1A;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n\
-            3\n, w\n0\r\nx-trailer: 1\r\n\r\n";
+            3 ; a ; b = \"q\\\"; x\" ;c=d\t\r\n, w\r\n0\r\nx-trailer: 1\r\nx-b:\r\n\r\n";
         for piece in 1..=wire.len() {
             let (data, ended) = decode_chunked(wire, piece).unwrap();
             assert_eq!(
@@ -624,6 +733,37 @@ mod tests {
             b"zz\r\n",
             b"5\r\nhelloX\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
+            // Junk after the size, read by some as an extension.
+            b"2azz\r\nhi\r\n0\r\n\r\n",
+            // `0x3a` is 58 to a parser that takes C's prefix, 0 to one
+            // that stops at the x: neither may be guessed.
+            b"0x3a\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            // Bare LF or CR where CRLF belongs.
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\rhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+            // Extensions that are not token or quoted-string.
+            b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+            b"5;\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b c\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"unended\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"b\"c\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b\0\r\nhello\r\n0\r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"5;@\r\nhello\r\n0\r\n\r\n",
+            // Trailer lines that are not field lines.
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n: empty name\r\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+            b"0\r\nx-t: a\rb\r\n\r\n",
+            b"0\r\nx-t: \0\r\n\r\n",
+            b"0\r\n x-folded: 1\r\n\r\n",
         ] {
             let err = decode_chunked(wire, wire.len()).err();
             assert!(
@@ -631,9 +771,29 @@ mod tests {
                 "{:?}: {err:?}",
                 String::from_utf8_lossy(wire)
             );
+            // The same, a byte at a time: no state lets it through.
+            assert!(decode_chunked(wire, 1).is_err(), "{wire:?} by bytes");
         }
         let endless = [b"1;".as_slice(), &[b'x'; MAX_FRAMING_BYTES + 1]].concat();
         assert!(decode_chunked(&endless, 1000).is_err());
+    }
+
+    #[test]
+    fn chunk_extensions_and_trailers_of_every_allowed_form_are_read() {
+        for wire in [
+            &b"5 \r\nhello\r\n0\r\n\r\n"[..],
+            b"5\t;a\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b;c\r\nhello\r\n0;z\r\n\r\n",
+            b"5;a=\"\"\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"x\\\\y;z=\\\"\"\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"caf\xc3\xa9\"\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nx-a: 1\r\nx-b:2 \r\n\r\n",
+        ] {
+            let (data, ended) = decode_chunked(wire, 1)
+                .unwrap_or_else(|err| panic!("{:?}: {err}", String::from_utf8_lossy(wire)));
+            assert_eq!(data, b"hello");
+            assert!(ended, "{wire:?}");
+        }
     }
 
     proptest::proptest! {

@@ -69,6 +69,10 @@ pub enum UpstreamErrorKind {
     Status5xx,
     InvalidResponse,
     ClientCancelled,
+    /// The client took no write of its answer within
+    /// `timeouts.client_write_ms`, or not all of it by `timeouts.total_ms`:
+    /// cut off, its upstream connection closed.
+    ClientWriteTimeout,
     /// Refused by the gateway at its in-flight cap, never sent upstream.
     Shed,
     /// Still running when a shutdown's `server.drain_timeout_ms` ran out.
@@ -77,7 +81,7 @@ pub enum UpstreamErrorKind {
 
 impl UpstreamErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [UpstreamErrorKind; 13] = [
+    pub const ALL: [UpstreamErrorKind; 14] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::FirstByteTimeout,
@@ -89,6 +93,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::Status5xx,
         UpstreamErrorKind::InvalidResponse,
         UpstreamErrorKind::ClientCancelled,
+        UpstreamErrorKind::ClientWriteTimeout,
         UpstreamErrorKind::Shed,
         UpstreamErrorKind::Shutdown,
     ];
@@ -119,6 +124,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Status5xx => "status_5xx",
             UpstreamErrorKind::InvalidResponse => "invalid_response",
             UpstreamErrorKind::ClientCancelled => "client_cancelled",
+            UpstreamErrorKind::ClientWriteTimeout => "client_write_timeout",
             UpstreamErrorKind::Shed => "shed",
             UpstreamErrorKind::Shutdown => "shutdown",
         }

@@ -607,3 +607,73 @@ async fn past_max_inflight_per_variant_only_that_upstream_sheds() {
     bounded(held.collect()).await.unwrap();
     assert_eq!(chat(&gw.url(), &other).await.status, 200);
 }
+
+/// An upstream that streams SSE events as fast as its socket takes them,
+/// and says (through `closed`) when the gateway closed its connection.
+async fn endless_stream(closed: mpsc::Sender<()>) -> String {
+    scripted_upstream(move |_, mut socket| {
+        let closed = closed.clone();
+        async move {
+            let _ = socket.write_all(SSE_HEAD).await;
+            let event = chunk(
+                &[
+                    b"data: {\"choices\":[{\"delta\":{\"content\":\"",
+                    &[b'x'; 4000][..],
+                    b"\"}}]}\n\n",
+                ]
+                .concat(),
+            );
+            // Bounded: 256 MB is far past any socket buffer.
+            for _ in 0..64_000 {
+                if socket.write_all(&event).await.is_err() {
+                    let _ = closed.send(()).await;
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_closed() {
+    let (closed, mut upstream_closed) = mpsc::channel(1);
+    let upstream = endless_stream(closed).await;
+    let (gw, _control) = gateway_to(
+        &upstream,
+        "[timeouts]\nclient_write_ms = 300\ntotal_ms = 60000",
+    )
+    .await;
+    // A client with a small receive window that sends its request and
+    // never reads a byte of the answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(gw.proxy_addr).await.unwrap();
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nx-user-id: slow\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    // Long before total_ms: the stuck write is cut, and with it the
+    // upstream's connection (its own writes fail).
+    bounded(upstream_closed.recv()).await.unwrap();
+    let admin = gw.admin_addr.unwrap();
+    counted(admin, "treatment", "client_write_timeout", 1.0).await;
+    metrics_until(admin, |text| {
+        sample(text, r#"abgate_inflight_requests{variant="treatment"}"#) == Some(0.0)
+    })
+    .await;
+    // The client's connection is closed: reading what was sent ends.
+    let mut sink = vec![0u8; 64 * 1024];
+    let ended = bounded(async {
+        loop {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended);
+}

@@ -81,6 +81,8 @@ pub enum ProxyError {
     UserIdRequired { header: String },
     #[error("no route for {path}: abgate forwards /v1/... API paths")]
     NotFound { path: String },
+    #[error("the request path {reason}: abgate forwards a path only as it is meant, with no segment an upstream could normalise away")]
+    InvalidPath { reason: &'static str },
     #[error("could not connect to the {variant} upstream: {detail}")]
     UpstreamConnect { variant: Variant, detail: String },
     #[error("{}", .timeout.describe(*.variant, *.timeout_ms))]
@@ -154,7 +156,8 @@ impl ProxyError {
             | ProxyError::UserIdTooLong { .. }
             | ProxyError::UserIdRequired { .. }
             | ProxyError::InvalidForcedVariant
-            | ProxyError::InvalidFeedback(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::InvalidFeedback(_)
+            | ProxyError::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             ProxyError::MissingApiKey | ProxyError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ProxyError::ForcedVariantRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
@@ -188,6 +191,7 @@ impl ProxyError {
             ProxyError::UserIdTooLong { .. } => "invalid_user_id",
             ProxyError::UserIdRequired { .. } => "missing_user_id",
             ProxyError::NotFound { .. } => "not_found",
+            ProxyError::InvalidPath { .. } => "invalid_path",
             ProxyError::InvalidFeedback(_) => "invalid_feedback",
             ProxyError::MissingApiKey => "missing_api_key",
             ProxyError::InvalidApiKey => "invalid_api_key",

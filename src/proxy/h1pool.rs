@@ -84,7 +84,7 @@ impl Http1Pool {
         body: Body,
         deadline: Option<Instant>,
     ) -> Result<Response<ResponseBody>, ClientError> {
-        let mut framing = BodyFraming::of(parts, &body);
+        let mut framing = BodyFraming::of(&body);
         let mut timer = None;
         let mut connection = loop {
             let (mut connection, reused) = match self.checkout() {

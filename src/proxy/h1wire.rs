@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -244,13 +247,15 @@ async fn send_body(
     framing: BodyFraming,
     mut body: Body,
 ) -> Result<(), WireError> {
-    let chunked = match framing {
+    // With a declared length, the bytes still owed: the body must give
+    // exactly those, or the upstream would read the rest as a request.
+    let (chunked, mut owed) = match framing {
         BodyFraming::Whole(Some(bytes)) => {
             return writer.write_all(&bytes).await.map_err(WireError::Io)
         }
         BodyFraming::Whole(None) => return Ok(()),
-        BodyFraming::Declared => false,
-        BodyFraming::Chunked => true,
+        BodyFraming::Declared(length) => (false, Some(length)),
+        BodyFraming::Chunked => (true, None),
     };
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let frame = frame.map_err(WireError::RequestBody)?;
@@ -259,6 +264,11 @@ async fn send_body(
         };
         if data.is_empty() {
             continue;
+        }
+        if let Some(owed) = &mut owed {
+            *owed = owed
+                .checked_sub(data.len() as u64)
+                .ok_or_else(length_mismatch)?;
         }
         buffer.clear();
         if chunked {
@@ -269,6 +279,9 @@ async fn send_body(
             buffer.extend_from_slice(b"\r\n");
         }
         writer.write_all(buffer).await.map_err(WireError::Io)?;
+    }
+    if owed.is_some_and(|owed| owed > 0) {
+        return Err(length_mismatch());
     }
     if chunked {
         writer
@@ -282,6 +295,13 @@ async fn send_body(
     Ok(())
 }
 
+/// A streamed body that gave more or fewer bytes than its exact size:
+/// the exchange fails and the connection, which the upstream may read
+/// as holding part of another request, is not used again.
+fn length_mismatch() -> WireError {
+    WireError::RequestBody("the request body's length differs from its declared length".into())
+}
+
 /// Reads into `buffer` until an answer's head is complete (informational
 /// answers skipped) and parses it.
 async fn read_head(
@@ -290,10 +310,11 @@ async fn read_head(
     scratch: &mut HeadScratch,
     method: &Method,
 ) -> Result<Head, WireError> {
+    let mut interim = 0;
     loop {
         // A reused connection's buffer is empty: nothing to parse yet.
         if !buffer.is_empty() {
-            if let Some(head) = parse_head(buffer, scratch, method)? {
+            if let Some(head) = parse_head_after(buffer, scratch, method, &mut interim)? {
                 return Ok(head);
             }
         }
@@ -306,32 +327,57 @@ async fn read_head(
     }
 }
 
-/// How a request's body follows its head.
+/// How a request's body follows its head: decided from the body the
+/// upstream side is given (held whole, or its exact size), never from a
+/// framing header the client sent, which the client's side has already
+/// read and the body has already been decoded by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyFraming {
     /// A body held whole: its length is in the head.
     Whole(Option<Bytes>),
-    /// A streamed body with the client's own `Content-Length`.
-    Declared,
+    /// A streamed body of this exact length: sent with it as
+    /// Content-Length, and exactly that many bytes sent.
+    Declared(u64),
     /// A streamed body of unknown length, sent in chunks.
     Chunked,
 }
 
 impl BodyFraming {
-    /// How `body` goes out with `parts`.
-    pub fn of(parts: &Parts, body: &Body) -> Self {
+    /// How `body` goes out.
+    pub fn of(body: &Body) -> Self {
         match body {
             Body::Full(bytes) => BodyFraming::Whole(bytes.clone()),
-            _ if parts.headers.contains_key(CONTENT_LENGTH) => BodyFraming::Declared,
-            _ => BodyFraming::Chunked,
+            body => match body.size_hint().exact() {
+                Some(0) => BodyFraming::Whole(None),
+                Some(length) => BodyFraming::Declared(length),
+                None => BodyFraming::Chunked,
+            },
         }
     }
+}
+
+/// Whether a client's header describes its own hop and its framing, and
+/// so is never written into a request to an upstream (RFC 9110 §7.6.1):
+/// the upstream side writes its own Host and framing. The proxy removes
+/// these already; the wire does not rely on it.
+fn is_framing_or_hop(name: &HeaderName) -> bool {
+    *name == HOST
+        || *name == CONTENT_LENGTH
+        || *name == TRANSFER_ENCODING
+        || *name == CONNECTION
+        || *name == TE
+        || *name == TRAILER
+        || *name == UPGRADE
+        || *name == PROXY_AUTHORIZATION
+        || *name == PROXY_AUTHENTICATE
+        || *name == EXPECT
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Writes the request line and headers: origin-form target, the
 /// upstream's Host, and the body's framing.
 fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &BodyFraming) {
-    let whole = matches!(framing, BodyFraming::Whole(_));
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |path| path.as_str());
@@ -340,9 +386,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        // Host is the upstream's; a whole body's length is its own.
-        let skip = *name == HOST || (*name == CONTENT_LENGTH && whole);
-        if !skip {
+        if !is_framing_or_hop(name) {
             crate::http1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -359,8 +403,8 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
                 crate::http1::write_content_length(out, length as u64);
             }
         }
+        BodyFraming::Declared(length) => crate::http1::write_content_length(out, *length),
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        BodyFraming::Declared => {}
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -390,10 +434,25 @@ impl Head {
 
 /// Parses a complete answer head off the front of `buffer`, skipping
 /// informational (1xx) answers; `None` until the head is complete.
+#[cfg(test)]
 fn parse_head(
     buffer: &mut BytesMut,
     scratch: &mut HeadScratch,
     method: &Method,
+) -> Result<Option<Head>, WireError> {
+    parse_head_after(buffer, scratch, method, &mut 0)
+}
+
+/// The most informational answers one request may get before its answer:
+/// past it, an upstream sending them without end is cut off.
+const MAX_INTERIM_ANSWERS: u32 = 32;
+
+/// [`parse_head`], with `interim` answers already skipped for this request.
+fn parse_head_after(
+    buffer: &mut BytesMut,
+    scratch: &mut HeadScratch,
+    method: &Method,
+    interim: &mut u32,
 ) -> Result<Option<Head>, WireError> {
     loop {
         // Where each field sits in the head, to take it from the buffer
@@ -441,6 +500,10 @@ fn parse_head(
         match code {
             101 => return Err(WireError::Invalid("switching protocols was not asked for")),
             100..=199 => {
+                *interim += 1;
+                if *interim > MAX_INTERIM_ANSWERS {
+                    return Err(WireError::Invalid("too many informational answers"));
+                }
                 buffer.advance(length);
                 continue;
             }
@@ -1077,6 +1140,15 @@ mod tests {
         let request = http::Request::post("http://upstream/v1/chat?x=1")
             .header("host", "client.example")
             .header("content-length", "999")
+            .header("transfer-encoding", "chunked")
+            .header("connection", "keep-alive, x-hop")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("trailer", "x-t")
+            .header("upgrade", "h2c")
+            .header("proxy-authorization", "Basic x")
+            .header("proxy-connection", "keep-alive")
+            .header("expect", "100-continue")
             .header("x-keep", "yes")
             .body(())
             .unwrap();
@@ -1094,15 +1166,19 @@ mod tests {
             "POST /v1/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-keep: yes\r\ncontent-length: 2\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_head(&mut out, &parts, &host, &BodyFraming::Declared);
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .contains("content-length: 999\r\n"));
+        // A streamed body is framed by its own size, never the client's
+        // fields: the length the client declared is not the one sent.
+        encode_head(&mut out, &parts, &host, &BodyFraming::Declared(7));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-keep: yes\r\ncontent-length: 7\r\n\r\n"
+        );
         let mut out = Vec::new();
         encode_head(&mut out, &parts, &host, &BodyFraming::Chunked);
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .ends_with("transfer-encoding: chunked\r\n\r\n"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-keep: yes\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
 
         let (parts, ()) = http::Request::get("/models").body(()).unwrap().into_parts();
         let mut out = Vec::new();

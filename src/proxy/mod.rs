@@ -570,11 +570,19 @@ impl Gateway {
         let cut = deadlines
             .is_some()
             .then(|| (self.drain.signal(), config.drain_timeout));
+        // The client's side cuts a client that stops reading; the body
+        // learns of it through the shared flag when it is dropped.
+        let client_write = crate::server::ClientWrite {
+            per_write: config.client_write_timeout,
+            deadline: Some((started + config.total_timeout).into()),
+            timed_out: Arc::default(),
+        };
         let observation = Observation {
             usage_format,
             deadlines,
             cut,
             error_event,
+            write_timed_out: Some(client_write.timed_out.clone()),
             ..self.observation(&live, &mut decision, status, error, started, &request_id)
         };
         let fields = answer_fields::GatewayFields {
@@ -586,7 +594,10 @@ impl Gateway {
             // The id's own bytes become the value, not a copy of them.
             request_id: HeaderValue::from_maybe_shared(Bytes::from(request_id)).ok(),
         };
-        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation, fields))))
+        let mut response = response
+            .map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation, fields))));
+        response.extensions_mut().insert(client_write);
+        response
     }
 
     /// What is known about a request when its answer starts (or when it
@@ -633,6 +644,7 @@ impl Gateway {
             deadlines: None,
             cut: None,
             error_event: false,
+            write_timed_out: None,
             fallback: decision.fallback,
         }
     }
@@ -690,6 +702,7 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         check_method(&parts.method)?;
         check_header_size(&parts, limits.max_header_bytes)?;
+        route::check_path(parts.uri.path()).map_err(|reason| ProxyError::InvalidPath { reason })?;
         let route = Route::classify(parts.uri.path()).ok_or_else(|| ProxyError::NotFound {
             path: truncate(parts.uri.path(), 200),
         })?;

@@ -19,6 +19,7 @@
 //! runs out of `server.drain_timeout_ms` ends answers the same way.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -83,6 +84,8 @@ pub struct Observation {
     /// Whether a failure mid-body may be told with an SSE error event: the
     /// body is an uncompressed event stream without a declared length.
     pub error_event: bool,
+    /// Set by the client's side when it cut a client that stopped reading.
+    pub write_timed_out: Option<Arc<AtomicBool>>,
     /// Control's answer served after treatment's upstream failed: that
     /// failure was recorded as the request, so this answer is recorded in
     /// no arm's series (nor as an event); control's stay control's own.
@@ -280,8 +283,18 @@ impl Drop for ObservedBody {
         if self.observation.is_some() {
             // A server that knows the length stops polling at the last byte
             // and drops the body: that is a complete answer. Anything else
-            // dropped early means the client went away mid-answer.
-            let error = (!self.inner.is_end_stream()).then_some(UpstreamErrorKind::ClientCancelled);
+            // dropped early means the client went away mid-answer, or
+            // stopped reading and was cut off.
+            let cut_off = self
+                .observation
+                .as_ref()
+                .and_then(|observation| observation.write_timed_out.as_ref())
+                .is_some_and(|flag| flag.load(Ordering::Relaxed));
+            let error = match (self.inner.is_end_stream(), cut_off) {
+                (true, _) => None,
+                (false, true) => Some(UpstreamErrorKind::ClientWriteTimeout),
+                (false, false) => Some(UpstreamErrorKind::ClientCancelled),
+            };
             self.finish(error);
         }
     }

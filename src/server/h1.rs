@@ -18,6 +18,7 @@ use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -31,11 +32,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::{Closing, Handler, Http2, HEADER_READ_TIMEOUT};
+use super::{ClientWrite, Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, ends_chunked, has_token, poll_deadline, poll_fill, step_length, Chunked,
-    HeadScratch, Spans, Step, MAX_HEADERS, READ_BUFFER,
+    content_length, has_token, poll_deadline, poll_fill, step_length, Chunked, HeadScratch, Spans,
+    Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -78,6 +79,8 @@ pub(super) struct Connection<H> {
     /// in steady state a head costs a copy and no allocation.
     copies: BytesMut,
     head_bytes: usize,
+    /// Each write's time for an answer that does not set its own.
+    client_write: Duration,
     closing: Closing,
 }
 
@@ -134,25 +137,78 @@ impl Reader {
     }
 }
 
-/// Why a request head is refused before any handler sees it.
+/// Why a request head is refused before any handler sees it. Each is
+/// answered with a JSON error in the shape of the gateway's others, and
+/// the connection closed: after a head whose framing cannot be trusted,
+/// nothing more on the connection can be (RFC 9112 §6.3, §11.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
     /// Over the size or field-count limit: 431.
     TooLarge,
-    /// Not an HTTP/1 request head, or framing that cannot be trusted: 400.
-    Invalid,
+    /// Not an HTTP/1 request head (httparse refused it, or its method or
+    /// target do not parse): 400.
+    Malformed,
+    /// A body's framing that cannot be trusted: Content-Length with
+    /// Transfer-Encoding, an invalid or conflicting length, a coding list
+    /// that does not end in one `chunked`, chunks from HTTP/1.0: 400.
+    Framing,
+    /// Codings before `chunked`, which the gateway does not decode: 501.
+    Coding,
+    /// HTTP/1.1 without Host, or any request with two (RFC 9112 §3.2): 400.
+    Host,
 }
 
 impl Refusal {
-    fn answer(self) -> &'static [u8] {
+    /// The status line's status, the error's message and its `code`.
+    fn parts(self) -> (&'static str, &'static str, &'static str) {
         match self {
-            Refusal::TooLarge => {
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            }
-            Refusal::Invalid => {
-                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            }
+            Refusal::TooLarge => (
+                "431 Request Header Fields Too Large",
+                "the request head is over the gateway's size or field-count limit",
+                "headers_too_large",
+            ),
+            Refusal::Malformed => (
+                "400 Bad Request",
+                "the request is not a valid HTTP/1.1 request head",
+                "malformed_request",
+            ),
+            Refusal::Framing => (
+                "400 Bad Request",
+                "the request body's framing is ambiguous or invalid: Content-Length with \
+                 Transfer-Encoding, an invalid Content-Length, or a Transfer-Encoding that \
+                 does not end in one chunked",
+                "invalid_framing",
+            ),
+            Refusal::Coding => (
+                "501 Not Implemented",
+                "chunked is the only transfer coding the gateway accepts",
+                "unsupported_transfer_coding",
+            ),
+            Refusal::Host => (
+                "400 Bad Request",
+                "an HTTP/1.1 request needs exactly one Host header",
+                "invalid_host",
+            ),
         }
+    }
+
+    /// The whole answer: a JSON error (OpenAI's `{"error": {...}}` with
+    /// Anthropic's top-level `"type": "error"`) and `connection: close`.
+    fn answer(self) -> Vec<u8> {
+        let (status, message, code) = self.parts();
+        let kind = if status.starts_with('5') {
+            "api_error"
+        } else {
+            "invalid_request_error"
+        };
+        let body = format!(
+            r#"{{"type":"error","error":{{"message":"{message}","type":"{kind}","param":null,"code":"{code}"}}}}"#
+        );
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
     }
 }
 
@@ -203,12 +259,12 @@ fn parse(buffer: &[u8], head_bytes: usize, spans: &mut Spans) -> Result<Option<P
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge),
-        Err(_) => return Err(Refusal::Invalid),
+        Err(_) => return Err(Refusal::Malformed),
     };
     let start = buffer.as_ptr() as usize;
     let offset = |part: &[u8]| part.as_ptr() as usize - start;
     let method = request.method.unwrap_or_default();
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::Invalid)?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| Refusal::Malformed)?;
     let path = request.path.unwrap_or_default();
     let target = (
         offset(path.as_bytes()),
@@ -233,17 +289,8 @@ fn parse(buffer: &[u8], head_bytes: usize, spans: &mut Spans) -> Result<Option<P
         facts.note(header.name.as_bytes(), header.value)?;
         fields += 1;
     }
-    let framing = match facts.transfer_encoding {
-        None => RequestFraming::Length(facts.length.unwrap_or(0)),
-        Some(true) if version == Version::HTTP_11 => RequestFraming::Chunked,
-        // Anything but chunked last, or chunks from an HTTP/1.0 client,
-        // leaves the body's end unknown (RFC 9112 §6.1).
-        Some(_) => return Err(Refusal::Invalid),
-    };
-    // With a length as well, the chunks win, and the connection is closed
-    // after the answer (RFC 9112 §6.1): what follows cannot be trusted.
-    let mixed = facts.transfer_encoding.is_some() && facts.length.is_some();
-    let keep_alive = !facts.close && !mixed && (version == Version::HTTP_11 || facts.keep_alive);
+    let framing = facts.framing(version)?;
+    let keep_alive = !facts.close && (version == Version::HTTP_11 || facts.keep_alive);
     Ok(Some(Parsed {
         length,
         method,
@@ -260,20 +307,61 @@ fn parse(buffer: &[u8], head_bytes: usize, spans: &mut Spans) -> Result<Option<P
 #[derive(Default)]
 struct Facts {
     length: Option<u64>,
-    /// Present, and whether its last coding is chunked.
-    transfer_encoding: Option<bool>,
+    /// What the Transfer-Encoding fields, read as one list, say.
+    codings: Codings,
+    hosts: u8,
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
 }
 
+/// A request's transfer codings, read item by item across all of its
+/// Transfer-Encoding fields (RFC 9112 §6.1).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Codings {
+    /// No Transfer-Encoding field.
+    #[default]
+    Absent,
+    /// Fields, but no `chunked` in them yet: this many other codings.
+    Before(u8),
+    /// `chunked` last, after this many other codings.
+    Chunked(u8),
+    /// A coding after `chunked`, or `chunked` twice, or an empty list:
+    /// the body's end cannot be known.
+    Unframed,
+}
+
+impl Codings {
+    fn note(self, value: &[u8]) -> Codings {
+        let mut codings = match self {
+            Codings::Absent => Codings::Before(0),
+            known => known,
+        };
+        for item in value.split(|byte| *byte == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() {
+                continue; // empty list elements are allowed (RFC 9110 §5.6.1)
+            }
+            let chunked = item.eq_ignore_ascii_case(b"chunked");
+            codings = match (codings, chunked) {
+                (Codings::Before(before), true) => Codings::Chunked(before),
+                (Codings::Before(before), false) => Codings::Before(before.saturating_add(1)),
+                _ => Codings::Unframed,
+            };
+        }
+        codings
+    }
+}
+
 impl Facts {
     fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
         if name.eq_ignore_ascii_case(b"content-length") {
-            let length = content_length(value, self.length).map_err(|_| Refusal::Invalid)?;
+            let length = content_length(value, self.length).map_err(|_| Refusal::Framing)?;
             self.length = Some(length);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.transfer_encoding = Some(ends_chunked(value));
+            self.codings = self.codings.note(value);
+        } else if name.eq_ignore_ascii_case(b"host") {
+            self.hosts = self.hosts.saturating_add(1);
         } else if name.eq_ignore_ascii_case(b"connection") {
             self.close |= has_token(value, b"close");
             self.keep_alive |= has_token(value, b"keep-alive");
@@ -281,6 +369,29 @@ impl Facts {
             self.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
         Ok(())
+    }
+
+    /// The body's framing, decided once, here, for both of the gateway's
+    /// sides (RFC 9112 §6.3): the upstream side frames from the body it
+    /// is given, never from these fields. Whatever two parsers could read
+    /// two ways is refused, as nginx does; hyper instead drops the length
+    /// and keeps the chunks.
+    fn framing(&self, version: Version) -> Result<RequestFraming, Refusal> {
+        if self.hosts > 1 || (self.hosts == 0 && version == Version::HTTP_11) {
+            return Err(Refusal::Host);
+        }
+        match (self.codings, self.length) {
+            (Codings::Absent, length) => Ok(RequestFraming::Length(length.unwrap_or(0))),
+            // Both: one hop reads the length, the next the chunks.
+            (_, Some(_)) => Err(Refusal::Framing),
+            // Chunks from an HTTP/1.0 client cannot be trusted to end
+            // where a 1.1 hop reads their end (RFC 9112 §6.1).
+            (Codings::Chunked(0), None) if version == Version::HTTP_11 => {
+                Ok(RequestFraming::Chunked)
+            }
+            (Codings::Chunked(_), None) if version == Version::HTTP_11 => Err(Refusal::Coding),
+            _ => Err(Refusal::Framing),
+        }
     }
 }
 
@@ -293,16 +404,16 @@ fn request_of(
     head: &Bytes,
 ) -> Result<Request<Body>, Refusal> {
     let (start, end) = parsed.target;
-    let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Invalid)?;
+    let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Malformed)?;
     let mut headers = scratch.headers(parsed.fields);
     for &(name_start, name_end, value_start, value_end) in scratch.spans.iter().take(parsed.fields)
     {
         let name = head
             .get(name_start..name_end)
             .and_then(|name| names.get(name))
-            .ok_or(Refusal::Invalid)?;
+            .ok_or(Refusal::Malformed)?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Refusal::Invalid)?;
+            .map_err(|_| Refusal::Malformed)?;
         headers.append(name, value);
     }
     let mut request = Request::new(Body::empty());
@@ -320,6 +431,7 @@ impl<H: Handler> Connection<H> {
         handler: Arc<H>,
         peer: SocketAddr,
         head_bytes: usize,
+        client_write: Duration,
         closing: Closing,
     ) -> Self {
         let (half, writer) = stream.into_split();
@@ -333,6 +445,7 @@ impl<H: Handler> Connection<H> {
             names: Names::default(),
             copies: BytesMut::new(),
             head_bytes,
+            client_write,
             closing,
         }
     }
@@ -379,7 +492,7 @@ impl<H: Handler> Connection<H> {
 
     /// Answers a head refused before any handler saw it, and closes.
     async fn refuse(mut self, refusal: Refusal) {
-        let _ = self.writer.write_all(refusal.answer()).await;
+        let _ = self.writer.write_all(&refusal.answer()).await;
         self.linger().await;
     }
 
@@ -554,7 +667,8 @@ impl<H: Handler> Connection<H> {
         exchange: Exchange,
         mut keep_alive: bool,
     ) -> Result<bool, ()> {
-        let (parts, mut body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        let clock = WriteClock::of(&mut parts.extensions, self.client_write);
         let status = parts.status;
         let bodyless = exchange.head_method
             || status.is_informational()
@@ -597,7 +711,7 @@ impl<H: Handler> Connection<H> {
         );
         self.head.recycle(parts.headers);
         if bodyless {
-            write_all(&mut self.writer, &self.write, &[])
+            write_all(&mut self.writer, &clock, &self.write, &[])
                 .await
                 .map_err(|_| ())?;
             return Ok(keep_alive);
@@ -615,7 +729,7 @@ impl<H: Handler> Connection<H> {
                 match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        write_all(&mut self.writer, &self.write, &[])
+                        write_all(&mut self.writer, &clock, &self.write, &[])
                             .await
                             .map_err(|_| ())?;
                         self.write.clear();
@@ -641,7 +755,7 @@ impl<H: Handler> Connection<H> {
                 *left -= data.len() as u64;
             }
             ended = body.is_end_stream();
-            self.write_data(&data, framing, ended)
+            self.write_data(&clock, &data, framing, ended)
                 .await
                 .map_err(|_| ())?;
             pending_head = false;
@@ -653,11 +767,11 @@ impl<H: Handler> Connection<H> {
             return Err(()); // the body ended short of its declared length
         }
         if framing == Outgoing::Chunked && !ended {
-            write_all(&mut self.writer, &self.write, b"0\r\n\r\n")
+            write_all(&mut self.writer, &clock, &self.write, b"0\r\n\r\n")
                 .await
                 .map_err(|_| ())?;
         } else if !self.write.is_empty() {
-            write_all(&mut self.writer, &self.write, &[])
+            write_all(&mut self.writer, &clock, &self.write, &[])
                 .await
                 .map_err(|_| ())?;
         }
@@ -685,7 +799,13 @@ impl<H: Handler> Connection<H> {
     /// Writes one piece of body, behind what the write buffer holds (the
     /// head, before the first), framed as the answer is; the last piece of
     /// a chunked body takes the final chunk with it.
-    async fn write_data(&mut self, data: &[u8], framing: Outgoing, last: bool) -> io::Result<()> {
+    async fn write_data(
+        &mut self,
+        clock: &WriteClock,
+        data: &[u8],
+        framing: Outgoing,
+        last: bool,
+    ) -> io::Result<()> {
         let chunked = framing == Outgoing::Chunked;
         if chunked && !data.is_empty() {
             let _ = write!(self.write, "{:x}\r\n", data.len());
@@ -698,13 +818,13 @@ impl<H: Handler> Connection<H> {
             if chunked && last {
                 self.write.extend_from_slice(b"0\r\n\r\n");
             }
-            write_all(&mut self.writer, &self.write, &[]).await
+            write_all(&mut self.writer, clock, &self.write, &[]).await
         } else {
             let mut after = &b""[..];
             if chunked {
                 after = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
             }
-            write_slices(&mut self.writer, &[&self.write, data, after]).await
+            write_slices(&mut self.writer, clock, &[&self.write, data, after]).await
         };
         self.write.clear();
         result
@@ -887,14 +1007,71 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// The time each write of one answer may take (see [`ClientWrite`]).
+struct WriteClock {
+    per_write: Duration,
+    deadline: Option<Instant>,
+    timed_out: Option<Arc<AtomicBool>>,
+}
+
+impl WriteClock {
+    /// The answer's own limits, or `per_write` alone.
+    fn of(extensions: &mut http::Extensions, per_write: Duration) -> Self {
+        match extensions.remove::<ClientWrite>() {
+            Some(limits) => Self {
+                per_write: limits.per_write,
+                deadline: limits.deadline,
+                timed_out: Some(limits.timed_out),
+            },
+            None => Self {
+                per_write,
+                deadline: None,
+                timed_out: None,
+            },
+        }
+    }
+
+    /// `write`, failed with `TimedOut` if the client has not taken it in
+    /// time. Most writes are taken at once and cost no timer: one is set
+    /// only for a write the socket could not take.
+    async fn bound<T>(&self, write: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        let mut write = pin!(write);
+        if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            return done;
+        }
+        let mut limit = Instant::now() + self.per_write;
+        if let Some(deadline) = self.deadline {
+            limit = limit.min(deadline);
+        }
+        match tokio::time::timeout_at(limit, write).await {
+            Ok(done) => done,
+            Err(_) => {
+                if let Some(timed_out) = &self.timed_out {
+                    timed_out.store(true, Ordering::Relaxed);
+                }
+                Err(io::ErrorKind::TimedOut.into())
+            }
+        }
+    }
+}
+
 /// Writes `first` then `second` whole, in one vectored write when the
 /// socket takes them.
-async fn write_all(writer: &mut OwnedWriteHalf, first: &[u8], second: &[u8]) -> io::Result<()> {
-    write_slices(writer, &[first, second]).await
+async fn write_all(
+    writer: &mut OwnedWriteHalf,
+    clock: &WriteClock,
+    first: &[u8],
+    second: &[u8],
+) -> io::Result<()> {
+    write_slices(writer, clock, &[first, second]).await
 }
 
 /// Writes the slices whole, in as few vectored writes as the socket takes.
-async fn write_slices(writer: &mut OwnedWriteHalf, slices: &[&[u8]]) -> io::Result<()> {
+async fn write_slices(
+    writer: &mut OwnedWriteHalf,
+    clock: &WriteClock,
+    slices: &[&[u8]],
+) -> io::Result<()> {
     let total: usize = slices.iter().map(|slice| slice.len()).sum();
     let mut written = 0;
     while written < total {
@@ -913,8 +1090,12 @@ async fn write_slices(writer: &mut OwnedWriteHalf, slices: &[&[u8]]) -> io::Resu
             skip = 0;
         }
         let sent = match count {
-            1 => writer.write(&pending[0]).await?,
-            _ => writer.write_vectored(&pending[..count]).await?,
+            1 => clock.bound(writer.write(&pending[0])).await?,
+            _ => {
+                clock
+                    .bound(writer.write_vectored(&pending[..count]))
+                    .await?
+            }
         };
         if sent == 0 {
             return Err(io::ErrorKind::WriteZero.into());

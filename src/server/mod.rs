@@ -7,18 +7,19 @@
 //!
 //! The HTTP layer bounds what a client can make it hold before a handler
 //! runs: the request head (line and headers) within [`ConnectionLimits`]
-//! and at most 100 header fields over HTTP/1.1 (past either: a 431 with an
-//! empty body), a head that is not HTTP (a 400 with an empty body), and a
-//! head sent within [`HEADER_READ_TIMEOUT`] (past it: the connection is
-//! closed). Each of these closes the connection. A request that gives both
-//! a length and chunks is read by its chunks and its connection closed
-//! after the answer (RFC 9112 §6.1).
+//! and at most 100 header fields over HTTP/1.1 (past either: a 431), a
+//! head that is not HTTP or whose framing or Host is ambiguous (a 400, see
+//! `h1`), and a head sent within [`HEADER_READ_TIMEOUT`] (past it: the
+//! connection is closed). Each refusal is a JSON error and closes the
+//! connection. What the client is sent is bounded too: each write within
+//! [`ClientWrite`]'s time, or the connection is cut.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -50,14 +51,36 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send + 'static;
 }
 
+/// Longest a client may take to take one write of an answer, unless the
+/// handler says otherwise (`timeouts.client_write_ms`'s default).
+pub const DEFAULT_CLIENT_WRITE: Duration = Duration::from_secs(30);
+
 /// Longest a client may take to send a request's line and headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What one connection may make the HTTP layer buffer.
+/// How long the client may take to read an answer, set by the handler
+/// in the answer's extensions (the gateway's live timeouts); an answer
+/// without it gets [`ConnectionLimits::client_write`] per write. When a
+/// write is not taken in time, the connection is cut, the answer's body
+/// dropped (an upstream connection it holds closes with it), and
+/// `timed_out` set for the handler to count.
+#[derive(Debug, Clone)]
+pub struct ClientWrite {
+    /// Longest wait for one write to be taken.
+    pub per_write: Duration,
+    /// When the whole answer must have been taken.
+    pub deadline: Option<tokio::time::Instant>,
+    pub timed_out: Arc<AtomicBool>,
+}
+
+/// What one connection may make the HTTP layer buffer, and wait for.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// Largest request head (HTTP/1.1 line and headers; HTTP/2 header list).
     pub head_bytes: usize,
+    /// Longest wait for a client to take one write, for answers that do
+    /// not carry a [`ClientWrite`].
+    pub client_write: Duration,
 }
 
 impl ConnectionLimits {
@@ -67,6 +90,7 @@ impl ConnectionLimits {
     pub fn for_max_header_bytes(max_header_bytes: usize) -> Self {
         Self {
             head_bytes: max_header_bytes.saturating_mul(4),
+            client_write: DEFAULT_CLIENT_WRITE,
         }
     }
 }
@@ -134,6 +158,7 @@ pub async fn serve_with<H: Handler>(
             handler.clone(),
             peer,
             head_bytes,
+            limits.client_write,
             Closing::new(closing.clone()),
         );
         tokio::spawn(connection.serve(started, http2.clone()));
