@@ -202,6 +202,19 @@ pub fn content_length(value: &[u8], known: Option<u64>) -> Result<u64, &'static 
     length.ok_or("content-length")
 }
 
+/// The length a request's `Content-Length` value gives, agreeing with
+/// the one `known` from the fields before it: digits only, one number.
+/// A list (`5, 5`), which RFC 9110 §8.6 lets a recipient take, is refused
+/// as hyper refuses it: a request is read one way by every hop or not at
+/// all. Answers keep [`content_length`]'s reading.
+pub fn request_content_length(value: &[u8], known: Option<u64>) -> Result<u64, &'static str> {
+    let parsed = digits(value).ok_or("content-length")?;
+    match known {
+        Some(length) if length != parsed => Err("conflicting content-length values"),
+        _ => Ok(parsed),
+    }
+}
+
 /// `value` as a decimal number when it is digits only, not empty and fits
 /// in a `u64`.
 fn digits(value: &[u8]) -> Option<u64> {

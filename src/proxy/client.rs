@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -59,6 +59,13 @@ impl ClientError {
             ClientError::Connect(_) => true,
             ClientError::Wire(_) | ClientError::TimedOut => false,
         }
+    }
+
+    /// The client's own request body failed while it was being sent on
+    /// (broken chunks, a length it did not keep): the client's fault, not
+    /// the upstream's.
+    pub fn is_request_body(&self) -> bool {
+        matches!(self, ClientError::Wire(WireError::RequestBody(_)))
     }
 }
 
@@ -116,12 +123,13 @@ impl HttpClient {
         let (empty, ()) = Request::new(()).into_parts();
         let mut request = Request::from_parts(std::mem::replace(parts, empty), body);
         // hyper writes what the map says: the client's Host names the
-        // gateway, and a body held whole (rewritten, perhaps) gets its
-        // length from its size, not from the client.
-        request.headers_mut().remove(HOST);
-        if matches!(request.body(), Body::Full(_)) {
-            request.headers_mut().remove(CONTENT_LENGTH);
-        }
+        // gateway, and the body is framed from itself (its exact size, or
+        // chunks), never from the client's framing fields, as on the
+        // plain-HTTP side.
+        let headers = request.headers_mut();
+        headers.remove(HOST);
+        headers.remove(CONTENT_LENGTH);
+        headers.remove(TRANSFER_ENCODING);
         let sent = self.general.request(request);
         let response = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, sent)

@@ -1174,6 +1174,9 @@ fn classify_client_error(
     config: &Snapshot,
 ) -> ProxyError {
     let detail = error_chain(err);
+    if err.is_request_body() {
+        return ProxyError::ClientBody(detail);
+    }
     if err.is_connect() {
         if has_io_kind(err, std::io::ErrorKind::TimedOut) {
             return ProxyError::UpstreamTimeout {

@@ -35,8 +35,8 @@ use tokio::time::{Instant, Sleep};
 use super::{ClientWrite, Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
 use crate::http1::{
-    content_length, has_token, poll_deadline, poll_fill, step_length, Chunked, HeadScratch, Spans,
-    Step, MAX_HEADERS, READ_BUFFER,
+    has_token, poll_deadline, poll_fill, request_content_length, step_length, Chunked, HeadScratch,
+    Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
 
 /// A read buffer grown past this for one large request is let go after it.
@@ -356,7 +356,8 @@ impl Codings {
 impl Facts {
     fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
         if name.eq_ignore_ascii_case(b"content-length") {
-            let length = content_length(value, self.length).map_err(|_| Refusal::Framing)?;
+            let length =
+                request_content_length(value, self.length).map_err(|_| Refusal::Framing)?;
             self.length = Some(length);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.codings = self.codings.note(value);

@@ -511,6 +511,9 @@ async fn a_framing_or_host_two_parsers_could_read_two_ways_is_refused_and_closed
         // Lengths that are not one number.
         ("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx".into(), "400", "invalid_framing"),
         ("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1, 2\r\n\r\nxx".into(), "400", "invalid_framing"),
+        // A list of equal lengths: RFC 9110 §8.6 lets a recipient take it,
+        // hyper refuses it; a request is read the same way by every hop.
+        ("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2, 2\r\n\r\nxx".into(), "400", "invalid_framing"),
         ("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: +1\r\n\r\nx".into(), "400", "invalid_framing"),
         ("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 0x1\r\n\r\nx".into(), "400", "invalid_framing"),
         // Host: none on HTTP/1.1, or two on any version (RFC 9112 §3.2).
