@@ -2,7 +2,7 @@
 //! HTTP status, the metric label and the JSON body for each.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::assign::Variant;
@@ -325,6 +325,11 @@ impl ProxyError {
             }
             ProxyError::MethodNotForwarded { .. } => {
                 headers.insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+            }
+            // A head this large is not a client's mistake to retry on the
+            // same connection: closed after the answer, as nginx does.
+            ProxyError::HeadersTooLarge { .. } => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
