@@ -1135,6 +1135,48 @@ mod tests {
         ));
     }
 
+    /// What `send_body` makes of `pieces` sent as `framing`: the bytes
+    /// written, or that the exchange failed.
+    async fn sent(framing: BodyFraming, pieces: &[&'static [u8]]) -> Result<Vec<u8>, String> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(pieces.len().max(1));
+        for piece in pieces {
+            sender.send(Bytes::from_static(piece)).await.unwrap();
+        }
+        drop(sender);
+        let mut out = Vec::new();
+        let mut buffer = Vec::new();
+        send_body(&mut out, &mut buffer, framing, Body::Channel(receiver))
+            .await
+            .map(|()| out)
+            .map_err(|err| err.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_sent_exactly_as_long_as_its_head_says() {
+        assert_eq!(
+            sent(BodyFraming::Declared(5), &[b"he", b"llo"]).await,
+            Ok(b"hello".to_vec())
+        );
+        // More than declared: the rest would be read upstream as a second
+        // request. Fewer: the upstream would wait for the rest, or read
+        // the next request as it. Either fails the exchange.
+        let longer: &[&'static [u8]] = &[b"hello", b"GET / HTTP/1.1"];
+        let shorter: &[&'static [u8]] = &[b"hel"];
+        for pieces in [longer, shorter] {
+            let result = sent(BodyFraming::Declared(5), pieces).await;
+            assert!(
+                result
+                    .as_ref()
+                    .is_err_and(|err| err.contains("declared length")),
+                "{pieces:?}: {result:?}"
+            );
+        }
+        assert_eq!(
+            sent(BodyFraming::Chunked, &[b"hello", b"!"]).await,
+            Ok(b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n".to_vec())
+        );
+    }
+
     #[test]
     fn request_heads_carry_the_upstreams_host_and_the_bodys_framing() {
         let request = http::Request::post("http://upstream/v1/chat?x=1")
