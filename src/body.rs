@@ -24,10 +24,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Body {
     /// A body the gateway holds whole (rewritten JSON, errors, mock answers).
     Full(Option<Bytes>),
-    /// A body streamed through untouched, frame by frame: an HTTP/2
-    /// client's, or the answer of an upstream reached through hyper's
-    /// client (TLS).
+    /// A body streamed through untouched, frame by frame: the answer of
+    /// an upstream reached through hyper's client (TLS).
     Stream(Incoming),
+    /// An HTTP/2 client's body, streamed through the same way; what is
+    /// left unread of it when it is dropped is drained.
+    Http2(crate::server::Http2Body),
     /// An HTTP/1 client's body that did not come whole with its head, read
     /// off the connection as it is asked for.
     Client(crate::server::RequestBody),
@@ -67,7 +69,11 @@ impl Body {
                 observed.fields().write(out);
                 observed.inner().write_fields(out)
             }
-            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => false,
+            Body::Full(_)
+            | Body::Stream(_)
+            | Body::Http2(_)
+            | Body::Client(_)
+            | Body::Channel(_) => false,
         }
     }
 
@@ -80,7 +86,11 @@ impl Body {
                 observed.fields().add_to(headers);
                 observed.inner().add_fields_to(headers);
             }
-            Body::Full(_) | Body::Stream(_) | Body::Client(_) | Body::Channel(_) => {}
+            Body::Full(_)
+            | Body::Stream(_)
+            | Body::Http2(_)
+            | Body::Client(_)
+            | Body::Channel(_) => {}
         }
     }
 }
@@ -112,6 +122,9 @@ impl http_body::Body for Body {
             Body::Stream(incoming) => Pin::new(incoming)
                 .poll_frame(cx)
                 .map_err(|err| Box::new(err) as BoxError),
+            Body::Http2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|err| Box::new(err) as BoxError),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
             Body::Client(body) => Pin::new(body).poll_frame(cx),
             Body::Channel(receiver) => receiver
@@ -125,6 +138,7 @@ impl http_body::Body for Body {
         match self {
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(incoming) => incoming.is_end_stream(),
+            Body::Http2(body) => body.is_end_stream(),
             Body::Upstream(body) => body.is_end_stream(),
             Body::Client(body) => body.is_end_stream(),
             Body::Channel(_) => false,
@@ -137,6 +151,7 @@ impl http_body::Body for Body {
             Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Stream(incoming) => incoming.size_hint(),
+            Body::Http2(body) => body.size_hint(),
             Body::Upstream(body) => body.size_hint(),
             Body::Client(body) => body.size_hint(),
             Body::Channel(_) => SizeHint::default(),

@@ -36,10 +36,12 @@ use tokio::sync::watch;
 use crate::body::Body;
 
 mod h1;
+mod h2_body;
 #[cfg(test)]
 mod tests;
 
 pub use h1::{RequestBody, RequestBodyError};
+pub use h2_body::Http2Body;
 
 /// Something that answers requests; every failure is already a response.
 pub trait Handler: Send + Sync + 'static {
@@ -185,7 +187,9 @@ async fn serve_http2<H: Handler>(
     let service = service_fn(move |request: Request<Incoming>| {
         let handler = handler.clone();
         async move {
-            let response = handler.handle(request.map(Body::Stream), peer).await;
+            let response = handler
+                .handle(request.map(|body| Body::Http2(Http2Body::new(body))), peer)
+                .await;
             Ok::<_, Infallible>(crate::body::with_fields_in_map(response))
         }
     });
