@@ -86,7 +86,7 @@ source "$ROOT/loadtest/lib.sh"
 
 # --- what it needs -----------------------------------------------------------
 install_missing nginx:nginx haproxy:haproxy taskset:util-linux
-cargo build --release --bins --quiet
+cargo build --release --workspace --bins --quiet
 if [ "$PGO" = 1 ] && ! "$ROOT/loadtest/pgo.sh"; then
   # No llvm-profdata for this rustc's LLVM, say: the plain build alone.
   echo "no profile-guided build: abgate is the plain release build" >&2

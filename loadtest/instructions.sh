@@ -43,7 +43,7 @@ fi
 source "$ROOT/loadtest/lib.sh"
 
 install_missing nginx:nginx valgrind:valgrind taskset:util-linux
-cargo build --release --bins --quiet
+cargo build --release --workspace --bins --quiet
 BUILDS=("$@")
 [ ${#BUILDS[@]} -gt 0 ] || BUILDS=("$ROOT/target/release/abgate")
 

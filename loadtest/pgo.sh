@@ -27,7 +27,7 @@ PROFILES=$RUN/profiles
 
 # The plain build runs the mocks and the load generator: only the gateway's
 # own run is recorded.
-cargo build --release --bins --quiet
+cargo build --release --workspace --bins --quiet
 CARGO_TARGET_DIR=$ROOT/target/pgo-generate RUSTFLAGS="-Cprofile-generate=$PROFILES" \
   cargo build --release --bin abgate --quiet
 

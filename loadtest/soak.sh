@@ -60,7 +60,7 @@ command -v jq >/dev/null || {
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends jq
 }
 if [ ! -x "$ABGATE" ] || [ ! -x "$LOADTEST" ]; then
-  cargo build --release --bin abgate --bin loadtest --quiet
+  cargo build --release --bin abgate --quiet && cargo build --release -p abgate-loadtest --quiet
 fi
 
 RUN=$(mktemp -d /tmp/abgate-soak.XXXXXX)

@@ -13,7 +13,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 #[cfg(doc)]
-use crate::http1::Forwarded;
+use abgate_http1::framing::Forwarded;
 
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).

@@ -18,7 +18,6 @@ pub mod drain;
 pub mod events;
 pub mod guardrails;
 pub mod hex;
-pub mod http1;
 pub mod identity;
 pub mod metrics;
 pub mod mock;

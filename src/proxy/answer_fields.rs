@@ -54,7 +54,9 @@ impl GatewayFields {
     /// Writes the fields as head lines (each value is a checked
     /// `HeaderValue` or one of the gateway's own words).
     pub fn write(&self, out: &mut Vec<u8>) {
-        self.each(|name, value| crate::http1::write_field(out, name.as_str().as_bytes(), value));
+        self.each(|name, value| {
+            abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value)
+        });
     }
 
     /// Puts the fields in `headers`, for a side that writes heads from a

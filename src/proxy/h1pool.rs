@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use super::client::ClientError;
 use super::h1wire::{self, BodyFraming, Connection, ResponseBody, WireError, WriteFailed};
 use crate::body::Body;
-use crate::http1::poll_deadline;
+use abgate_http1::framing::poll_deadline;
 
 /// Idle connections older than this are closed (by the next reaper tick
 /// after it, so within a third more).

@@ -32,7 +32,7 @@ use smallvec::SmallVec;
 use super::h1pool::Http1Pool;
 use super::headers;
 use crate::body::{Body, BoxError};
-use crate::http1::{
+use abgate_http1::framing::{
     poll_fill, step_length, AnswerFraming, Chunked, Forwarded, FramingFields, HeadScratch, Step,
     MAX_HEADERS, READ_BUFFER,
 };
@@ -387,7 +387,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         if !is_framing_or_hop(name) {
-            crate::http1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
+            abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     match framing {
@@ -400,10 +400,10 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
                 )
             {
-                crate::http1::write_content_length(out, length as u64);
+                abgate_http1::framing::write_content_length(out, length as u64);
             }
         }
-        BodyFraming::Declared(length) => crate::http1::write_content_length(out, *length),
+        BodyFraming::Declared(length) => abgate_http1::framing::write_content_length(out, *length),
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
@@ -568,7 +568,7 @@ fn parse_head_after(
                 }
             } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
-                crate::http1::write_field(lines, name, value);
+                abgate_http1::framing::write_field(lines, name, value);
             }
         }
         let (framing_kind, keep_alive) = framing

@@ -34,7 +34,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{ClientWrite, Closing, Handler, Http2, HEADER_READ_TIMEOUT};
 use crate::body::{Body, BoxError};
-use crate::http1::{
+use abgate_http1::framing::{
     has_token, poll_deadline, poll_fill, request_content_length, step_length, Chunked, HeadScratch,
     Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
@@ -983,12 +983,12 @@ fn encode_head(
             continue;
         }
         has_connection |= *name == CONNECTION;
-        crate::http1::write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let date = body.write_fields(out);
     match framing {
         Outgoing::Length(length) if add_length => {
-            crate::http1::write_content_length(out, length);
+            abgate_http1::framing::write_content_length(out, length);
         }
         Outgoing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}

@@ -1,8 +1,8 @@
-//! HTTP/1.1 on the wire, the pieces both of the gateway's sides use: its
-//! connections to upstreams (`proxy::h1wire`) and its clients'
-//! connections (`server::h1`). Reads into a buffer, the framing headers,
-//! and a body framed by its length or by chunks (RFC 9112 §6, §7.1),
-//! decoded in place from whatever the reads have brought so far.
+//! Message framing, the pieces both sides of an HTTP/1.1 intermediary use
+//! (the gateway's server and its upstream connections, and the load
+//! generator): reads into a buffer, the framing headers, and a body framed
+//! by its length or by chunks (RFC 9112 §6, §7.1), decoded in place from
+//! whatever the reads have brought so far.
 
 use std::future::Future;
 use std::io;

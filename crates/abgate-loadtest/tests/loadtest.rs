@@ -4,6 +4,7 @@
 //! asserted, only counts and shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The generator's side of HTTP/1.1: each request written whole in one
 //! write, the answer's head parsed in place (httparse, no header map), its
-//! body framed by length or chunks with the gateway's own `http1` pieces
-//! and handed over as it arrives.
+//! body framed by length or chunks with the gateway's own framing pieces
+//! (`abgate_http1::framing`) and handed over as it arrives.
 //!
 //! Why not a general client: the generator shares its CPU with the
 //! upstream, and near saturation that CPU is the limit of every run. A
@@ -14,7 +14,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 
-use abgate::http1::{self, AnswerFraming, Chunked, FramingFields};
+use abgate_http1::framing::{self as http1, AnswerFraming, Chunked, FramingFields};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

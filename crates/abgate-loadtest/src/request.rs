@@ -5,7 +5,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use abgate::http1;
+use abgate_http1::framing as http1;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::Uri;

@@ -1,0 +1,10 @@
+//! HTTP/1.1 on the wire, as abgate speaks it on both of its sides: to its
+//! clients and to its upstreams. Nothing here knows of the gateway: what
+//! a gateway decides (which fields to pass on, what to add to an answer)
+//! comes in through parameters.
+//!
+//! [`framing`] reads into a buffer, notes the fields that frame a message,
+//! and decodes a body framed by its length or by chunks (RFC 9112 §6,
+//! §7.1), in place, from whatever the reads have brought so far.
+
+pub mod framing;
