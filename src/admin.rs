@@ -392,8 +392,15 @@ fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
-impl crate::server::Handler for Admin {
-    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
+impl abgate_http1::server::Handler for Admin {
+    type Answer = Body;
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<abgate_http1::server::RequestBody>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        let request = request.map(Body::from);
         match (request.method(), request.uri().path()) {
             (&Method::PUT, "/admin/rollout")
             | (

@@ -11,8 +11,8 @@ use crate::admin::Admin;
 use crate::config::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::server;
 use crate::supervisor::Supervisor;
+use abgate_http1::server;
 
 /// A gateway serving in background tasks.
 pub struct Running {

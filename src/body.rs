@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -17,7 +17,7 @@ use abgate_http1::framing::Forwarded;
 
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use abgate_http1::server::BoxError;
 
 /// A request or response body: a whole buffer, or a stream passed through.
 #[derive(Debug)]
@@ -29,10 +29,10 @@ pub enum Body {
     Stream(Incoming),
     /// An HTTP/2 client's body, streamed through the same way; what is
     /// left unread of it when it is dropped is drained.
-    Http2(crate::server::Http2Body),
+    Http2(abgate_http1::server::Http2Body),
     /// An HTTP/1 client's body that did not come whole with its head, read
     /// off the connection as it is asked for.
-    Client(crate::server::RequestBody),
+    Client(abgate_http1::server::Http1Body),
     /// A plain-HTTP upstream's answer, read off its connection by the
     /// gateway itself and streamed through untouched.
     Upstream(crate::proxy::client::ResponseBody),
@@ -77,6 +77,23 @@ impl Body {
         }
     }
 
+    /// How long the client may take to take each write of this answer,
+    /// and all of it: a measured answer's own (the gateway's timeouts).
+    pub fn write_limits(&self) -> Option<abgate_http1::server::WriteLimits> {
+        match self {
+            Body::Observed(observed) => observed.write_limits(),
+            _ => None,
+        }
+    }
+
+    /// Tells the body the client's side cut its client off for not
+    /// reading: a measured answer counts it when it is dropped.
+    pub fn cut_off(&mut self) {
+        if let Body::Observed(observed) = self {
+            observed.cut_off();
+        }
+    }
+
     /// Adds the same fields to `headers`, for a side that writes heads
     /// from the map alone (HTTP/2).
     pub fn add_fields_to(&self, headers: &mut HeaderMap) {
@@ -95,12 +112,35 @@ impl Body {
     }
 }
 
-/// `response` with the fields its body carries in its map, for a side that
-/// writes heads from the map alone (HTTP/2).
-pub fn with_fields_in_map(response: Response<Body>) -> Response<Body> {
-    let (mut parts, body) = response.into_parts();
-    body.add_fields_to(&mut parts.headers);
-    Response::from_parts(parts, body)
+/// The server's answer body: the gateway's fields and write limits ride
+/// with the body, and the server learns of them only through this.
+impl abgate_http1::server::AnswerBody for Body {
+    fn write_fields(&self, out: &mut Vec<u8>) -> bool {
+        Body::write_fields(self, out)
+    }
+
+    fn add_fields_to(&self, headers: &mut HeaderMap) {
+        Body::add_fields_to(self, headers);
+    }
+
+    fn write_limits(&self) -> Option<abgate_http1::server::WriteLimits> {
+        Body::write_limits(self)
+    }
+
+    fn cut_off(&mut self) {
+        Body::cut_off(self);
+    }
+}
+
+impl From<abgate_http1::server::RequestBody> for Body {
+    fn from(body: abgate_http1::server::RequestBody) -> Self {
+        use abgate_http1::server::RequestBody;
+        match body {
+            RequestBody::Full(bytes) => Body::Full(bytes),
+            RequestBody::Http1(body) => Body::Client(body),
+            RequestBody::Http2(body) => Body::Http2(body),
+        }
+    }
 }
 
 impl From<Incoming> for Body {

@@ -26,7 +26,6 @@ pub mod redact;
 pub mod reload;
 pub mod request_id;
 pub mod rollout;
-pub mod server;
 pub mod srm;
 pub mod stats;
 pub mod supervisor;

@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                 ..abgate::mock::MockConfig::named(&name)
             };
             run_async(workers, async move {
-                let listener = abgate::server::bind(listen)
+                let listener = abgate_http1::server::bind(listen)
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!("mock upstream {name:?} listening on http://{listen}");

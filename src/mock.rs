@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::body::Body;
-use crate::server::{self, Handler};
+use abgate_http1::server::{self, Handler};
 
 /// Most SSE content chunks one request may ask for: every event is built
 /// up front, so an absurd `x-mock-chunks` must not exhaust memory.
@@ -257,7 +257,14 @@ struct Ask {
 }
 
 impl Handler for Mock {
-    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
+    type Answer = Body;
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<abgate_http1::server::RequestBody>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        let request = request.map(Body::from);
         let n = self.sequence.fetch_add(1, Ordering::SeqCst);
         let (parts, body) = request.into_parts();
         // A body cut off mid-way reads as empty, which the JSON routes refuse.

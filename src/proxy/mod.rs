@@ -570,19 +570,18 @@ impl Gateway {
         let cut = deadlines
             .is_some()
             .then(|| (self.drain.signal(), config.drain_timeout));
-        // The client's side cuts a client that stops reading; the body
-        // learns of it through the shared flag when it is dropped.
-        let client_write = crate::server::ClientWrite {
+        // The client's side cuts a client that stops reading, and tells
+        // the body before it drops it.
+        let write_limits = abgate_http1::server::WriteLimits {
             per_write: config.client_write_timeout,
             deadline: Some((started + config.total_timeout).into()),
-            timed_out: Arc::default(),
         };
         let observation = Observation {
             usage_format,
             deadlines,
             cut,
             error_event,
-            write_timed_out: Some(client_write.timed_out.clone()),
+            write_limits: Some(write_limits),
             ..self.observation(&live, &mut decision, status, error, started, &request_id)
         };
         let fields = answer_fields::GatewayFields {
@@ -594,10 +593,7 @@ impl Gateway {
             // The id's own bytes become the value, not a copy of them.
             request_id: HeaderValue::from_maybe_shared(Bytes::from(request_id)).ok(),
         };
-        let mut response = response
-            .map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation, fields))));
-        response.extensions_mut().insert(client_write);
-        response
+        response.map(|body| Body::Observed(Box::new(ObservedBody::new(body, observation, fields))))
     }
 
     /// What is known about a request when its answer starts (or when it
@@ -644,7 +640,7 @@ impl Gateway {
             deadlines: None,
             cut: None,
             error_event: false,
-            write_timed_out: None,
+            write_limits: None,
             fallback: decision.fallback,
         }
     }
@@ -947,8 +943,15 @@ impl Gateway {
     }
 }
 
-impl crate::server::Handler for Gateway {
-    async fn handle(self: Arc<Self>, request: Request<Body>, _peer: SocketAddr) -> Response<Body> {
+impl abgate_http1::server::Handler for Gateway {
+    type Answer = Body;
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<abgate_http1::server::RequestBody>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        let request = request.map(Body::from);
         self.proxy(request).await
     }
 }

@@ -19,7 +19,6 @@
 //! runs out of `server.drain_timeout_ms` ends answers the same way.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use crate::proxy::deadline::Deadlines;
 use crate::proxy::error::{ProxyError, Timeout};
 use crate::proxy::route::Route;
 use crate::proxy::usage_json;
+use abgate_http1::server::WriteLimits;
 
 /// Longest SSE line or JSON answer kept for reading usage; past it, usage is
 /// simply not read (the bytes still flow).
@@ -84,8 +84,8 @@ pub struct Observation {
     /// Whether a failure mid-body may be told with an SSE error event: the
     /// body is an uncompressed event stream without a declared length.
     pub error_event: bool,
-    /// Set by the client's side when it cut a client that stopped reading.
-    pub write_timed_out: Option<Arc<AtomicBool>>,
+    /// How long the client may take to read the answer.
+    pub write_limits: Option<WriteLimits>,
     /// Control's answer served after treatment's upstream failed: that
     /// failure was recorded as the request, so this answer is recorded in
     /// no arm's series (nor as an event); control's stay control's own.
@@ -123,9 +123,23 @@ pub struct ObservedBody {
     tail: [u8; 4],
     /// Broken off by the gateway: nothing more comes.
     ended: bool,
+    write_limits: Option<WriteLimits>,
+    /// The client's side cut the client off for not reading.
+    cut_off: bool,
 }
 
 impl ObservedBody {
+    /// How long the client may take to read the answer.
+    pub fn write_limits(&self) -> Option<WriteLimits> {
+        self.write_limits
+    }
+
+    /// The client's side cut the client off for not reading: counted as
+    /// `client_write_timeout` when the body is dropped.
+    pub fn cut_off(&mut self) {
+        self.cut_off = true;
+    }
+
     /// The body being measured.
     pub fn inner(&self) -> &Body {
         &self.inner
@@ -146,6 +160,8 @@ impl ObservedBody {
             deadlines: observation.deadlines.take(),
             cut: observation.cut.take(),
             error_event: observation.error_event,
+            write_limits: observation.write_limits,
+            cut_off: false,
             observation: Some(observation),
             first_byte: None,
             last_frame_at: None,
@@ -285,12 +301,7 @@ impl Drop for ObservedBody {
             // and drops the body: that is a complete answer. Anything else
             // dropped early means the client went away mid-answer, or
             // stopped reading and was cut off.
-            let cut_off = self
-                .observation
-                .as_ref()
-                .and_then(|observation| observation.write_timed_out.as_ref())
-                .is_some_and(|flag| flag.load(Ordering::Relaxed));
-            let error = match (self.inner.is_end_stream(), cut_off) {
+            let error = match (self.inner.is_end_stream(), self.cut_off) {
                 (true, _) => None,
                 (false, true) => Some(UpstreamErrorKind::ClientWriteTimeout),
                 (false, false) => Some(UpstreamErrorKind::ClientCancelled),

@@ -3,8 +3,12 @@
 //! a gateway decides (which fields to pass on, what to add to an answer)
 //! comes in through parameters.
 //!
-//! [`framing`] reads into a buffer, notes the fields that frame a message,
-//! and decodes a body framed by its length or by chunks (RFC 9112 §6,
-//! §7.1), in place, from whatever the reads have brought so far.
+//! - [`framing`] reads into a buffer, notes the fields that frame a
+//!   message, and decodes a body framed by its length or by chunks
+//!   (RFC 9112 §6, §7.1), in place, from whatever the reads have brought.
+//! - [`server`] serves a listener with a [`server::Handler`]: HTTP/1.1
+//!   spoken by itself, HTTP/2 by hyper. The handler's policy comes in
+//!   through the answer body it returns ([`server::AnswerBody`]).
 
 pub mod framing;
+pub mod server;

@@ -12,14 +12,13 @@
 //! `h1`), and a head sent within [`HEADER_READ_TIMEOUT`] (past it: the
 //! connection is closed). Each refusal is a JSON error and closes the
 //! connection. What the client is sent is bounded too: each write within
-//! [`ClientWrite`]'s time, or the connection is cut.
+//! [`WriteLimits`]' time, or the connection is cut.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -33,46 +32,131 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::body::Body;
-
 mod h1;
 mod h2_body;
 #[cfg(test)]
 mod tests;
 
-pub use h1::{RequestBody, RequestBodyError};
+pub use h1::{Http1Body, RequestBodyError};
 pub use h2_body::Http2Body;
 
 /// Something that answers requests; every failure is already a response.
 pub trait Handler: Send + Sync + 'static {
+    /// The body of its answers.
+    type Answer: AnswerBody;
+
     /// Answers one request from `peer`.
     fn handle(
         self: Arc<Self>,
-        request: Request<Body>,
+        request: Request<RequestBody>,
         peer: SocketAddr,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static;
+    ) -> impl Future<Output = Response<Self::Answer>> + Send + 'static;
+}
+
+/// An error of a body, the peer's or the handler's own.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the server asks of an answer's body beyond its frames: the
+/// handler's policy comes in through it (fields that ride with the body,
+/// how long the client may take to read it), so that the server names no
+/// type of the handler's.
+pub trait AnswerBody:
+    http_body::Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static
+{
+    /// Writes header fields that ride with the body rather than in the
+    /// answer's map, as `name: value` lines; `true` when `Date` is among
+    /// them (the server then adds none).
+    fn write_fields(&self, _out: &mut Vec<u8>) -> bool {
+        false
+    }
+
+    /// Adds the same fields to `headers`, for HTTP/2, whose heads are
+    /// written from the map alone.
+    fn add_fields_to(&self, _headers: &mut http::HeaderMap) {}
+
+    /// How long the client may take to take each write, and all of it.
+    fn write_limits(&self) -> Option<WriteLimits> {
+        None
+    }
+
+    /// The server cut the client off for not reading this answer (it is
+    /// dropped next).
+    fn cut_off(&mut self) {}
+}
+
+/// A request's body as the server hands it to its handler.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// None, or one that came whole with its head.
+    Full(Option<Bytes>),
+    /// An HTTP/1.1 body still being read off its connection.
+    Http1(Http1Body),
+    /// An HTTP/2 body, streamed by hyper.
+    Http2(Http2Body),
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Full(bytes) => {
+                Poll::Ready(bytes.take().map(|bytes| Ok(http_body::Frame::data(bytes))))
+            }
+            RequestBody::Http1(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Http2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|err| Box::new(err) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Full(bytes) => bytes.is_none(),
+            RequestBody::Http1(body) => body.is_end_stream(),
+            RequestBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RequestBody::Full(bytes) => http_body::SizeHint::with_exact(
+                bytes.as_ref().map_or(0, |bytes| bytes.len() as u64),
+            ),
+            RequestBody::Http1(body) => body.size_hint(),
+            RequestBody::Http2(body) => body.size_hint(),
+        }
+    }
 }
 
 /// Longest a client may take to take one write of an answer, unless the
 /// handler says otherwise (`timeouts.client_write_ms`'s default).
 pub const DEFAULT_CLIENT_WRITE: Duration = Duration::from_secs(30);
 
+/// The head size [`ConnectionLimits::default`] is made for (a quarter of
+/// what it takes: see [`ConnectionLimits::for_max_header_bytes`]).
+pub const DEFAULT_HEAD_BYTES: usize = 64 * 1024;
+
 /// Longest a client may take to send a request's line and headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the client may take to read an answer, set by the handler
-/// in the answer's extensions (the gateway's live timeouts); an answer
-/// without it gets [`ConnectionLimits::client_write`] per write. When a
-/// write is not taken in time, the connection is cut, the answer's body
-/// dropped (an upstream connection it holds closes with it), and
-/// `timed_out` set for the handler to count.
-#[derive(Debug, Clone)]
-pub struct ClientWrite {
+/// How long the client may take to read an answer, as its body says
+/// ([`Body::write_limits`]: the gateway's live timeouts); an answer
+/// without them gets [`ConnectionLimits::client_write`] per write. When a
+/// write is not taken in time, the connection is cut, the body told so
+/// ([`Body::cut_off`], for the handler to count) and dropped, and an
+/// upstream connection it holds closes with it. Carried by the body, not
+/// in the answer's extensions: no map and no shared flag per request.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteLimits {
     /// Longest wait for one write to be taken.
     pub per_write: Duration,
     /// When the whole answer must have been taken.
     pub deadline: Option<tokio::time::Instant>,
-    pub timed_out: Arc<AtomicBool>,
 }
 
 /// What one connection may make the HTTP layer buffer, and wait for.
@@ -81,7 +165,7 @@ pub struct ConnectionLimits {
     /// Largest request head (HTTP/1.1 line and headers; HTTP/2 header list).
     pub head_bytes: usize,
     /// Longest wait for a client to take one write, for answers that do
-    /// not carry a [`ClientWrite`].
+    /// carry no [`WriteLimits`].
     pub client_write: Duration,
 }
 
@@ -99,7 +183,7 @@ impl ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self::for_max_header_bytes(crate::config::DEFAULT_MAX_HEADER_BYTES)
+        Self::for_max_header_bytes(DEFAULT_HEAD_BYTES)
     }
 }
 
@@ -187,10 +271,10 @@ async fn serve_http2<H: Handler>(
     let service = service_fn(move |request: Request<Incoming>| {
         let handler = handler.clone();
         async move {
-            let response = handler
-                .handle(request.map(|body| Body::Http2(Http2Body::new(body))), peer)
-                .await;
-            Ok::<_, Infallible>(crate::body::with_fields_in_map(response))
+            let request = request.map(|body| RequestBody::Http2(Http2Body::new(body)));
+            let (mut parts, body) = handler.handle(request, peer).await.into_parts();
+            body.add_fields_to(&mut parts.headers);
+            Ok::<_, Infallible>(Response::from_parts(parts, body))
         }
     });
     let io = TokioIo::new(Prefixed { prefix, stream });

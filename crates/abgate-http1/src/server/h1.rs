@@ -32,9 +32,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::{ClientWrite, Closing, Handler, Http2, HEADER_READ_TIMEOUT};
-use crate::body::{Body, BoxError};
-use abgate_http1::framing::{
+use super::{
+    AnswerBody, BoxError, Closing, Handler, Http2, RequestBody, WriteLimits, HEADER_READ_TIMEOUT,
+};
+use crate::framing::{
     has_token, poll_deadline, poll_fill, request_content_length, step_length, Chunked, HeadScratch,
     Spans, Step, MAX_HEADERS, READ_BUFFER,
 };
@@ -403,7 +404,7 @@ fn request_of(
     scratch: &mut HeadScratch,
     names: &mut Names,
     head: &Bytes,
-) -> Result<Request<Body>, Refusal> {
+) -> Result<Request<RequestBody>, Refusal> {
     let (start, end) = parsed.target;
     let uri = Uri::from_maybe_shared(head.slice(start..end)).map_err(|_| Refusal::Malformed)?;
     let mut headers = scratch.headers(parsed.fields);
@@ -417,7 +418,7 @@ fn request_of(
             .map_err(|_| Refusal::Malformed)?;
         headers.append(name, value);
     }
-    let mut request = Request::new(Body::empty());
+    let mut request = Request::new(RequestBody::Full(None));
     *request.method_mut() = parsed.method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = parsed.version;
@@ -529,8 +530,8 @@ impl<H: Handler> Connection<H> {
         };
         let mut streamed = None;
         *request.body_mut() = match (whole, parsed.framing) {
-            (Some(0), _) => Body::empty(),
-            (Some(_), _) => Body::full(head.slice(parsed.length..)),
+            (Some(0), _) => RequestBody::Full(None),
+            (Some(_), _) => RequestBody::Full(Some(head.slice(parsed.length..))),
             (None, framing) => {
                 let decoder = match framing {
                     RequestFraming::Length(length) => Decoder::Length(length),
@@ -549,7 +550,7 @@ impl<H: Handler> Connection<H> {
                     connection: None,
                 }));
                 streamed = Some(shared.clone());
-                Body::Client(RequestBody { shared })
+                RequestBody::Http1(Http1Body { shared })
             }
         };
         drop(head);
@@ -601,9 +602,9 @@ impl<H: Handler> Connection<H> {
     /// expects it is first read.
     async fn respond(
         &mut self,
-        request: Request<Body>,
+        request: Request<RequestBody>,
         streamed: &Option<Arc<Mutex<Streamed>>>,
-    ) -> Option<Response<Body>> {
+    ) -> Option<Response<H::Answer>> {
         let mut service = pin!(self.handler.clone().handle(request, self.peer));
         let head_bytes = self.head_bytes;
         let mut interim_sent = 0;
@@ -664,12 +665,31 @@ impl<H: Handler> Connection<H> {
     /// the client or the body failed midway.
     async fn write_response(
         &mut self,
-        response: Response<Body>,
+        response: Response<H::Answer>,
+        exchange: Exchange,
+        keep_alive: bool,
+    ) -> Result<bool, ()> {
+        let (parts, mut body) = response.into_parts();
+        let clock = WriteClock::new(body.write_limits(), self.client_write);
+        let written = self
+            .write_answer(parts, &mut body, &clock, exchange, keep_alive)
+            .await;
+        if clock.timed_out() {
+            body.cut_off();
+        }
+        written
+    }
+
+    /// [`Self::write_response`] of the answer's head and body, each write
+    /// bounded by `clock`.
+    async fn write_answer(
+        &mut self,
+        parts: http::response::Parts,
+        body: &mut H::Answer,
+        clock: &WriteClock,
         exchange: Exchange,
         mut keep_alive: bool,
     ) -> Result<bool, ()> {
-        let (mut parts, mut body) = response.into_parts();
-        let clock = WriteClock::of(&mut parts.extensions, self.client_write);
         let status = parts.status;
         let bodyless = exchange.head_method
             || status.is_informational()
@@ -702,7 +722,7 @@ impl<H: Handler> Connection<H> {
             &mut self.write,
             Fields {
                 headers: &parts.headers,
-                body: &body,
+                body,
             },
             status,
             exchange.version,
@@ -712,7 +732,7 @@ impl<H: Handler> Connection<H> {
         );
         self.head.recycle(parts.headers);
         if bodyless {
-            write_all(&mut self.writer, &clock, &self.write, &[])
+            write_all(&mut self.writer, clock, &self.write, &[])
                 .await
                 .map_err(|_| ())?;
             return Ok(keep_alive);
@@ -727,10 +747,10 @@ impl<H: Handler> Connection<H> {
             // The head waits for the first piece only if it is already
             // there: an answer still coming gets its head at once.
             let frame = if pending_head {
-                match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        write_all(&mut self.writer, &clock, &self.write, &[])
+                        write_all(&mut self.writer, clock, &self.write, &[])
                             .await
                             .map_err(|_| ())?;
                         self.write.clear();
@@ -739,7 +759,7 @@ impl<H: Handler> Connection<H> {
                     }
                 }
             } else {
-                self.next_frame(&mut body).await?
+                self.next_frame(body).await?
             };
             let data = match frame {
                 None => break,
@@ -756,7 +776,7 @@ impl<H: Handler> Connection<H> {
                 *left -= data.len() as u64;
             }
             ended = body.is_end_stream();
-            self.write_data(&clock, &data, framing, ended)
+            self.write_data(clock, &data, framing, ended)
                 .await
                 .map_err(|_| ())?;
             pending_head = false;
@@ -768,11 +788,11 @@ impl<H: Handler> Connection<H> {
             return Err(()); // the body ended short of its declared length
         }
         if framing == Outgoing::Chunked && !ended {
-            write_all(&mut self.writer, &clock, &self.write, b"0\r\n\r\n")
+            write_all(&mut self.writer, clock, &self.write, b"0\r\n\r\n")
                 .await
                 .map_err(|_| ())?;
         } else if !self.write.is_empty() {
-            write_all(&mut self.writer, &clock, &self.write, &[])
+            write_all(&mut self.writer, clock, &self.write, &[])
                 .await
                 .map_err(|_| ())?;
         }
@@ -782,7 +802,7 @@ impl<H: Handler> Connection<H> {
     /// Waits for the body's next frame while watching the client.
     async fn next_frame(
         &mut self,
-        body: &mut Body,
+        body: &mut H::Answer,
     ) -> Result<Option<Result<Frame<Bytes>, BoxError>>, ()> {
         let head_bytes = self.head_bytes;
         poll_fn(|cx| {
@@ -949,17 +969,17 @@ enum Outgoing {
 }
 
 /// An answer's header fields: its map, and those that ride with its body
-/// (see [`Body::write_fields`]).
-struct Fields<'a> {
+/// (see [`AnswerBody::write_fields`]).
+struct Fields<'a, B> {
     headers: &'a HeaderMap,
-    body: &'a Body,
+    body: &'a B,
 }
 
 /// Writes the status line and headers, with the framing and connection
 /// headers the answer needs.
-fn encode_head(
+fn encode_head<B: AnswerBody>(
     out: &mut Vec<u8>,
-    Fields { headers, body }: Fields<'_>,
+    Fields { headers, body }: Fields<'_, B>,
     status: StatusCode,
     version: Version,
     framing: Outgoing,
@@ -983,12 +1003,12 @@ fn encode_head(
             continue;
         }
         has_connection |= *name == CONNECTION;
-        abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        crate::framing::write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let date = body.write_fields(out);
     match framing {
         Outgoing::Length(length) if add_length => {
-            abgate_http1::framing::write_content_length(out, length);
+            crate::framing::write_content_length(out, length);
         }
         Outgoing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
@@ -1008,28 +1028,27 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The time each write of one answer may take (see [`ClientWrite`]).
+/// The time each write of one answer may take (see [`WriteLimits`]), and
+/// whether one did not make it.
 struct WriteClock {
-    per_write: Duration,
-    deadline: Option<Instant>,
-    timed_out: Option<Arc<AtomicBool>>,
+    limits: WriteLimits,
+    timed_out: AtomicBool,
 }
 
 impl WriteClock {
     /// The answer's own limits, or `per_write` alone.
-    fn of(extensions: &mut http::Extensions, per_write: Duration) -> Self {
-        match extensions.remove::<ClientWrite>() {
-            Some(limits) => Self {
-                per_write: limits.per_write,
-                deadline: limits.deadline,
-                timed_out: Some(limits.timed_out),
-            },
-            None => Self {
+    fn new(limits: Option<WriteLimits>, per_write: Duration) -> Self {
+        Self {
+            limits: limits.unwrap_or(WriteLimits {
                 per_write,
                 deadline: None,
-                timed_out: None,
-            },
+            }),
+            timed_out: AtomicBool::new(false),
         }
+    }
+
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
     }
 
     /// `write`, failed with `TimedOut` if the client has not taken it in
@@ -1040,16 +1059,14 @@ impl WriteClock {
         if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             return done;
         }
-        let mut limit = Instant::now() + self.per_write;
-        if let Some(deadline) = self.deadline {
+        let mut limit = Instant::now() + self.limits.per_write;
+        if let Some(deadline) = self.limits.deadline {
             limit = limit.min(deadline);
         }
         match tokio::time::timeout_at(limit, write).await {
             Ok(done) => done,
             Err(_) => {
-                if let Some(timed_out) = &self.timed_out {
-                    timed_out.store(true, Ordering::Relaxed);
-                }
+                self.timed_out.store(true, Ordering::Relaxed);
                 Err(io::ErrorKind::TimedOut.into())
             }
         }
@@ -1139,13 +1156,13 @@ enum Decoder {
 
 /// A client's request body that did not come whole with its head: read
 /// off the connection as the handler asks for it.
-pub struct RequestBody {
+pub struct Http1Body {
     shared: Arc<Mutex<Streamed>>,
 }
 
-impl std::fmt::Debug for RequestBody {
+impl std::fmt::Debug for Http1Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestBody").finish_non_exhaustive()
+        f.debug_struct("Http1Body").finish_non_exhaustive()
     }
 }
 
@@ -1176,7 +1193,7 @@ impl std::fmt::Display for RequestBodyError {
 
 impl std::error::Error for RequestBodyError {}
 
-impl http_body::Body for RequestBody {
+impl http_body::Body for Http1Body {
     type Data = Bytes;
     type Error = BoxError;
 
