@@ -20,7 +20,7 @@ use crate::assign::Variant;
 use crate::body::Body;
 use crate::config::{Config, ProcessEnv};
 use crate::metrics::ExperimentMetrics;
-use crate::mock::{self, MockConfig};
+use abgate_mock::{self as mock, MockConfig};
 
 /// The config the demo runs, with placeholder upstreams.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");

@@ -20,7 +20,6 @@ pub mod guardrails;
 pub mod hex;
 pub mod identity;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
 pub mod redact;
 pub mod reload;

@@ -131,17 +131,17 @@ fn main() -> ExitCode {
             latency_ms,
             fault_rate,
         } => {
-            let config = abgate::mock::MockConfig {
+            let config = abgate_mock::MockConfig {
                 latency: Duration::from_millis(latency_ms),
                 fault_rate,
-                ..abgate::mock::MockConfig::named(&name)
+                ..abgate_mock::MockConfig::named(&name)
             };
             run_async(workers, async move {
                 let listener = abgate_http1::server::bind(listen)
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!("mock upstream {name:?} listening on http://{listen}");
-                abgate::mock::run(listener, config, shutdown_signal()).await;
+                abgate_mock::run(listener, config, shutdown_signal()).await;
                 Ok(())
             })
         }

@@ -9,7 +9,7 @@ mod common;
 
 use abgate::app::Running;
 use abgate::body::Body;
-use abgate::mock::MockHandle;
+use abgate_mock::MockHandle;
 use bytes::Bytes;
 use common::*;
 use http::Request;

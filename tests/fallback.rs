@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use abgate::app::Running;
-use abgate::mock::{MockConfig, MockHandle};
+use abgate_mock::{MockConfig, MockHandle};
 use common::*;
 
 /// Every user in treatment; control is a recording mock. `fallback`

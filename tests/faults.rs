@@ -25,8 +25,8 @@ use tokio::sync::mpsc;
 
 /// A gateway sending every user to `treatment`; unassigned requests (no
 /// user ID) still go to a working control mock.
-async fn gateway_to(treatment: &str, extra: &str) -> (Running, abgate::mock::MockHandle) {
-    let control = spawn_mock(abgate::mock::MockConfig::named("base")).await;
+async fn gateway_to(treatment: &str, extra: &str) -> (Running, abgate_mock::MockHandle) {
+    let control = spawn_mock(abgate_mock::MockConfig::named("base")).await;
     let gw = gateway(&config_toml(&control.url(), treatment, 1.0, extra)).await;
     (gw, control)
 }

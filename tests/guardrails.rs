@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use abgate::mock::MockConfig;
+use abgate_mock::MockConfig;
 use common::*;
 
 /// Guard settings fast enough for a test: a look every 200 ms, a trip

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use abgate::app::Running;
-use abgate::mock::{MockConfig, MockHandle};
+use abgate_mock::{MockConfig, MockHandle};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use abgate::assign::{assign, Variant};
 use abgate::body::Body;
-use abgate::mock::MockConfig;
+use abgate_mock::MockConfig;
 use common::*;
 use http::Request;
 use serde_json::Value;

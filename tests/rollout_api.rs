@@ -14,7 +14,7 @@ use common::*;
 async fn gateway_with_token(
     fraction: f64,
 ) -> (
-    (abgate::mock::MockHandle, abgate::mock::MockHandle),
+    (abgate_mock::MockHandle, abgate_mock::MockHandle),
     abgate::app::Running,
 ) {
     let (control, treatment) = mocks().await;

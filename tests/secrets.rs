@@ -183,7 +183,7 @@ async fn reload_error_changes(admin: std::net::SocketAddr, before: &serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_an_answer_a_log_a_metric_or_a_file() {
-    let control = spawn_mock(abgate::mock::MockConfig::named("base")).await;
+    let control = spawn_mock(abgate_mock::MockConfig::named("base")).await;
     let dir = fresh_dir("secrets");
     let path = dir.join("abgate.toml");
     std::fs::write(&path, config(&control.url(), &dir, false)).unwrap();

@@ -13,7 +13,7 @@ async fn started(
     fraction: f64,
     extra: &str,
 ) -> (
-    (abgate::mock::MockHandle, abgate::mock::MockHandle),
+    (abgate_mock::MockHandle, abgate_mock::MockHandle),
     abgate::app::Running,
 ) {
     let (control, treatment) = mocks().await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use abgate::app::Running;
 use abgate::body::Body;
 use abgate::config::Config;
-use abgate::mock::{self, MockConfig, MockHandle};
+use abgate_mock::{self as mock, MockConfig, MockHandle};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;

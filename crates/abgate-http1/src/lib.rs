@@ -9,6 +9,9 @@
 //! - [`server`] serves a listener with a [`server::Handler`]: HTTP/1.1
 //!   spoken by itself, HTTP/2 by hyper. The handler's policy comes in
 //!   through the answer body it returns ([`server::AnswerBody`]).
+//! - [`body::LocalBody`] is an answer body made by the process itself
+//!   (a mock's stream, a test's answers).
 
+pub mod body;
 pub mod framing;
 pub mod server;

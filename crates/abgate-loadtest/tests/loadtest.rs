@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use abgate::mock::MockConfig;
+use abgate_mock::MockConfig;
 use common::{
     bounded, chunk, config_toml, fresh_dir, gateway, scripted_upstream, spawn_mock, SSE_HEAD,
 };

@@ -16,55 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{serve, AnswerBody, BoxError, Handler, RequestBody};
+use super::{serve, Handler, RequestBody};
 
-/// The test handler's answers: whole, or chunks as the test releases them.
-#[derive(Debug)]
-enum Body {
-    Full(Option<Bytes>),
-    Channel(mpsc::Receiver<Bytes>),
-}
-
-impl Body {
-    fn full(bytes: impl Into<Bytes>) -> Self {
-        let bytes = bytes.into();
-        Body::Full((!bytes.is_empty()).then_some(bytes))
-    }
-}
-
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Body::Full(bytes) => {
-                std::task::Poll::Ready(bytes.take().map(|bytes| Ok(http_body::Frame::data(bytes))))
-            }
-            Body::Channel(receiver) => receiver
-                .poll_recv(cx)
-                .map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self, Body::Full(None))
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            Body::Full(bytes) => {
-                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            Body::Channel(_) => http_body::SizeHint::default(),
-        }
-    }
-}
-
-impl AnswerBody for Body {}
+use crate::body::LocalBody as Body;
 
 /// Answers by path: `/echo` reads the body and says what it got,
 /// `/stream` sends chunks as the test releases them, `/hold` never

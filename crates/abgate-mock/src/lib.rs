@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::body::Body;
-use abgate_http1::server::{self, Handler};
+use abgate_http1::body::LocalBody;
+use abgate_http1::server::{self, Handler, RequestBody};
 
 /// Most SSE content chunks one request may ask for: every event is built
 /// up front, so an absurd `x-mock-chunks` must not exhaust memory.
@@ -257,14 +257,13 @@ struct Ask {
 }
 
 impl Handler for Mock {
-    type Answer = Body;
+    type Answer = LocalBody;
 
     async fn handle(
         self: Arc<Self>,
-        request: Request<abgate_http1::server::RequestBody>,
+        request: Request<RequestBody>,
         _peer: SocketAddr,
-    ) -> Response<Body> {
-        let request = request.map(Body::from);
+    ) -> Response<LocalBody> {
         let n = self.sequence.fetch_add(1, Ordering::SeqCst);
         let (parts, body) = request.into_parts();
         // A body cut off mid-way reads as empty, which the JSON routes refuse.
@@ -343,7 +342,7 @@ impl Mock {
         n: u64,
         body: &[u8],
         controls: &Controls,
-    ) -> Response<Body> {
+    ) -> Response<LocalBody> {
         let request: Value = match route {
             Route::Models => Value::Null,
             _ => match serde_json::from_slice(body) {
@@ -402,7 +401,7 @@ impl Mock {
     }
 
     /// An OpenAI-shaped error naming this mock.
-    fn error(&self, status: StatusCode, code: Option<&str>, why: &str) -> Response<Body> {
+    fn error(&self, status: StatusCode, code: Option<&str>, why: &str) -> Response<LocalBody> {
         let kind = if status.is_server_error() {
             "server_error"
         } else if status == StatusCode::TOO_MANY_REQUESTS {
@@ -464,7 +463,7 @@ impl Mock {
 
     /// Sends `events` from a task, `delay` apart, holding after the first
     /// if configured; stops as soon as the client goes away.
-    fn stream(self: Arc<Self>, events: Vec<Bytes>, delay: Duration) -> Response<Body> {
+    fn stream(self: Arc<Self>, events: Vec<Bytes>, delay: Duration) -> Response<LocalBody> {
         let (sender, receiver) = mpsc::channel(4);
         self.streams_started.fetch_add(1, Ordering::SeqCst);
         let hold = self.config.hold_streams;
@@ -490,7 +489,7 @@ impl Mock {
             }
             self.streams_finished.fetch_add(1, Ordering::SeqCst);
         });
-        let mut response = Response::new(Body::Channel(receiver));
+        let mut response = Response::new(LocalBody::Channel(receiver));
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -664,8 +663,8 @@ fn sse(event: Option<&str>, data: &Value) -> Bytes {
     }
 }
 
-fn json_response(value: Value) -> Response<Body> {
-    let mut response = Response::new(Body::full(value.to_string()));
+fn json_response(value: Value) -> Response<LocalBody> {
+    let mut response = Response::new(LocalBody::full(value.to_string()));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -765,7 +764,7 @@ mod tests {
         spawn("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
     }
 
-    fn client() -> Client<HttpConnector, Body> {
+    fn client() -> Client<HttpConnector, LocalBody> {
         Client::builder(TokioExecutor::new()).build_http()
     }
 
@@ -775,14 +774,14 @@ mod tests {
         path: &str,
         headers: &[(&str, &str)],
         body: &str,
-    ) -> Request<Body> {
+    ) -> Request<LocalBody> {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{path}", mock.url()));
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        builder.body(Body::full(body.to_owned())).unwrap()
+        builder.body(LocalBody::full(body.to_owned())).unwrap()
     }
 
     /// A whole answer: status, headers, body.
@@ -1367,7 +1366,7 @@ mod tests {
             },
         ));
         let request = Request::post(format!("http://{addr}/v1/chat/completions"))
-            .body(Body::full(CHAT_STREAM))
+            .body(LocalBody::full(CHAT_STREAM))
             .unwrap();
         let response = bounded(client().request(request)).await.unwrap();
         assert_eq!(response.headers()["x-mock-name"], "cli");
