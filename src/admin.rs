@@ -335,11 +335,8 @@ impl Admin {
     /// a bad request; the inner result is whether the change reached disk.
     fn set(&self, set: SetRollout) -> Result<Result<bool, String>, String> {
         let fraction = set.treatment_fraction;
-        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-            return Err(format!(
-                "treatment_fraction {fraction} must be from 0.0 to 1.0"
-            ));
-        }
+        crate::assign::Fraction::new(fraction)
+            .map_err(|why| format!("treatment_fraction {why}"))?;
         let runtime = self.gateway.runtime();
         let live = self.gateway.live();
         if let Some(text) = set.effective_at {

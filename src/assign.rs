@@ -22,6 +22,28 @@ use md5::{Digest, Md5};
 /// Number of buckets users are hashed into.
 pub const BUCKETS: u32 = 1000;
 
+/// A treatment fraction: a finite number from 0.0 to 1.0. Every place a
+/// fraction enters the gateway (the config file, a scheduled change, the
+/// admin API, the CLI, a guardrail or promotion) checks it here, so the
+/// rule and its message are written once.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Fraction(f64);
+
+impl Fraction {
+    /// `value`, if it is a fraction; otherwise why not, naming it.
+    pub fn new(value: f64) -> Result<Self, String> {
+        if value.is_finite() && (0.0..=1.0).contains(&value) {
+            Ok(Self(value))
+        } else {
+            Err(format!("{value} must be a number from 0.0 to 1.0"))
+        }
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
 /// The arm a request is served and counted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
@@ -92,6 +114,20 @@ pub fn variant_of(bucket: u32, treatment_fraction: f64) -> Variant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fractions_are_finite_numbers_from_zero_to_one() {
+        for ok in [0.0, 0.05, 0.5, 1.0] {
+            assert_eq!(Fraction::new(ok).map(Fraction::get), Ok(ok));
+        }
+        for bad in [-0.01, 1.000_001, f64::NAN, f64::INFINITY, -f64::INFINITY] {
+            let why = Fraction::new(bad).err().unwrap_or_default();
+            assert!(
+                why.ends_with("must be a number from 0.0 to 1.0"),
+                "{bad}: {why}"
+            );
+        }
+    }
 
     #[test]
     fn known_vectors_match_python() {

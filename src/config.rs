@@ -471,11 +471,8 @@ impl Config {
             );
         }
         let fraction = experiment.treatment_fraction;
-        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-            report(
-                "experiment.treatment_fraction",
-                format!("{fraction} must be a number from 0.0 to 1.0"),
-            );
+        if let Err(why) = crate::assign::Fraction::new(fraction) {
+            report("experiment.treatment_fraction", why);
         }
         if let Some(salt) = &experiment.salt {
             if salt.is_empty() {

@@ -281,8 +281,8 @@ async fn rollout(
 }
 
 fn run_assign(fraction: f64, salt: Option<&str>, ids: &[String]) -> ExitCode {
-    if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-        eprintln!("abgate assign: --fraction {fraction} must be from 0.0 to 1.0");
+    if let Err(why) = abgate::assign::Fraction::new(fraction) {
+        eprintln!("abgate assign: --fraction {why}");
         return ExitCode::from(2);
     }
     let stdout = std::io::stdout();

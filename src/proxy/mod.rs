@@ -294,11 +294,7 @@ impl Gateway {
     /// applied at once, then persisted and audited. Returns whether the
     /// change reached disk.
     pub fn set_fraction(&self, fraction: f64, source: &str, reason: &str) -> Result<bool, String> {
-        if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-            return Err(format!(
-                "treatment_fraction {fraction} must be from 0.0 to 1.0"
-            ));
-        }
+        assign::Fraction::new(fraction).map_err(|why| format!("treatment_fraction {why}"))?;
         let _changing = self
             .changing
             .lock()

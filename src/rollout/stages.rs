@@ -116,11 +116,8 @@ impl RolloutConfig {
         for (i, change) in self.scheduled.iter().enumerate() {
             let path = format!("rollout.scheduled[{i}]");
             let fraction = change.treatment_fraction;
-            if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-                report(
-                    &format!("{path}.treatment_fraction"),
-                    format!("{fraction} must be a number from 0.0 to 1.0"),
-                );
+            if let Err(why) = crate::assign::Fraction::new(fraction) {
+                report(&format!("{path}.treatment_fraction"), why);
             }
             match crate::clock::parse_rfc3339(&change.at) {
                 Ok(at) => {
