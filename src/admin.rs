@@ -242,17 +242,12 @@ impl Admin {
                             Ok((_, persisted)) => Ok(persisted),
                             Err(PromoteError::NotPersisted(err)) => Err(err),
                             Err(PromoteError::Blocked(blockers)) => {
-                                return json(
+                                return error_json(
                                     StatusCode::CONFLICT,
-                                    serde_json::json!({
-                                        "error": {
-                                            "message": format!("not promoted: {}", blockers.join("; ")),
-                                            "type": "conflict",
-                                            "param": null,
-                                            "code": 409,
-                                        },
-                                        "blocked_by": blockers,
-                                    }),
+                                    &format!("not promoted: {}", blockers.join("; ")),
+                                    "conflict",
+                                    "promotion_blocked",
+                                    Some(&blockers),
                                 );
                             }
                         }
@@ -418,9 +413,33 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     response
 }
 
+/// An admin error in the proxy's shape (OpenAI's `{"error": {...}}` with
+/// Anthropic's top-level `"type": "error"`), its `code` a string.
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json(
-        status,
-        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": status.as_u16()}}),
-    )
+    let (kind, code) = match status {
+        StatusCode::UNAUTHORIZED => ("authentication_error", "unauthorized"),
+        StatusCode::FORBIDDEN => ("permission_error", "forbidden"),
+        StatusCode::NOT_FOUND => ("not_found_error", "not_found"),
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", "method_not_allowed"),
+        status if status.is_client_error() => ("invalid_request_error", "invalid_request"),
+        _ => ("api_error", "internal"),
+    };
+    error_json(status, message, kind, code, None)
+}
+
+fn error_json(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+    blocked_by: Option<&[String]>,
+) -> Response<Body> {
+    let mut body = serde_json::json!({
+        "type": "error",
+        "error": {"message": message, "type": kind, "param": null, "code": code},
+    });
+    if let (Some(blocked_by), Some(object)) = (blocked_by, body.as_object_mut()) {
+        object.insert("blocked_by".into(), blocked_by.into());
+    }
+    json(status, body)
 }

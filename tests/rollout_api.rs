@@ -48,6 +48,10 @@ async fn without_a_configured_token_nothing_changes() {
     let answer = admin_call(admin, "POST", "/admin/rollback", Some("anything"), "{}").await;
     assert_eq!(answer.status, 403);
     assert!(answer.text().contains("NO_SUCH_TOKEN_VAR"));
+    // The proxy's error shape: a string code, Anthropic's top-level type.
+    assert_eq!(answer.json()["type"], "error");
+    assert_eq!(answer.json()["error"]["code"], "forbidden");
+    assert_eq!(answer.json()["error"]["type"], "permission_error");
     assert_eq!(rollout(admin).await["treatment_fraction"], 0.1);
 }
 
@@ -57,12 +61,9 @@ async fn the_token_is_required_and_changes_apply_at_once() {
     let admin = gw.admin_addr.unwrap();
     let set = r#"{"treatment_fraction": 1.0, "reason": "full rollout"}"#;
     for token in [None, Some("wrong-token-wrong-token"), Some("")] {
-        assert_eq!(
-            admin_call(admin, "PUT", "/admin/rollout", token, set)
-                .await
-                .status,
-            401
-        );
+        let answer = admin_call(admin, "PUT", "/admin/rollout", token, set).await;
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.json()["error"]["code"], "unauthorized");
     }
     assert_eq!(rollout(admin).await["treatment_fraction"], 0.1);
 

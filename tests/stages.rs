@@ -73,6 +73,7 @@ async fn promotion_needs_the_token_and_a_ready_stage() {
     // Too few requests in the treatment arm: refused, with every reason.
     let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
     assert_eq!(answer.status, 409, "{}", answer.text());
+    assert_eq!(answer.json()["error"]["code"], "promotion_blocked");
     let blocked = answer.json()["blocked_by"].clone();
     assert!(
         blocked.as_array().unwrap().iter().any(|b| b
