@@ -15,9 +15,11 @@ use hyper::body::Incoming;
 #[cfg(doc)]
 use abgate_http1::framing::Forwarded;
 
+use abgate_http1::body::{poll_channel, poll_whole, whole_size};
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).
 pub use abgate_http1::server::BoxError;
+use abgate_http1::server::{AnswerBody, WriteLimits};
 
 /// A request or response body: a whole buffer, or a stream passed through.
 #[derive(Debug)]
@@ -53,12 +55,14 @@ impl Body {
         let bytes = bytes.into();
         Body::Full((!bytes.is_empty()).then_some(bytes))
     }
+}
 
-    /// Writes the header fields that ride with this body rather than in
-    /// its answer's map: the gateway's own (`x-abgate-*`) and an upstream
-    /// answer's passed on as they came (see [`Forwarded`]). `true` when
-    /// `Date` is among them.
-    pub fn write_fields(&self, out: &mut Vec<u8>) -> bool {
+/// The server's answer body: the gateway's fields and write limits ride
+/// with the body, and the server learns of them only through this.
+impl AnswerBody for Body {
+    /// The gateway's own fields (`x-abgate-*`) and an upstream answer's
+    /// passed on as they came (see [`Forwarded`]).
+    fn write_fields(&self, out: &mut Vec<u8>) -> bool {
         match self {
             Body::Upstream(body) => {
                 let forwarded = body.forwarded();
@@ -77,26 +81,7 @@ impl Body {
         }
     }
 
-    /// How long the client may take to take each write of this answer,
-    /// and all of it: a measured answer's own (the gateway's timeouts).
-    pub fn write_limits(&self) -> Option<abgate_http1::server::WriteLimits> {
-        match self {
-            Body::Observed(observed) => observed.write_limits(),
-            _ => None,
-        }
-    }
-
-    /// Tells the body the client's side cut its client off for not
-    /// reading: a measured answer counts it when it is dropped.
-    pub fn cut_off(&mut self) {
-        if let Body::Observed(observed) = self {
-            observed.cut_off();
-        }
-    }
-
-    /// Adds the same fields to `headers`, for a side that writes heads
-    /// from the map alone (HTTP/2).
-    pub fn add_fields_to(&self, headers: &mut HeaderMap) {
+    fn add_fields_to(&self, headers: &mut HeaderMap) {
         match self {
             Body::Upstream(body) => body.forwarded().add_to(headers),
             Body::Observed(observed) => {
@@ -110,25 +95,20 @@ impl Body {
             | Body::Channel(_) => {}
         }
     }
-}
 
-/// The server's answer body: the gateway's fields and write limits ride
-/// with the body, and the server learns of them only through this.
-impl abgate_http1::server::AnswerBody for Body {
-    fn write_fields(&self, out: &mut Vec<u8>) -> bool {
-        Body::write_fields(self, out)
+    /// A measured answer's own: the gateway's live timeouts.
+    fn write_limits(&self) -> Option<WriteLimits> {
+        match self {
+            Body::Observed(observed) => observed.write_limits(),
+            _ => None,
+        }
     }
 
-    fn add_fields_to(&self, headers: &mut HeaderMap) {
-        Body::add_fields_to(self, headers);
-    }
-
-    fn write_limits(&self) -> Option<abgate_http1::server::WriteLimits> {
-        Body::write_limits(self)
-    }
-
+    /// A measured answer counts it when it is dropped.
     fn cut_off(&mut self) {
-        Body::cut_off(self);
+        if let Body::Observed(observed) = self {
+            observed.cut_off();
+        }
     }
 }
 
@@ -158,7 +138,7 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Full(bytes) => poll_whole(bytes),
             Body::Stream(incoming) => Pin::new(incoming)
                 .poll_frame(cx)
                 .map_err(|err| Box::new(err) as BoxError),
@@ -167,9 +147,7 @@ impl http_body::Body for Body {
                 .map_err(|err| Box::new(err) as BoxError),
             Body::Upstream(body) => Pin::new(body).poll_frame(cx),
             Body::Client(body) => Pin::new(body).poll_frame(cx),
-            Body::Channel(receiver) => receiver
-                .poll_recv(cx)
-                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+            Body::Channel(receiver) => poll_channel(receiver, cx),
             Body::Observed(observed) => Pin::new(observed.as_mut()).poll_frame(cx),
         }
     }
@@ -188,8 +166,7 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Body::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Full(bytes) => whole_size(bytes),
             Body::Stream(incoming) => incoming.size_hint(),
             Body::Http2(body) => body.size_hint(),
             Body::Upstream(body) => body.size_hint(),

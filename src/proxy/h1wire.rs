@@ -17,10 +17,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, EXPECT, HOST};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -363,15 +360,8 @@ impl BodyFraming {
 fn is_framing_or_hop(name: &HeaderName) -> bool {
     *name == HOST
         || *name == CONTENT_LENGTH
-        || *name == TRANSFER_ENCODING
-        || *name == CONNECTION
-        || *name == TE
-        || *name == TRAILER
-        || *name == UPGRADE
-        || *name == PROXY_AUTHORIZATION
-        || *name == PROXY_AUTHENTICATE
         || *name == EXPECT
-        || name.as_str() == "keep-alive"
+        || headers::is_hop_by_hop(name.as_str().as_bytes())
         || name.as_str().starts_with("proxy-")
 }
 

@@ -12,6 +12,27 @@ use tokio::sync::mpsc;
 
 use crate::server::{AnswerBody, BoxError};
 
+/// The frames of a body held whole: its bytes once, then its end.
+pub fn poll_whole(bytes: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes))))
+}
+
+/// The exact size of a body held whole.
+pub fn whole_size(bytes: &Option<Bytes>) -> SizeHint {
+    SizeHint::with_exact(bytes.as_ref().map_or(0, |bytes| bytes.len() as u64))
+}
+
+/// The frames of a body sent chunk by chunk: it ends when the sender is
+/// dropped.
+pub fn poll_channel(
+    receiver: &mut mpsc::Receiver<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    receiver
+        .poll_recv(cx)
+        .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+}
+
 /// A body held whole, or sent chunk by chunk through a channel: it ends
 /// when the sender is dropped.
 #[derive(Debug)]
@@ -42,10 +63,8 @@ impl http_body::Body for LocalBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            LocalBody::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(Frame::data(bytes)))),
-            LocalBody::Channel(receiver) => receiver
-                .poll_recv(cx)
-                .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes)))),
+            LocalBody::Full(bytes) => poll_whole(bytes),
+            LocalBody::Channel(receiver) => poll_channel(receiver, cx),
         }
     }
 
@@ -55,9 +74,7 @@ impl http_body::Body for LocalBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            LocalBody::Full(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |bytes| bytes.len() as u64))
-            }
+            LocalBody::Full(bytes) => whole_size(bytes),
             LocalBody::Channel(_) => SizeHint::default(),
         }
     }

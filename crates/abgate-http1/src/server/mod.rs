@@ -104,9 +104,7 @@ impl http_body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RequestBody::Full(bytes) => {
-                Poll::Ready(bytes.take().map(|bytes| Ok(http_body::Frame::data(bytes))))
-            }
+            RequestBody::Full(bytes) => crate::body::poll_whole(bytes),
             RequestBody::Http1(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Http2(body) => Pin::new(body)
                 .poll_frame(cx)
@@ -124,9 +122,7 @@ impl http_body::Body for RequestBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
-            RequestBody::Full(bytes) => http_body::SizeHint::with_exact(
-                bytes.as_ref().map_or(0, |bytes| bytes.len() as u64),
-            ),
+            RequestBody::Full(bytes) => crate::body::whole_size(bytes),
             RequestBody::Http1(body) => body.size_hint(),
             RequestBody::Http2(body) => body.size_hint(),
         }
@@ -145,10 +141,10 @@ pub const DEFAULT_HEAD_BYTES: usize = 64 * 1024;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the client may take to read an answer, as its body says
-/// ([`Body::write_limits`]: the gateway's live timeouts); an answer
+/// ([`AnswerBody::write_limits`]: a gateway's live timeouts); an answer
 /// without them gets [`ConnectionLimits::client_write`] per write. When a
 /// write is not taken in time, the connection is cut, the body told so
-/// ([`Body::cut_off`], for the handler to count) and dropped, and an
+/// ([`AnswerBody::cut_off`], for the handler to count) and dropped, and an
 /// upstream connection it holds closes with it. Carried by the body, not
 /// in the answer's extensions: no map and no shared flag per request.
 #[derive(Debug, Clone, Copy)]
