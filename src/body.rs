@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use abgate_http1::framing::Forwarded;
 
 use abgate_http1::body::{poll_channel, poll_whole, whole_size};
+use abgate_http1::client::OutgoingBody;
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).
 pub use abgate_http1::server::BoxError;
@@ -37,7 +38,7 @@ pub enum Body {
     Client(abgate_http1::server::Http1Body),
     /// A plain-HTTP upstream's answer, read off its connection by the
     /// gateway itself and streamed through untouched.
-    Upstream(crate::proxy::client::ResponseBody),
+    Upstream(abgate_http1::client::ResponseBody),
     /// A body produced by the gateway itself, chunk by chunk (mock SSE).
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// A response body being measured on its way to the client.
@@ -108,6 +109,16 @@ impl AnswerBody for Body {
     fn cut_off(&mut self) {
         if let Body::Observed(observed) = self {
             observed.cut_off();
+        }
+    }
+}
+
+/// A body the gateway holds whole goes out with its request's head.
+impl OutgoingBody for Body {
+    fn whole(&self) -> Option<Bytes> {
+        match self {
+            Body::Full(bytes) => Some(bytes.clone().unwrap_or_default()),
+            _ => None,
         }
     }
 }

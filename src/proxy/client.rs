@@ -1,6 +1,7 @@
 //! The pooled HTTP client that talks to upstreams: HTTP/1.1 or HTTP/2 (by
 //! ALPN) over rustls, plain HTTP/1.1 for `http://` upstreams, each of
-//! those with connections of its own ([`Http1Pool`]).
+//! those with connections of its own ([`Pool`], spoken on by the wire
+//! crate itself).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::h1pool::Http1Pool;
-pub use super::h1wire::ResponseBody;
-use super::h1wire::WireError;
+use abgate_http1::client::{reap_idle, AnswerFields, Pool, SendError, WireError};
+
+use super::headers;
 use crate::body::Body;
 use crate::config::{read_pem_certs, Snapshot};
 
@@ -28,7 +29,7 @@ pub struct HttpClient {
     /// TLS upstreams, and any other URL (a Prometheus server).
     general: GeneralClient,
     /// The config's plain-HTTP upstreams.
-    plain: Arc<[Arc<Http1Pool>]>,
+    plain: Arc<[Arc<Pool>]>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -68,6 +69,25 @@ impl ClientError {
         matches!(self, ClientError::Wire(WireError::RequestBody(_)))
     }
 }
+
+impl From<SendError> for ClientError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::Connect(err) => ClientError::Connect(err),
+            SendError::Wire(err) => ClientError::Wire(err),
+            SendError::TimedOut => ClientError::TimedOut,
+        }
+    }
+}
+
+/// What the proxy makes of a plain-HTTP upstream's answer fields: it reads
+/// the content's type and encoding (to observe and decompress the body),
+/// and an upstream's `x-abgate-*` fields are dropped, so that none can
+/// pass off its values as the gateway's. The rest go on as they came.
+const ANSWER_FIELDS: AnswerFields = AnswerFields {
+    mapped: &["content-type", "content-encoding"],
+    own: headers::in_gateway_namespace,
+};
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,14 +197,18 @@ pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(https);
-    let mut plain: Vec<Arc<Http1Pool>> = Vec::new();
+    let mut plain: Vec<Arc<Pool>> = Vec::new();
     for upstream in [&snapshot.control, &snapshot.treatment] {
         let known = plain
             .iter()
             .any(|pool| *pool.authority() == upstream.authority);
         if upstream.scheme == Scheme::HTTP && !known {
-            if let Some(pool) = Http1Pool::new(upstream.authority.clone(), snapshot.connect_timeout)
-            {
+            let pool = Pool::new(
+                upstream.authority.clone(),
+                snapshot.connect_timeout,
+                ANSWER_FIELDS,
+            );
+            if let Some(pool) = pool {
                 plain.push(Arc::new(pool));
             }
         }
@@ -192,7 +216,7 @@ pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
     // Outside a runtime (a config checked offline) nothing is ever idle.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         for pool in &plain {
-            runtime.spawn(super::h1pool::reap_idle(Arc::downgrade(pool)));
+            runtime.spawn(reap_idle(Arc::downgrade(pool)));
         }
     }
     Ok(HttpClient {

@@ -5,6 +5,7 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 use crate::config::{Provider, Upstream};
+use abgate_http1::framing::HOP_BY_HOP;
 
 /// What forwarding does with a header, known from its name alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,19 +27,6 @@ enum Class {
     Host,
 }
 
-/// Headers that describe one connection (RFC 9110 §7.6.1), lower case.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// The prefix of the gateway's own headers.
 const GATEWAY_NAMESPACE: &str = "x-abgate-";
 
@@ -56,13 +44,6 @@ fn class(name: &HeaderName) -> Class {
         name if name.starts_with(GATEWAY_NAMESPACE) => Class::Gateway,
         _ => Class::EndToEnd,
     }
-}
-
-/// Whether a header name, in any case, is hop-by-hop.
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
 }
 
 /// Whether a header name, in any case, is in the gateway's `x-abgate-*`

@@ -19,8 +19,8 @@
 //! 6. **rewrite**: `model` spliced in, host and credentials set; the
 //!    client's credentials dropped when the upstream gets the gateway's
 //!    own or they held a gateway key; every `x-abgate-*` header dropped.
-//! 7. **forward**: sent on a kept-alive upstream connection (`client`,
-//!    `h1pool`, `h1wire`), waiting for the headers
+//! 7. **forward**: sent on a kept-alive upstream connection (`client`, and
+//!    `abgate_http1::client` for plain HTTP), waiting for the headers
 //!    (`timeouts.first_byte_ms`, within `timeouts.total_ms`); the response
 //!    body is the upstream's own stream, so SSE chunks reach the client as
 //!    they arrive, watched by the idle and total deadlines.
@@ -37,8 +37,6 @@ pub mod deadline;
 pub mod error;
 pub mod fallback;
 pub mod feedback;
-mod h1pool;
-mod h1wire;
 pub mod headers;
 pub mod json;
 pub mod json_scan;

@@ -574,6 +574,27 @@ impl<'a> FramingFields<'a> {
     }
 }
 
+/// Fields that describe one connection (RFC 9110 §7.6.1), lower case:
+/// never passed from one hop to the next. `Connection` may name more.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a field name, in any case, is hop-by-hop ([`HOP_BY_HOP`]).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|known| name.eq_ignore_ascii_case(known.as_bytes()))
+}
+
 /// Writes one header field line: `name: value` and CRLF.
 pub fn write_field(out: &mut impl BufMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);

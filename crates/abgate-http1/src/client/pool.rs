@@ -6,7 +6,7 @@
 //! header from the URI; each of hyper's connections is a task of its own,
 //! fed through channels. An upstream of the config is known in advance, so
 //! its connections sit in a list of their own with its Host value ready,
-//! and the request's own task speaks HTTP/1.1 on them ([`super::h1wire`]).
+//! and the request's own task speaks HTTP/1.1 on them ([`super::connection`]).
 //!
 //! A connection goes back to the list once it can take another request,
 //! that is when the previous answer's body has been read to its end. The
@@ -30,10 +30,11 @@ use http::uri::Authority;
 use http::{Response, Uri};
 use tokio::net::TcpStream;
 
-use super::client::ClientError;
-use super::h1wire::{self, BodyFraming, Connection, ResponseBody, WireError, WriteFailed};
-use crate::body::Body;
-use abgate_http1::framing::poll_deadline;
+use super::connection::{
+    self as wire, BodyFraming, Connection, ResponseBody, WireError, WriteFailed,
+};
+use super::{AnswerFields, OutgoingBody, SendError};
+use crate::framing::poll_deadline;
 
 /// Idle connections older than this are closed (by the next reaper tick
 /// after it, so within a third more).
@@ -47,9 +48,10 @@ const IDLE_TICKS: u64 = IDLE_TIMEOUT.as_secs() / REAP_EVERY.as_secs() + 1;
 
 /// One upstream's HTTP/1.1 connections.
 #[derive(Debug)]
-pub struct Http1Pool {
+pub struct Pool {
     authority: Authority,
     host: HeaderValue,
+    fields: AnswerFields,
     connect_timeout: Duration,
     /// Idle connections with the reaper's tick at which each became idle;
     /// the newest last.
@@ -58,13 +60,19 @@ pub struct Http1Pool {
     ticks: AtomicU64,
 }
 
-impl Http1Pool {
-    /// A pool for `authority`, connecting within `connect_timeout`.
-    pub fn new(authority: Authority, connect_timeout: Duration) -> Option<Self> {
+impl Pool {
+    /// A pool for `authority`, connecting within `connect_timeout`, its
+    /// answers' fields sorted by `fields`.
+    pub fn new(
+        authority: Authority,
+        connect_timeout: Duration,
+        fields: AnswerFields,
+    ) -> Option<Self> {
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
         Some(Self {
             authority,
             host,
+            fields,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
             ticks: AtomicU64::new(0),
@@ -77,13 +85,13 @@ impl Http1Pool {
 
     /// Sends `request` (its URI absolute or origin-form: only the path and
     /// query are used) and waits for the answer's headers, until
-    /// `deadline` if one is given ([`ClientError::TimedOut`] then).
+    /// `deadline` if one is given ([`SendError::TimedOut`] then).
     pub async fn send(
         self: &Arc<Self>,
         parts: &mut Parts,
-        body: Body,
+        body: impl OutgoingBody,
         deadline: Option<Instant>,
-    ) -> Result<Response<ResponseBody>, ClientError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let mut framing = BodyFraming::of(&body);
         let mut timer = None;
         let mut connection = loop {
@@ -99,7 +107,7 @@ impl Http1Pool {
                 // meanwhile, and the request can go on another one.
                 Err(WriteFailed { written: 0, .. }) if reused => continue,
                 Err(WriteFailed { error, .. }) => {
-                    return Err(ClientError::Wire(WireError::Io(error)))
+                    return Err(SendError::Wire(WireError::Io(error)))
                 }
             }
         };
@@ -120,9 +128,9 @@ impl Http1Pool {
         };
         let head = within(&mut timer, deadline, answer)
             .await?
-            .map_err(ClientError::Wire)?;
+            .map_err(SendError::Wire)?;
         connection.timer = timer;
-        Ok(h1wire::response(head, connection, Arc::clone(self)))
+        Ok(wire::response(head, connection, Arc::clone(self)))
     }
 
     /// The most recently used idle connection that is still open.
@@ -139,7 +147,7 @@ impl Http1Pool {
 
     /// Keeps `connection`, whose last answer has been read to its end, for
     /// the next request.
-    pub(super) fn checkin(&self, connection: Box<Connection>) {
+    pub(crate) fn checkin(&self, connection: Box<Connection>) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -148,7 +156,7 @@ impl Http1Pool {
         idle.push((connection, now));
     }
 
-    async fn connect(&self, deadline: Option<Instant>) -> Result<Box<Connection>, ClientError> {
+    async fn connect(&self, deadline: Option<Instant>) -> Result<Box<Connection>, SendError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(80);
         let connect = async {
@@ -161,11 +169,11 @@ impl Http1Pool {
         let connect_at = Instant::now() + self.connect_timeout;
         let limit = deadline.map_or(connect_at, |deadline| deadline.min(connect_at));
         match tokio::time::timeout_at(limit, connect).await {
-            Ok(Ok(stream)) => Ok(Connection::new(stream)),
-            Ok(Err(err)) => Err(ClientError::Connect(err)),
+            Ok(Ok(stream)) => Ok(Connection::new(stream, self.fields)),
+            Ok(Err(err)) => Err(SendError::Connect(err)),
             // The answer's deadline came first.
-            Err(_) if limit < connect_at => Err(ClientError::TimedOut),
-            Err(_) => Err(ClientError::Connect(std::io::Error::new(
+            Err(_) if limit < connect_at => Err(SendError::TimedOut),
+            Err(_) => Err(SendError::Connect(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no connection within {:?}", self.connect_timeout),
             ))),
@@ -200,12 +208,12 @@ fn arm(
     }
 }
 
-/// `step`'s output, or [`ClientError::TimedOut`] once `deadline` passes.
+/// `step`'s output, or [`SendError::TimedOut`] once `deadline` passes.
 async fn within<T>(
     timer: &mut Option<Pin<Box<Sleep>>>,
     deadline: Option<Instant>,
     step: impl Future<Output = T>,
-) -> Result<T, ClientError> {
+) -> Result<T, SendError> {
     let mut step = pin!(step);
     poll_fn(|cx| {
         if let Poll::Ready(output) = step.as_mut().poll(cx) {
@@ -214,7 +222,7 @@ async fn within<T>(
         match (deadline, timer.as_mut()) {
             // The connection's timer, perhaps set for an earlier request.
             (Some(deadline), Some(timer)) => {
-                poll_deadline(timer.as_mut(), deadline, cx).map(|()| Err(ClientError::TimedOut))
+                poll_deadline(timer.as_mut(), deadline, cx).map(|()| Err(SendError::TimedOut))
             }
             _ => Poll::Pending,
         }
@@ -235,7 +243,7 @@ fn expire<C>(idle: &mut Vec<(C, u64)>, now: u64) {
 /// Ticks `pool`'s idle clock every [`REAP_EVERY`] and closes its expired
 /// idle connections, so that they go when traffic stops too; ends with the
 /// pool (a config that no longer names its upstream).
-pub async fn reap_idle(pool: Weak<Http1Pool>) {
+pub async fn reap_idle(pool: Weak<Pool>) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -254,6 +262,7 @@ pub async fn reap_idle(pool: Weak<Http1Pool>) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use crate::body::LocalBody as Body;
     use bytes::Bytes;
     use http::Request;
     use http_body::Body as _;
@@ -261,7 +270,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn idle_count(pool: &Http1Pool) -> usize {
+    fn idle_count(pool: &Pool) -> usize {
         pool.idle.lock().unwrap().len()
     }
 
@@ -279,19 +288,19 @@ mod tests {
         }
     }
 
-    async fn listener() -> (TcpListener, Arc<Http1Pool>) {
+    async fn listener() -> (TcpListener, Arc<Pool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = Authority::try_from(listener.local_addr().unwrap().to_string()).unwrap();
-        let pool = Http1Pool::new(authority, Duration::from_secs(5)).unwrap();
+        let pool = Pool::new(authority, Duration::from_secs(5), AnswerFields::PASS_ALL).unwrap();
         (listener, Arc::new(pool))
     }
 
     /// Sends `request` through `pool`, its head lent as the proxy lends it.
     async fn send(
-        pool: &Arc<Http1Pool>,
+        pool: &Arc<Pool>,
         request: Request<Body>,
         deadline: Option<Instant>,
-    ) -> Result<Response<ResponseBody>, ClientError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let (mut parts, body) = request.into_parts();
         pool.send(&mut parts, body, deadline).await
     }
@@ -474,7 +483,7 @@ mod tests {
         // The third is never answered: it ends at its own deadline.
         let started = Instant::now();
         let outcome = send(&pool, post(Body::full("{}")), within(300)).await;
-        assert!(matches!(outcome, Err(ClientError::TimedOut)), "{outcome:?}");
+        assert!(matches!(outcome, Err(SendError::TimedOut)), "{outcome:?}");
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),

@@ -20,19 +20,19 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, EXPECT, HOST};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use smallvec::SmallVec;
 
-use super::h1pool::Http1Pool;
-use super::headers;
-use crate::body::{Body, BoxError};
-use abgate_http1::framing::{
-    poll_fill, step_length, AnswerFraming, Chunked, Forwarded, FramingFields, HeadScratch, Step,
-    MAX_HEADERS, READ_BUFFER,
+use super::pool::Pool;
+use super::{AnswerFields, OutgoingBody};
+use crate::framing::{
+    is_hop_by_hop, poll_fill, step_length, write_content_length, write_field, AnswerFraming,
+    Chunked, Forwarded, FramingFields, HeadScratch, Step, MAX_HEADERS, READ_BUFFER,
 };
+use crate::server::BoxError;
 
 /// The longest answer head accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -47,14 +47,16 @@ const KEPT_WRITE_BUFFER: usize = 8 * 1024;
 /// An open connection to the upstream and its buffers, kept between
 /// requests.
 #[derive(Debug)]
-pub struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream,
+    /// What the pool's user makes of an answer's fields.
+    fields: AnswerFields,
     read: BytesMut,
     write: Vec<u8>,
     /// Where an answer head's fields sit: kept, not rebuilt per answer.
     head: HeadScratch,
     /// The timer that bounds the wait for an answer's head, kept from one
-    /// request to the next (see [`super::h1pool`]).
+    /// request to the next (see [`super::pool`]).
     pub(super) timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -96,7 +98,7 @@ impl std::error::Error for WireError {
 
 /// A write that failed, and how many bytes of it went out first: none
 /// means the request may still be sent on another connection.
-pub struct WriteFailed {
+pub(crate) struct WriteFailed {
     pub error: io::Error,
     pub written: usize,
 }
@@ -105,9 +107,10 @@ impl Connection {
     /// Boxed for its life: a request, its answer's body and the pool move
     /// the connection from one to the next, a pointer instead of its
     /// buffers and the head's field positions.
-    pub fn new(stream: TcpStream) -> Box<Self> {
+    pub(crate) fn new(stream: TcpStream, fields: AnswerFields) -> Box<Self> {
         Box::new(Self {
             stream,
+            fields,
             read: BytesMut::with_capacity(READ_BUFFER),
             write: Vec::with_capacity(1024),
             head: HeadScratch::default(),
@@ -186,7 +189,7 @@ impl Connection {
     pub async fn write_body(
         &mut self,
         framing: BodyFraming,
-        body: Body,
+        body: impl OutgoingBody,
         method: &Method,
     ) -> Result<Option<Head>, WireError> {
         if let BodyFraming::Whole(bytes) = &framing {
@@ -196,6 +199,7 @@ impl Connection {
         }
         let Connection {
             stream,
+            fields,
             read,
             write,
             head,
@@ -203,7 +207,7 @@ impl Connection {
         } = self;
         let (mut reader, mut writer) = stream.split();
         let sending = send_body(&mut writer, write, framing, body);
-        let answer = read_head(&mut reader, read, head, method);
+        let answer = read_head(&mut reader, read, head, fields, method);
         tokio::pin!(sending, answer);
         tokio::select! {
             sent = &mut sending => match sent {
@@ -227,7 +231,14 @@ impl Connection {
     /// Reads until the answer's head is complete (informational answers
     /// skipped) and parses it.
     pub async fn read_head(&mut self, method: &Method) -> Result<Head, WireError> {
-        read_head(&mut self.stream, &mut self.read, &mut self.head, method).await
+        read_head(
+            &mut self.stream,
+            &mut self.read,
+            &mut self.head,
+            &self.fields,
+            method,
+        )
+        .await
     }
 
     /// Reads what the socket has into the read buffer: 0 at its end.
@@ -242,7 +253,7 @@ async fn send_body(
     writer: &mut (impl AsyncWrite + Unpin),
     buffer: &mut Vec<u8>,
     framing: BodyFraming,
-    mut body: Body,
+    mut body: impl OutgoingBody,
 ) -> Result<(), WireError> {
     // With a declared length, the bytes still owed: the body must give
     // exactly those, or the upstream would read the rest as a request.
@@ -305,13 +316,14 @@ async fn read_head(
     reader: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
     scratch: &mut HeadScratch,
+    fields: &AnswerFields,
     method: &Method,
 ) -> Result<Head, WireError> {
     let mut interim = 0;
     loop {
         // A reused connection's buffer is empty: nothing to parse yet.
         if !buffer.is_empty() {
-            if let Some(head) = parse_head_after(buffer, scratch, method, &mut interim)? {
+            if let Some(head) = parse_head_after(buffer, scratch, fields, method, &mut interim)? {
                 return Ok(head);
             }
         }
@@ -341,27 +353,27 @@ pub enum BodyFraming {
 
 impl BodyFraming {
     /// How `body` goes out.
-    pub fn of(body: &Body) -> Self {
-        match body {
-            Body::Full(bytes) => BodyFraming::Whole(bytes.clone()),
-            body => match body.size_hint().exact() {
-                Some(0) => BodyFraming::Whole(None),
-                Some(length) => BodyFraming::Declared(length),
-                None => BodyFraming::Chunked,
-            },
+    pub fn of(body: &impl OutgoingBody) -> Self {
+        if let Some(bytes) = body.whole() {
+            return BodyFraming::Whole((!bytes.is_empty()).then_some(bytes));
+        }
+        match body.size_hint().exact() {
+            Some(0) => BodyFraming::Whole(None),
+            Some(length) => BodyFraming::Declared(length),
+            None => BodyFraming::Chunked,
         }
     }
 }
 
 /// Whether a client's header describes its own hop and its framing, and
 /// so is never written into a request to an upstream (RFC 9110 §7.6.1):
-/// the upstream side writes its own Host and framing. The proxy removes
+/// the upstream side writes its own Host and framing. A proxy removes
 /// these already; the wire does not rely on it.
 fn is_framing_or_hop(name: &HeaderName) -> bool {
     *name == HOST
         || *name == CONTENT_LENGTH
         || *name == EXPECT
-        || headers::is_hop_by_hop(name.as_str().as_bytes())
+        || is_hop_by_hop(name.as_str().as_bytes())
         || name.as_str().starts_with("proxy-")
 }
 
@@ -377,7 +389,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         if !is_framing_or_hop(name) {
-            abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value.as_bytes());
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     match framing {
@@ -390,10 +402,10 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
                 )
             {
-                abgate_http1::framing::write_content_length(out, length as u64);
+                write_content_length(out, length as u64);
             }
         }
-        BodyFraming::Declared(length) => abgate_http1::framing::write_content_length(out, *length),
+        BodyFraming::Declared(length) => write_content_length(out, *length),
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
@@ -401,7 +413,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, host: &HeaderValue, framing: &B
 
 /// A parsed answer head.
 #[derive(Debug)]
-pub struct Head {
+pub(crate) struct Head {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
@@ -430,8 +442,19 @@ fn parse_head(
     scratch: &mut HeadScratch,
     method: &Method,
 ) -> Result<Option<Head>, WireError> {
-    parse_head_after(buffer, scratch, method, &mut 0)
+    parse_head_after(buffer, scratch, &ANSWER_FIELDS, method, &mut 0)
 }
+
+/// A user that reads an answer's content type and encoding and has a
+/// namespace of its own, like a gateway.
+#[cfg(test)]
+const ANSWER_FIELDS: AnswerFields = AnswerFields {
+    mapped: &["content-type", "content-encoding"],
+    own: |name| {
+        name.get(..9)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"x-abgate-"))
+    },
+};
 
 /// The most informational answers one request may get before its answer:
 /// past it, an upstream sending them without end is cut off.
@@ -441,6 +464,7 @@ const MAX_INTERIM_ANSWERS: u32 = 32;
 fn parse_head_after(
     buffer: &mut BytesMut,
     scratch: &mut HeadScratch,
+    answer_fields: &AnswerFields,
     method: &Method,
     interim: &mut u32,
 ) -> Result<Option<Head>, WireError> {
@@ -508,7 +532,7 @@ fn parse_head_after(
         };
         // Names a `Connection` field lists are hop-by-hop too: an answer
         // with such a list (rare) is read whole into its map, and the
-        // proxy strips what the list names.
+        // caller strips what the list names.
         let whole = spans
             .iter()
             .map(field_at)
@@ -543,7 +567,7 @@ fn parse_head_after(
             let (Some(name), Some(value)) = (name, value) else {
                 return Err(WireError::Invalid("header field"));
             };
-            let field = AnswerField::of(name);
+            let field = AnswerField::of(name, answer_fields);
             note_framing(&mut framing, field, value);
             if whole || field.is_mapped() {
                 // httparse has checked the name's and value's bytes.
@@ -558,7 +582,7 @@ fn parse_head_after(
                 }
             } else if field.is_passed_on(bodyless) {
                 date |= field == AnswerField::Date;
-                abgate_http1::framing::write_field(lines, name, value);
+                write_field(lines, name, value);
             }
         }
         let (framing_kind, keep_alive) = framing
@@ -617,19 +641,19 @@ fn common_value(value: &[u8]) -> Option<HeaderValue> {
         .cloned()
 }
 
-/// How many fields of an answer its map usually holds: those the gateway
-/// reads (the gateway's own ride with the body, see `answer_fields`).
+/// How many fields of an answer its map usually holds: those the caller
+/// reads ([`AnswerFields::mapped`]).
 const READ_FIELDS: usize = 4;
 
-/// What an answer's header field is to the gateway, from its name.
+/// What an answer's header field is to the caller, from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AnswerField {
-    /// Read by the gateway: the content's type and encoding, kept in the
+    /// Read by the caller ([`AnswerFields::mapped`]), kept in the
     /// answer's map; its length, noted for the framing.
     Read { content_length: bool },
-    /// In the gateway's own namespace (`x-abgate-*`): on an answer, its
-    /// fields are the gateway's alone.
-    Gateway,
+    /// In the caller's own namespace ([`AnswerFields::own`]): on an
+    /// answer, its fields are the caller's alone.
+    Own,
     /// `Date`: passed on, and the client's side then adds none.
     Date,
     /// Describes the upstream's connection (RFC 9110 §7.6.1): not passed
@@ -646,13 +670,9 @@ enum Framer {
 }
 
 impl AnswerField {
-    fn of(name: &[u8]) -> Self {
+    fn of(name: &[u8], fields: &AnswerFields) -> Self {
         let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-        if is("content-type") || is("content-encoding") {
-            AnswerField::Read {
-                content_length: false,
-            }
-        } else if is("content-length") {
+        if is("content-length") {
             AnswerField::Read {
                 content_length: true,
             }
@@ -662,10 +682,14 @@ impl AnswerField {
             AnswerField::HopByHop(Some(Framer::Connection))
         } else if is("transfer-encoding") {
             AnswerField::HopByHop(Some(Framer::TransferEncoding))
-        } else if headers::is_hop_by_hop(name) {
+        } else if is_hop_by_hop(name) {
             AnswerField::HopByHop(None)
-        } else if headers::in_gateway_namespace(name) {
-            AnswerField::Gateway
+        } else if fields.is_mapped(name) {
+            AnswerField::Read {
+                content_length: false,
+            }
+        } else if (fields.own)(name) {
+            AnswerField::Own
         } else {
             AnswerField::Other
         }
@@ -686,7 +710,7 @@ impl AnswerField {
         match self {
             AnswerField::Date | AnswerField::Other => true,
             AnswerField::Read { content_length } => content_length && bodyless,
-            AnswerField::Gateway | AnswerField::HopByHop(_) => false,
+            AnswerField::Own | AnswerField::HopByHop(_) => false,
         }
     }
 }
@@ -717,10 +741,10 @@ fn note_framing<'a>(framing: &mut FramingFields<'a>, field: AnswerField, value: 
 
 /// The answer for `head`, its body read from `connection`, which goes
 /// back to `pool` when the body has been read to its end.
-pub fn response(
+pub(crate) fn response(
     head: Head,
     connection: Box<Connection>,
-    pool: Arc<Http1Pool>,
+    pool: Arc<Pool>,
 ) -> Response<ResponseBody> {
     let decoder = match head.framing {
         AnswerFraming::Length(length) => Decoder::Length(length),
@@ -748,7 +772,7 @@ pub struct ResponseBody {
     /// `None` once the body has ended or failed.
     connection: Option<Box<Connection>>,
     /// Where the connection goes at the end, if it can be reused.
-    pool: Option<Arc<Http1Pool>>,
+    pool: Option<Arc<Pool>>,
     decoder: Decoder,
     /// The answer's fields passed on as they came, for the client's side
     /// to write with the head.
@@ -876,6 +900,7 @@ impl http_body::Body for ResponseBody {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use crate::body::LocalBody as Body;
 
     fn head(wire: &str, method: Method) -> Result<Option<Head>, WireError> {
         parse_head(
@@ -1016,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn fields_the_gateway_reads_are_mapped_its_own_dropped_and_the_rest_passed_on_as_they_came() {
+    fn fields_the_caller_reads_are_mapped_its_own_dropped_and_the_rest_passed_on_as_they_came() {
         let parsed = head(
             "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Thu, 26 Nov 2026 08:00:00 GMT\r\n\
              Content-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\
@@ -1081,7 +1106,7 @@ mod tests {
         assert_eq!(parsed.headers["content-type"], "application/json");
 
         // A `Connection` that names more hop-by-hop fields: the whole head
-        // goes to the map, for the proxy to strip what it names.
+        // goes to the map, for the caller to strip what it names.
         let listing = head(
             "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nServer: up\r\n\
              Content-Length: 0\r\n\r\n",
@@ -1235,7 +1260,7 @@ mod tests {
             received
         });
         let stream = TcpStream::connect(address).await.unwrap();
-        let mut connection = Connection::new(stream);
+        let mut connection = Connection::new(stream, ANSWER_FIELDS);
         let (parts, ()) = http::Request::post("/v1/chat/completions")
             .header("x-large", head_value.as_str())
             .body(())
