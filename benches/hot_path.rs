@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use abgate::assign::{self, Variant};
-use abgate::identity::{self, IdentityRules};
-use abgate::metrics::{Metrics, RequestRecord, UpstreamErrorKind};
-use abgate::proxy::route::Route;
+use abgate::experiment::assign::{self, Variant};
+use abgate::experiment::request_id::RequestIds;
+use abgate::proxy::identity::{self, IdentityRules};
 use abgate::proxy::{json, usage_json};
-use abgate::request_id::RequestIds;
+use abgate::telemetry::metrics::{Metrics, RequestRecord, UpstreamErrorKind};
+use abgate::telemetry::route::Route;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::Admin;
 use crate::config::Snapshot;
-use crate::metrics::Metrics;
+use crate::control::admin::Admin;
+use crate::control::supervisor::Supervisor;
 use crate::proxy::Gateway;
-use crate::supervisor::Supervisor;
+use crate::telemetry::metrics::Metrics;
 use abgate_http1::server;
 
 /// A gateway serving in background tasks.
@@ -106,9 +106,9 @@ pub async fn start_from_file(
 ) -> Result<Running, String> {
     let snapshot = crate::config::load(path, &crate::config::ProcessEnv)
         .map_err(|err| format!("{} is not valid:\n{err}", path.display()))?;
-    let runtime = crate::rollout::RuntimeState::beside(path, state_dir);
+    let runtime = crate::control::rollout::RuntimeState::beside(path, state_dir);
     let mut running = start_with(snapshot, runtime).await?;
-    let watcher = crate::reload::watch(
+    let watcher = crate::control::reload::watch(
         path.to_path_buf(),
         running.gateway.clone(),
         stop_signal(running.stop.subscribe()),
@@ -120,12 +120,12 @@ pub async fn start_from_file(
 /// Binds the proxy and admin listeners of `snapshot` and serves them;
 /// runtime changes are kept in memory only.
 pub async fn start(snapshot: Snapshot) -> Result<Running, String> {
-    start_with(snapshot, crate::rollout::RuntimeState::in_memory()).await
+    start_with(snapshot, crate::control::rollout::RuntimeState::in_memory()).await
 }
 
 async fn start_with(
     snapshot: Snapshot,
-    runtime: crate::rollout::RuntimeState,
+    runtime: crate::control::rollout::RuntimeState,
 ) -> Result<Running, String> {
     let proxy_listener = server::bind(snapshot.listen)
         .await

@@ -16,10 +16,10 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::assign::Variant;
-use crate::body::Body;
 use crate::config::{Config, ProcessEnv};
-use crate::metrics::ExperimentMetrics;
+use crate::experiment::assign::Variant;
+use crate::proxy::body::Body;
+use crate::telemetry::metrics::ExperimentMetrics;
 use abgate_mock::{self as mock, MockConfig};
 
 /// The config the demo runs, with placeholder upstreams.
@@ -126,7 +126,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             let live = running.gateway.live();
             let expected = (requests - run.failed) as u64;
             for _ in 0..100 {
-                let seen: u64 = crate::metrics::VARIANTS
+                let seen: u64 = crate::telemetry::metrics::VARIANTS
                     .iter()
                     .map(|v| live.metrics.arm_stats(*v).requests)
                     .sum();
@@ -165,7 +165,8 @@ fn arm_index(variant: Variant) -> usize {
 /// The per-variant table `demo --traffic` prints: the gateway's own stats
 /// (the numbers `/admin/stats` serves) beside the users each arm got.
 pub fn table(metrics: &ExperimentMetrics, run: &TrafficRun) -> String {
-    let stats = crate::metrics::VARIANTS.map(|variant| (variant, metrics.arm_stats(variant)));
+    let stats =
+        crate::telemetry::metrics::VARIANTS.map(|variant| (variant, metrics.arm_stats(variant)));
     let total: u64 = stats.iter().map(|(_, arm)| arm.requests).sum();
     let ms = |seconds: Option<f64>| seconds.map_or(f64::NAN, |s| s * 1000.0);
     let mut out = format!(

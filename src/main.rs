@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use abgate::assign;
 use abgate::config::{self, ProcessEnv};
+use abgate::experiment::assign;
 
 #[derive(Parser)]
 #[command(
@@ -268,7 +268,8 @@ async fn rollout(
         RolloutAction::Report => (Method::GET, "/admin/report", None),
     };
     let (status, json) =
-        abgate::admin_client::call(&admin_url, method, path, token.as_deref(), body).await?;
+        abgate::control::admin_client::call(&admin_url, method, path, token.as_deref(), body)
+            .await?;
     if !status.is_success() {
         let message = json["error"]["message"].as_str().unwrap_or("no message");
         return Err(format!("{status}: {message}"));
@@ -281,7 +282,7 @@ async fn rollout(
 }
 
 fn run_assign(fraction: f64, salt: Option<&str>, ids: &[String]) -> ExitCode {
-    if let Err(why) = abgate::assign::Fraction::new(fraction) {
+    if let Err(why) = abgate::experiment::assign::Fraction::new(fraction) {
         eprintln!("abgate assign: --fraction {why}");
         return ExitCode::from(2);
     }

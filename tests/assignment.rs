@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use abgate::assign::{assign, bucket, is_treatment, Variant};
+use abgate::experiment::assign::{assign, bucket, is_treatment, Variant};
 use proptest::prelude::*;
 
 const FRACTIONS: [f64; 11] = [

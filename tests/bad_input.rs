@@ -8,7 +8,7 @@
 mod common;
 
 use abgate::app::Running;
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use abgate_mock::MockHandle;
 use bytes::Bytes;
 use common::*;

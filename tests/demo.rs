@@ -46,8 +46,8 @@ fn demo_traffic_prints_a_per_variant_table_matching_the_split() {
     // exactly what the reference assignment says.
     let treated_users = (0..40)
         .filter(|i| {
-            abgate::assign::assign(format!("demo-user-{i}").as_bytes(), None, 0.5)
-                == abgate::assign::Variant::Treatment
+            abgate::experiment::assign::assign(format!("demo-user-{i}").as_bytes(), None, 0.5)
+                == abgate::experiment::assign::Variant::Treatment
         })
         .count();
     let treatment = rows.iter().find(|r| r.0 == "treatment").unwrap();

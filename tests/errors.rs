@@ -5,7 +5,7 @@
 
 mod common;
 
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::Request;

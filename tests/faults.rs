@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abgate::app::Running;
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -522,10 +522,13 @@ async fn a_client_that_sends_its_body_too_slowly_gets_408() {
 }
 
 /// User IDs that land in `variant` at `fraction`.
-fn users_in(variant: abgate::assign::Variant, fraction: f64) -> impl Iterator<Item = String> {
-    (0..)
-        .map(|i| format!("user-{i}"))
-        .filter(move |user| abgate::assign::assign(user.as_bytes(), None, fraction) == variant)
+fn users_in(
+    variant: abgate::experiment::assign::Variant,
+    fraction: f64,
+) -> impl Iterator<Item = String> {
+    (0..).map(|i| format!("user-{i}")).filter(move |user| {
+        abgate::experiment::assign::assign(user.as_bytes(), None, fraction) == variant
+    })
 }
 
 /// Starts a stream that the held control mock keeps open after its first
@@ -578,9 +581,9 @@ async fn past_max_inflight_per_variant_only_that_upstream_sheds() {
     let (control, treatment) = held_control_mocks().await;
     let extra = "[limits]\nmax_inflight_per_variant = 1";
     let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, extra)).await;
-    let mut in_control = users_in(abgate::assign::Variant::Control, 0.5);
+    let mut in_control = users_in(abgate::experiment::assign::Variant::Control, 0.5);
     let (holder, other) = (in_control.next().unwrap(), in_control.next().unwrap());
-    let in_treatment = users_in(abgate::assign::Variant::Treatment, 0.5)
+    let in_treatment = users_in(abgate::experiment::assign::Variant::Treatment, 0.5)
         .next()
         .unwrap();
     let held = held_stream(&gw, &holder).await;

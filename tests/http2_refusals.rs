@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abgate::app::Running;
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::Request;

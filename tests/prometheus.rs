@@ -10,8 +10,8 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use abgate::assign::{assign, Variant};
-use abgate::body::Body;
+use abgate::experiment::assign::{assign, Variant};
+use abgate::proxy::body::Body;
 use abgate_mock::MockConfig;
 use common::*;
 use http::Request;

@@ -6,8 +6,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use abgate::assign::{assign, Variant};
-use abgate::body::Body;
+use abgate::experiment::assign::{assign, Variant};
+use abgate::proxy::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::Request;

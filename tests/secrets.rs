@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::Request;

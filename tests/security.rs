@@ -399,12 +399,12 @@ fn hmac_sha256_hex(key: &str, text: &str) -> String {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(text.as_bytes());
-    abgate::hex::encode(&mac.finalize().into_bytes())
+    abgate::experiment::hex::encode(&mac.finalize().into_bytes())
 }
 
 fn sha256_hex(text: &str) -> String {
     use sha2::Digest;
-    abgate::hex::encode(&sha2::Sha256::digest(text.as_bytes()))
+    abgate::experiment::hex::encode(&sha2::Sha256::digest(text.as_bytes()))
 }
 
 async fn wait_for_line(path: &Path) -> String {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use abgate::body::Body;
+use abgate::proxy::body::Body;
 use common::*;
 use http::Request;
 

@@ -45,13 +45,13 @@ async fn post_admin(
 /// User IDs `{prefix}N` that land in `variant` at `fraction`.
 fn users_in(
     prefix: &str,
-    variant: abgate::assign::Variant,
+    variant: abgate::experiment::assign::Variant,
     fraction: f64,
     count: usize,
 ) -> Vec<String> {
     (0..)
         .map(|i| format!("{prefix}{i}"))
-        .filter(|id| abgate::assign::assign(id.as_bytes(), None, fraction) == variant)
+        .filter(|id| abgate::experiment::assign::assign(id.as_bytes(), None, fraction) == variant)
         .take(count)
         .collect()
 }
@@ -115,8 +115,13 @@ async fn promotion_needs_the_token_and_a_ready_stage() {
 async fn a_broken_split_blocks_promotion_until_forced() {
     let (_mocks, gw) = started(0.5, "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 10\n[guardrails]\nenabled = false").await;
     // Control users send 20 times what treatment users send: not a 50/50 split.
-    let control_users = users_in("c-", abgate::assign::Variant::Control, 0.5, 200);
-    let treatment_users = users_in("t-", abgate::assign::Variant::Treatment, 0.5, 20);
+    let control_users = users_in("c-", abgate::experiment::assign::Variant::Control, 0.5, 200);
+    let treatment_users = users_in(
+        "t-",
+        abgate::experiment::assign::Variant::Treatment,
+        0.5,
+        20,
+    );
     for user in control_users.iter().chain(&treatment_users) {
         assert!(chat(&gw.url(), user).await.status.is_success());
     }
@@ -206,7 +211,7 @@ async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
 }
 
 fn in_a_second() -> String {
-    abgate::clock::format_rfc3339(SystemTime::now() + Duration::from_millis(1200))
+    abgate::config::clock::format_rfc3339(SystemTime::now() + Duration::from_millis(1200))
 }
 
 #[tokio::test]
@@ -227,7 +232,7 @@ async fn a_change_with_effective_at_waits_for_its_instant() {
     })
     .await
     .expect("applied at its instant");
-    assert!(SystemTime::now() >= abgate::clock::parse_rfc3339(&at).unwrap());
+    assert!(SystemTime::now() >= abgate::config::clock::parse_rfc3339(&at).unwrap());
     assert_eq!(applied["pending"], serde_json::Value::Null);
     assert!(applied["reason"]
         .as_str()
@@ -277,7 +282,7 @@ async fn scheduled_entries_in_the_file_switch_at_their_instant() {
     })
     .await
     .expect("the scheduled entry applies");
-    assert!(SystemTime::now() >= abgate::clock::parse_rfc3339(&at).unwrap());
+    assert!(SystemTime::now() >= abgate::config::clock::parse_rfc3339(&at).unwrap());
     assert_eq!(
         (state["source"].as_str(), state["config_fraction"].as_f64()),
         (Some("schedule"), Some(0.25))

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use abgate::assign::{assign, Variant};
-use abgate::body::Body;
+use abgate::experiment::assign::{assign, Variant};
+use abgate::proxy::body::Body;
 use common::*;
 use http::Request;
 use http_body_util::BodyExt;

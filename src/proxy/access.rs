@@ -15,9 +15,9 @@
 
 use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 
-use crate::assign::Variant;
+use crate::config::credentials::KeySet;
 use crate::config::Snapshot;
-use crate::credentials::KeySet;
+use crate::experiment::assign::Variant;
 use crate::proxy::error::ProxyError;
 
 /// Request header naming the arm a QA request wants.

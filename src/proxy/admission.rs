@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::assign::Variant;
+use crate::experiment::assign::Variant;
 
 /// Which count a place is taken in.
 #[derive(Debug, Clone, Copy)]

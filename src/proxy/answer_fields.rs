@@ -10,7 +10,7 @@ use super::{
     EXPERIMENT_HEADER, FALLBACK_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, SERVED_BY_HEADER,
     VARIANT_HEADER,
 };
-use crate::assign::Variant;
+use crate::experiment::assign::Variant;
 
 /// What the gateway tells the client about its request.
 #[derive(Debug, Clone, Default)]

@@ -18,8 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use abgate_http1::client::{reap_idle, AnswerFields, Pool, SendError, WireError};
 
 use super::headers;
-use crate::body::Body;
 use crate::config::{read_pem_certs, Snapshot};
+use crate::proxy::body::Body;
 
 type GeneralClient = Client<HttpsConnector<HttpConnector>, Body>;
 

@@ -5,9 +5,9 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::assign::Variant;
-use crate::body::Body;
-use crate::metrics::UpstreamErrorKind;
+use crate::experiment::assign::Variant;
+use crate::proxy::body::Body;
+use crate::telemetry::metrics::UpstreamErrorKind;
 
 /// Which of the upstream timeouts ran out; each is its own setting and
 /// error kind.

@@ -15,9 +15,9 @@ use http::{Method, Request, Response, Version};
 
 use super::error::ProxyError;
 use super::json::{self, BodyFields};
-use crate::body::Body;
 use crate::config::Upstream;
-use crate::metrics::UpstreamErrorKind;
+use crate::proxy::body::Body;
+use crate::telemetry::metrics::UpstreamErrorKind;
 
 /// What is kept of a request so that it can be sent again: the client's
 /// own method, path, headers and body, before any rewrite for treatment.

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::request_id::{Attribution, RequestIds};
+use crate::experiment::request_id::{Attribution, RequestIds};
+use crate::telemetry::metrics::Metrics;
 
 /// The path feedback is posted to on the proxy port.
 pub const PATH: &str = "/v1/feedback";

@@ -32,16 +32,19 @@
 pub mod access;
 pub mod admission;
 pub mod answer_fields;
+pub mod body;
 pub mod client;
 pub mod deadline;
+pub mod drain;
 pub mod error;
 pub mod fallback;
 pub mod feedback;
 pub mod headers;
+pub mod identity;
 pub mod json;
 pub mod json_scan;
 pub mod observe;
-pub mod route;
+pub mod path;
 pub mod usage_json;
 
 use std::net::SocketAddr;
@@ -56,21 +59,22 @@ use http::uri::{self, PathAndQuery, Uri};
 use http::{Method, Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 
-use crate::assign::{self, Variant};
-use crate::body::Body;
 use crate::config::{Snapshot, Upstream};
-use crate::events::EventSink;
-use crate::identity::{self, IdentityRules};
-use crate::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
-use crate::request_id::RequestIds;
-use crate::rollout::{RuntimeState, SplitEpoch};
+use crate::control::rollout::RuntimeState;
+use crate::experiment::assign::{self, Variant};
+use crate::experiment::request_id::RequestIds;
+use crate::proxy::body::Body;
+use crate::telemetry::events::EventSink;
+use crate::telemetry::metrics::{ExperimentMetrics, InflightGuard, Metrics, UpstreamErrorKind};
+use crate::telemetry::route::Route;
+use crate::telemetry::stage::SplitEpoch;
 use admission::{Inflight, Places};
 use client::HttpClient;
 use deadline::Deadlines;
 use error::{ProxyError, Timeout};
+use identity::IdentityRules;
 use json::BodyFields;
 use observe::{EventDraft, Observation, ObservedBody, UsageFormat};
-use route::Route;
 
 /// Response header naming the arm that served the request.
 pub const VARIANT_HEADER: HeaderName = HeaderName::from_static("x-abgate-variant");
@@ -103,7 +107,7 @@ pub struct Gateway {
     /// Requests in flight, against the `[limits]` caps.
     inflight: Arc<Inflight>,
     /// Shutdown: not ready, then cut.
-    drain: crate::drain::Drain,
+    drain: crate::proxy::drain::Drain,
 }
 
 /// A config and what is derived from it, swapped as one.
@@ -271,7 +275,7 @@ impl Gateway {
             process_ids,
             status: std::sync::Mutex::new(ConfigStatus {
                 generation: 1,
-                applied_at: crate::clock::now_rfc3339(),
+                applied_at: crate::config::clock::now_rfc3339(),
                 last_reload_at: None,
                 last_reload_error: None,
                 pending_restart: Vec::new(),
@@ -279,12 +283,12 @@ impl Gateway {
             runtime,
             changing: std::sync::Mutex::new(()),
             inflight: Arc::default(),
-            drain: crate::drain::Drain::default(),
+            drain: crate::proxy::drain::Drain::default(),
         })
     }
 
     /// The runtime change in force, if any.
-    pub fn runtime_override(&self) -> Option<crate::rollout::Override> {
+    pub fn runtime_override(&self) -> Option<crate::control::rollout::Override> {
         self.runtime.current()
     }
 
@@ -301,13 +305,13 @@ impl Gateway {
         let old = previous.config.treatment_fraction;
         let mut config = previous.config.clone();
         config.treatment_fraction = fraction;
-        let state = crate::rollout::Override {
+        let state = crate::control::rollout::Override {
             experiment: config.experiment.clone(),
             treatment_fraction: fraction,
             config_fraction: previous.file_fraction.0,
             source: source.to_owned(),
             reason: reason.to_owned(),
-            at: crate::clock::now_rfc3339(),
+            at: crate::config::clock::now_rfc3339(),
         };
         // Serve the new split first: a rollback must not wait on a disk.
         let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
@@ -347,8 +351,8 @@ impl Gateway {
             client,
             file_fraction,
         )));
-        self.runtime.audit(&crate::rollout::AuditEntry {
-            time: crate::clock::now_rfc3339(),
+        self.runtime.audit(&crate::control::rollout::AuditEntry {
+            time: crate::config::clock::now_rfc3339(),
             experiment: &previous.config.experiment,
             action: "set",
             source: "schedule",
@@ -419,7 +423,7 @@ impl Gateway {
         )));
         self.metrics.config_reloaded(true);
         if let Ok(mut status) = self.status.lock() {
-            let now = crate::clock::now_rfc3339();
+            let now = crate::config::clock::now_rfc3339();
             status.generation += 1;
             status.applied_at = now.clone();
             status.last_reload_at = Some(now);
@@ -470,7 +474,7 @@ impl Gateway {
     pub fn reject(&self, error: &str) {
         self.metrics.config_reloaded(false);
         if let Ok(mut status) = self.status.lock() {
-            status.last_reload_at = Some(crate::clock::now_rfc3339());
+            status.last_reload_at = Some(crate::config::clock::now_rfc3339());
             status.last_reload_error = Some(error.to_owned());
         }
     }
@@ -491,7 +495,7 @@ impl Gateway {
     }
 
     /// Its shutdown state: draining (not ready), then cut.
-    pub fn drain(&self) -> &crate::drain::Drain {
+    pub fn drain(&self) -> &crate::proxy::drain::Drain {
         &self.drain
     }
 
@@ -692,7 +696,7 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         check_method(&parts.method)?;
         check_header_size(&parts, limits.max_header_bytes)?;
-        route::check_path(parts.uri.path()).map_err(|reason| ProxyError::InvalidPath { reason })?;
+        path::check_path(parts.uri.path()).map_err(|reason| ProxyError::InvalidPath { reason })?;
         let route = Route::classify(parts.uri.path()).ok_or_else(|| ProxyError::NotFound {
             path: truncate(parts.uri.path(), 200),
         })?;
@@ -1217,8 +1221,8 @@ fn reading(
     metrics: &Metrics,
     bound: &ExperimentMetrics,
     config: &Snapshot,
-) -> crate::guardrails::local::Reading {
-    crate::guardrails::local::Reading::take(
+) -> crate::telemetry::readback::Reading {
+    crate::telemetry::readback::Reading::take(
         metrics,
         bound,
         &config.experiment,

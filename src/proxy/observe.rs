@@ -27,17 +27,19 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use smallvec::SmallVec;
 
-use crate::assign::Variant;
-use crate::body::{Body, BoxError};
-use crate::drain::CutSignal;
-use crate::events::{Event, EventSink};
-use crate::metrics::{ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind};
+use crate::experiment::assign::Variant;
 use crate::proxy::admission::Places;
 use crate::proxy::answer_fields::GatewayFields;
+use crate::proxy::body::{Body, BoxError};
 use crate::proxy::deadline::Deadlines;
+use crate::proxy::drain::CutSignal;
 use crate::proxy::error::{ProxyError, Timeout};
-use crate::proxy::route::Route;
 use crate::proxy::usage_json;
+use crate::telemetry::events::{Event, EventSink};
+use crate::telemetry::metrics::{
+    ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind,
+};
+use crate::telemetry::route::Route;
 use abgate_http1::server::WriteLimits;
 
 /// Longest SSE line or JSON answer kept for reading usage; past it, usage is
@@ -264,7 +266,7 @@ impl ObservedBody {
         if let Some((sink, draft)) = observation.event {
             let millis = |d: Duration| d.as_secs_f64() * 1000.0;
             sink.emit(Event {
-                timestamp: crate::clock::now_rfc3339(),
+                timestamp: crate::config::clock::now_rfc3339(),
                 request_id: draft.request_id,
                 experiment: draft.experiment,
                 variant: record.variant.as_str(),

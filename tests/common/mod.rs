@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use abgate::app::Running;
-use abgate::body::Body;
 use abgate::config::Config;
+use abgate::proxy::body::Body;
 use abgate_mock::{self as mock, MockConfig, MockHandle};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};

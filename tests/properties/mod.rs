@@ -12,7 +12,7 @@
 //!   length limit, and hashes to a bucket below 1000.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use abgate::identity::{self, IdentityRules};
+use abgate::proxy::identity::{self, IdentityRules};
 use abgate::proxy::json::{self, BodyFields};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -45,8 +45,8 @@ pub fn check(header: &[u8], body: &[u8], model: &str) {
     if let Ok(Some(user)) = identity::resolve(from_header, fields.as_ref(), rules) {
         assert!(!user.id.is_empty(), "an empty ID counts as none");
         assert!(user.id.len() <= MAX_USER_ID_BYTES, "an ID over the limit");
-        assert!(abgate::assign::bucket(user.id.as_bytes(), None) < 1000);
-        assert!(abgate::assign::bucket(user.id.as_bytes(), Some("exp")) < 1000);
+        assert!(abgate::experiment::assign::bucket(user.id.as_bytes(), None) < 1000);
+        assert!(abgate::experiment::assign::bucket(user.id.as_bytes(), Some("exp")) < 1000);
     }
 }
 

@@ -116,10 +116,10 @@ impl RolloutConfig {
         for (i, change) in self.scheduled.iter().enumerate() {
             let path = format!("rollout.scheduled[{i}]");
             let fraction = change.treatment_fraction;
-            if let Err(why) = crate::assign::Fraction::new(fraction) {
+            if let Err(why) = crate::experiment::assign::Fraction::new(fraction) {
                 report(&format!("{path}.treatment_fraction"), why);
             }
-            match crate::clock::parse_rfc3339(&change.at) {
+            match crate::config::clock::parse_rfc3339(&change.at) {
                 Ok(at) => {
                     if entries.last().is_some_and(|(previous, _)| *previous >= at) {
                         report(
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn the_file_fraction_follows_the_schedule() {
-        let at = |text| crate::clock::parse_rfc3339(text).unwrap();
+        let at = |text| crate::config::clock::parse_rfc3339(text).unwrap();
         let config = RolloutConfig {
             scheduled: vec![
                 ScheduledChange {

@@ -16,6 +16,12 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme, Uri};
 use serde::{Deserialize, Serialize};
 
+pub mod clock;
+pub mod credentials;
+pub mod events;
+pub mod guardrails;
+pub mod rollout;
+
 /// Default cap on a request body the gateway reads to rewrite `model`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Default header carrying the user ID.
@@ -45,15 +51,15 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Per-request JSON-lines events; none when absent.
     #[serde(default)]
-    pub events: Option<crate::events::EventsConfig>,
+    pub events: Option<crate::config::events::EventsConfig>,
     #[serde(default)]
     pub feedback: FeedbackConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
-    pub rollout: crate::rollout::RolloutConfig,
+    pub rollout: crate::config::rollout::RolloutConfig,
     #[serde(default)]
-    pub guardrails: crate::guardrails::GuardrailsConfig,
+    pub guardrails: crate::config::guardrails::GuardrailsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -471,7 +477,7 @@ impl Config {
             );
         }
         let fraction = experiment.treatment_fraction;
-        if let Err(why) = crate::assign::Fraction::new(fraction) {
+        if let Err(why) = crate::experiment::assign::Fraction::new(fraction) {
             report("experiment.treatment_fraction", why);
         }
         if let Some(salt) = &experiment.salt {
@@ -576,7 +582,7 @@ impl Config {
                     );
                     None
                 }
-                Some(text) => match crate::credentials::KeySet::parse(&text) {
+                Some(text) => match crate::config::credentials::KeySet::parse(&text) {
                     Ok(keys) => Some(std::sync::Arc::new(keys)),
                     Err(message) => {
                         report(
@@ -649,8 +655,9 @@ impl Config {
                     treatment,
                     feedback_key,
                     events_user_id_key,
-                    admin_token: admin_token
-                        .map(|token| crate::credentials::SecretDigest::of(token.as_bytes())),
+                    admin_token: admin_token.map(|token| {
+                        crate::config::credentials::SecretDigest::of(token.as_bytes())
+                    }),
                     gateway_keys,
                     qa_override: self.qa.allow_override,
                     connect_timeout: Duration::from_millis(self.timeouts.connect_ms),
@@ -932,10 +939,10 @@ pub struct Snapshot {
     pub events_user_id_key: Option<Secret<Vec<u8>>>,
     /// Digest of the bearer token for admin calls (and forced variants),
     /// from `admin.token_env`.
-    pub admin_token: Option<crate::credentials::SecretDigest>,
+    pub admin_token: Option<crate::config::credentials::SecretDigest>,
     /// Keys clients must present on the proxy port, from
     /// `auth.api_keys_env`; none means the port is open.
-    pub gateway_keys: Option<std::sync::Arc<crate::credentials::KeySet>>,
+    pub gateway_keys: Option<std::sync::Arc<crate::config::credentials::KeySet>>,
     /// `[qa] override`: forced variants allowed (with the admin token).
     pub qa_override: bool,
     pub connect_timeout: Duration,
@@ -954,17 +961,18 @@ pub struct Snapshot {
     pub drain_timeout: Duration,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
-    pub schedule: crate::rollout::FileSchedule,
+    pub schedule: crate::config::rollout::FileSchedule,
     /// The config as written (secrets appear only as env var names).
     pub config: Config,
 }
 
 impl Snapshot {
     /// The upstream serving a variant; unassigned users go to control.
-    pub fn upstream(&self, variant: crate::assign::Variant) -> &Upstream {
+    pub fn upstream(&self, variant: crate::experiment::assign::Variant) -> &Upstream {
         match variant {
-            crate::assign::Variant::Treatment => &self.treatment,
-            crate::assign::Variant::Control | crate::assign::Variant::Unassigned => &self.control,
+            crate::experiment::assign::Variant::Treatment => &self.treatment,
+            crate::experiment::assign::Variant::Control
+            | crate::experiment::assign::Variant::Unassigned => &self.control,
         }
     }
 }

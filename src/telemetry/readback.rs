@@ -4,9 +4,37 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::checks::ArmWindow;
-use crate::assign::Variant;
-use crate::metrics::{ArmTotals, Buckets, ExperimentMetrics, FeedbackTotals, Metrics};
+use serde::Serialize;
+
+use crate::experiment::assign::Variant;
+use crate::telemetry::metrics::{ArmTotals, Buckets, ExperimentMetrics, FeedbackTotals, Metrics};
+
+/// One arm's numbers over the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ArmWindow {
+    pub requests: f64,
+    /// 5xx answers plus upstream 429s.
+    pub errors: f64,
+    pub latency_p95_seconds: Option<f64>,
+    /// Streamed answers: the sample behind the time-to-first-token p95.
+    pub streams: f64,
+    pub ttft_p95_seconds: Option<f64>,
+    pub mean_response_bytes: Option<f64>,
+    pub feedback_reports: f64,
+    pub feedback_completed: f64,
+    /// Ratings of 1, 2, 3, 4 and 5.
+    pub ratings: [f64; 5],
+}
+
+impl ArmWindow {
+    pub(crate) fn error_rate(&self) -> Option<f64> {
+        (self.requests > 0.0).then(|| self.errors / self.requests)
+    }
+
+    pub(crate) fn completion_rate(&self) -> Option<f64> {
+        (self.feedback_reports > 0.0).then(|| self.feedback_completed / self.feedback_reports)
+    }
+}
 
 /// Both arms' cumulative numbers at one instant.
 #[derive(Debug, Clone)]
@@ -106,8 +134,8 @@ impl Readings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::RequestRecord;
-    use crate::proxy::route::Route;
+    use crate::telemetry::metrics::RequestRecord;
+    use crate::telemetry::route::Route;
 
     fn record(bound: &ExperimentMetrics, variant: Variant, status: u16, millis: u64) {
         bound.record(&RequestRecord {
@@ -120,7 +148,7 @@ mod tests {
             response_bytes: 1000,
             prompt_tokens: None,
             completion_tokens: None,
-            error: crate::metrics::UpstreamErrorKind::from_status(status),
+            error: crate::telemetry::metrics::UpstreamErrorKind::from_status(status),
             overhead: Duration::from_micros(10),
         });
     }

@@ -10,48 +10,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Digest;
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
-
-/// How the user ID appears in events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum UserIdMode {
-    /// As sent.
-    Raw,
-    /// SHA-256 hex of the UTF-8 ID, joinable without storing the ID
-    /// itself; HMAC-SHA256 with the key in `user_id_key_env` when set.
-    #[default]
-    Hash,
-    /// Left out.
-    Omit,
-}
-
-/// `[events]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsConfig {
-    /// File to append JSON lines to; `-` for stdout.
-    pub path: String,
-    #[serde(default)]
-    pub user_id: UserIdMode,
-    /// Env var holding a key that makes `hash` an HMAC-SHA256: a dictionary
-    /// of likely IDs (emails, sequential numbers) no longer reverses it, and
-    /// only holders of the key can compute the same value from their user
-    /// table. Absent: plain SHA-256, which anyone can recompute.
-    #[serde(default)]
-    pub user_id_key_env: Option<String>,
-    /// Events held while the writer catches up; more are dropped.
-    #[serde(default = "default_queue")]
-    pub queue: usize,
-}
-
-fn default_queue() -> usize {
-    8192
-}
+use super::metrics::Metrics;
+use crate::config::events::{EventsConfig, UserIdMode};
 
 /// One finished request.
 #[derive(Debug, Clone, Serialize)]
@@ -170,7 +134,7 @@ fn write_events(mut receiver: mpsc::Receiver<Event>, writer: Box<dyn Write + Sen
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    crate::hex::encode(&sha2::Sha256::digest(bytes))
+    crate::experiment::hex::encode(&sha2::Sha256::digest(bytes))
 }
 
 /// HMAC-SHA256(key, bytes) in hex, as Python's
@@ -180,7 +144,7 @@ fn hmac_sha256_hex(key: &[u8], bytes: &[u8]) -> String {
     match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
         Ok(mut mac) => {
             mac.update(bytes);
-            crate::hex::encode(&mac.finalize().into_bytes())
+            crate::experiment::hex::encode(&mac.finalize().into_bytes())
         }
         // HMAC takes keys of any length; this branch cannot be reached.
         Err(_) => sha256_hex(bytes),

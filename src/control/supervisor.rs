@@ -11,11 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::guardrails::checks::{self, ArmWindow, CheckResult, Status, Streaks};
-use crate::guardrails::local::Readings;
-use crate::guardrails::{Check, GuardrailsConfig, OnBreach, Source};
+use crate::config::guardrails::{Check, GuardrailsConfig, OnBreach, Source};
+use crate::control::guardrails::checks::{self, CheckResult, Status, Streaks};
+use crate::control::rollout::Pause;
 use crate::proxy::{Gateway, Live};
-use crate::rollout::{Pause, SplitEpoch};
+use crate::telemetry::readback::ArmWindow;
+use crate::telemetry::readback::Readings;
+use crate::telemetry::stage::SplitEpoch;
 
 /// The longest the task sleeps between looks, so a reload that changes
 /// the guard's interval is noticed soon.
@@ -113,7 +115,7 @@ impl Supervisor {
             next = next.min(due(at));
         }
         if let Some(pending) = self.gateway.runtime().pending() {
-            if let Ok(at) = crate::clock::parse_rfc3339(&pending.effective_at) {
+            if let Ok(at) = crate::config::clock::parse_rfc3339(&pending.effective_at) {
                 next = next.min(due(at));
             }
         }
@@ -149,7 +151,7 @@ impl Supervisor {
             return;
         };
         let live = self.gateway.live();
-        let due = crate::clock::parse_rfc3339(&pending.effective_at)
+        let due = crate::config::clock::parse_rfc3339(&pending.effective_at)
             .map(|at| at <= SystemTime::now())
             .unwrap_or(true);
         if !due {
@@ -177,7 +179,7 @@ impl Supervisor {
         let epoch = live.epoch.clone();
         let numbers = match config.source {
             Source::Local => {
-                let latest = crate::guardrails::local::Reading::take(
+                let latest = crate::telemetry::readback::Reading::take(
                     self.gateway.metrics(),
                     &live.metrics,
                     &live.config.experiment,
@@ -204,10 +206,10 @@ impl Supervisor {
                 let base = config
                     .prometheus_url
                     .as_deref()
-                    .map(crate::guardrails::prometheus::parse_base_url)
+                    .map(crate::config::guardrails::parse_base_url)
                     .unwrap_or_else(|| Err("no prometheus_url".to_owned()));
                 match base {
-                    Ok(base) => crate::guardrails::prometheus::fetch(
+                    Ok(base) => crate::control::guardrails::prometheus::fetch(
                         &self.gateway.http_client(),
                         &base,
                         &live.config.experiment,
@@ -251,7 +253,7 @@ impl Supervisor {
                 .streaks
                 .observe(&mut results, config.consecutive_breaches);
             state.last = Some(Evaluation {
-                at: crate::clock::now_rfc3339(),
+                at: crate::config::clock::now_rfc3339(),
                 source: config.source,
                 window_seconds: span.as_secs_f64(),
                 control,
@@ -312,7 +314,7 @@ impl Supervisor {
         let pause = Pause {
             source: "guardrail".to_owned(),
             reason: reason.clone(),
-            at: crate::clock::now_rfc3339(),
+            at: crate::config::clock::now_rfc3339(),
         };
         if let Err(err) = self.gateway.runtime().set_paused(
             Some(pause),
@@ -326,7 +328,7 @@ impl Supervisor {
         if let Ok(mut state) = self.state.lock() {
             state.streaks.reset();
             state.last_trip = Some(Trip {
-                at: crate::clock::now_rfc3339(),
+                at: crate::config::clock::now_rfc3339(),
                 checks: tripped.to_vec(),
                 from,
                 to,
@@ -521,7 +523,7 @@ impl Supervisor {
                 "stages": rollout.stages,
                 "current": rollout.stage_number(current),
                 "next": rollout.next_stage(current),
-                "since": crate::clock::format_rfc3339(live.epoch.since_wall),
+                "since": crate::config::clock::format_rfc3339(live.epoch.since_wall),
                 "seconds_in_stage": live.epoch.age_seconds(),
                 "requests": {"control": split.control, "treatment": split.treatment},
                 "min_stage_seconds": rollout.min_stage_seconds,

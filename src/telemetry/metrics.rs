@@ -20,8 +20,8 @@ use prometheus::{
 
 pub use histogram::{Histogram, HistogramVec};
 
-use crate::assign::Variant;
-use crate::proxy::route::Route;
+use crate::experiment::assign::Variant;
+use crate::telemetry::route::Route;
 
 /// Request latency buckets: LLM calls take from milliseconds to minutes.
 /// About 1.5x apart, so an interpolated p95 is within a few percent: the
@@ -326,7 +326,7 @@ impl Metrics {
             ),
             &["experiment", "from", "to", "kind", "result"],
         )?;
-        for check in crate::guardrails::Check::ALL {
+        for check in crate::config::guardrails::Check::ALL {
             guardrail_trips.with_label_values(&[check.as_str()]);
         }
         let auth_failures = IntCounterVec::new(
@@ -437,14 +437,14 @@ impl Metrics {
     }
 
     /// Counts a guardrail trip.
-    pub fn guardrail_tripped(&self, check: crate::guardrails::Check) {
+    pub fn guardrail_tripped(&self, check: crate::config::guardrails::Check) {
         self.guardrail_trips
             .with_label_values(&[check.as_str()])
             .inc();
     }
 
     /// Trips counted for `check` since start.
-    pub fn guardrail_trips(&self, check: crate::guardrails::Check) -> u64 {
+    pub fn guardrail_trips(&self, check: crate::config::guardrails::Check) -> u64 {
         self.guardrail_trips
             .with_label_values(&[check.as_str()])
             .get()
@@ -482,7 +482,7 @@ impl Metrics {
     }
 
     /// Publishes the latest sample ratio test for `experiment`.
-    pub fn set_sample_ratio(&self, experiment: &str, result: &crate::srm::SampleRatio) {
+    pub fn set_sample_ratio(&self, experiment: &str, result: &crate::experiment::srm::SampleRatio) {
         self.sample_ratio_p_value
             .with_label_values(&[experiment])
             .set(result.p_value);

@@ -7,7 +7,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::Body;
+use crate::proxy::body::Body;
 
 /// Sends `method path` with an optional JSON body and bearer token; returns
 /// the status and the JSON answer, or a message saying why there is none.

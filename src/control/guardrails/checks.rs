@@ -11,35 +11,9 @@
 
 use serde::Serialize;
 
-use super::config::{Check, GuardrailsConfig};
-use crate::stats;
-
-/// One arm's numbers over the window.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ArmWindow {
-    pub requests: f64,
-    /// 5xx answers plus upstream 429s.
-    pub errors: f64,
-    pub latency_p95_seconds: Option<f64>,
-    /// Streamed answers: the sample behind the time-to-first-token p95.
-    pub streams: f64,
-    pub ttft_p95_seconds: Option<f64>,
-    pub mean_response_bytes: Option<f64>,
-    pub feedback_reports: f64,
-    pub feedback_completed: f64,
-    /// Ratings of 1, 2, 3, 4 and 5.
-    pub ratings: [f64; 5],
-}
-
-impl ArmWindow {
-    fn error_rate(&self) -> Option<f64> {
-        (self.requests > 0.0).then(|| self.errors / self.requests)
-    }
-
-    fn completion_rate(&self) -> Option<f64> {
-        (self.feedback_reports > 0.0).then(|| self.feedback_completed / self.feedback_reports)
-    }
-}
+use crate::config::guardrails::{Check, GuardrailsConfig};
+use crate::experiment::stats;
+use crate::telemetry::readback::ArmWindow;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

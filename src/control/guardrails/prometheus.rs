@@ -8,29 +8,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Uri;
 use http_body_util::BodyExt;
 
-use super::checks::ArmWindow;
-use super::config::GuardrailsConfig;
-use crate::body::Body;
+use crate::config::guardrails::GuardrailsConfig;
+use crate::proxy::body::Body;
 use crate::proxy::client::HttpClient;
-
-/// Checks a base URL (`http://prometheus:9090`, optionally with a path
-/// prefix) and returns it without a trailing slash.
-pub fn parse_base_url(url: &str) -> Result<String, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.authority().is_some() => {}
-        _ => return Err(format!("{url:?} must be an http:// or https:// URL")),
-    }
-    if uri.query().is_some() {
-        return Err(format!("{url:?} must not have a query"));
-    }
-    Ok(url.trim_end_matches('/').to_owned())
-}
+use crate::telemetry::readback::ArmWindow;
 
 /// The queries for one window, each answering one number per arm.
 pub fn queries(experiment: &str, window: Duration) -> Vec<(&'static str, String)> {
@@ -240,21 +223,6 @@ fn url_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base_urls() {
-        assert_eq!(
-            parse_base_url("http://prom:9090/").unwrap(),
-            "http://prom:9090"
-        );
-        assert_eq!(
-            parse_base_url("https://m.example/prom").unwrap(),
-            "https://m.example/prom"
-        );
-        assert!(parse_base_url("prom:9090").is_err());
-        assert!(parse_base_url("ftp://prom").is_err());
-        assert!(parse_base_url("http://prom:9090/?x=1").is_err());
-    }
 
     #[test]
     fn queries_use_the_exported_names() {

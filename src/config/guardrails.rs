@@ -1,6 +1,7 @@
 //! `[guardrails]`: which checks run, on what numbers, how often, and what
 //! happens when one trips.
 
+use http::Uri;
 use serde::{Deserialize, Serialize};
 
 /// One guardrail check (a metric label, so a fixed set).
@@ -247,7 +248,7 @@ impl GuardrailsConfig {
                 "is required with source = \"prometheus\"".into(),
             ),
             (_, Some(url)) => {
-                if let Err(message) = super::prometheus::parse_base_url(url) {
+                if let Err(message) = parse_base_url(url) {
                     report("guardrails.prometheus_url", message);
                 }
             }
@@ -259,6 +260,22 @@ impl GuardrailsConfig {
     pub fn runs(&self, check: Check) -> bool {
         self.enabled && self.checks.contains(&check)
     }
+}
+
+/// Checks a base URL (`http://prometheus:9090`, optionally with a path
+/// prefix) and returns it without a trailing slash.
+pub fn parse_base_url(url: &str) -> Result<String, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.authority().is_some() => {}
+        _ => return Err(format!("{url:?} must be an http:// or https:// URL")),
+    }
+    if uri.query().is_some() {
+        return Err(format!("{url:?} must not have a query"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 #[cfg(test)]
@@ -291,5 +308,20 @@ mod tests {
                 "{expected} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("http://prom:9090/").unwrap(),
+            "http://prom:9090"
+        );
+        assert_eq!(
+            parse_base_url("https://m.example/prom").unwrap(),
+            "https://m.example/prom"
+        );
+        assert!(parse_base_url("prom:9090").is_err());
+        assert!(parse_base_url("ftp://prom").is_err());
+        assert!(parse_base_url("http://prom:9090/?x=1").is_err());
     }
 }

@@ -5,8 +5,8 @@
 
 use std::time::{Instant, SystemTime};
 
-use crate::guardrails::local::Reading;
-use crate::srm::ArmCounts;
+use crate::experiment::srm::ArmCounts;
+use crate::telemetry::readback::Reading;
 
 /// One split, from the moment it began.
 #[derive(Debug)]

@@ -10,7 +10,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::assign::Variant;
+use crate::experiment::assign::Variant;
 
 type HmacSha256 = Hmac<Sha256>;
 

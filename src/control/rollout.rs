@@ -143,7 +143,7 @@ impl RuntimeState {
             tracing::error!("{err}");
         }
         self.audit(&AuditEntry {
-            time: crate::clock::now_rfc3339(),
+            time: crate::config::clock::now_rfc3339(),
             experiment,
             action: "set",
             source: file_source,
@@ -199,7 +199,7 @@ impl RuntimeState {
         let action = if pause.is_some() { "pause" } else { "resume" };
         self.update(|current| current.paused = pause)?;
         self.audit(&AuditEntry {
-            time: crate::clock::now_rfc3339(),
+            time: crate::config::clock::now_rfc3339(),
             experiment,
             action,
             source,

@@ -8,9 +8,9 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use crate::body::Body;
+use crate::control::supervisor::{PromoteError, Supervisor};
+use crate::proxy::body::Body;
 use crate::proxy::Gateway;
-use crate::supervisor::{PromoteError, Supervisor};
 
 /// Answers admin requests about one gateway.
 pub struct Admin {
@@ -66,7 +66,7 @@ impl Admin {
             (&Method::GET, "/admin/config") => match self.authorize(request.headers()) {
                 Ok(()) => json(
                     StatusCode::OK,
-                    crate::redact::config_view(&self.gateway.live().config),
+                    crate::control::redact::config_view(&self.gateway.live().config),
                 ),
                 Err((status, message)) => error(status, &message),
             },
@@ -93,7 +93,7 @@ impl Admin {
         let live = self.gateway.live();
         let mut variants = serde_json::Map::new();
         let outcomes = &live.config.config.feedback.outcomes;
-        for variant in crate::metrics::VARIANTS {
+        for variant in crate::telemetry::metrics::VARIANTS {
             let mut stats = serde_json::to_value(live.metrics.arm_stats(variant))
                 .unwrap_or(serde_json::Value::Null);
             let feedback =
@@ -125,7 +125,7 @@ impl Admin {
     }
 
     /// Tests the arms' counts against the split and publishes the result.
-    fn sample_ratio(&self) -> crate::srm::SampleRatio {
+    fn sample_ratio(&self) -> crate::experiment::srm::SampleRatio {
         let live = self.gateway.live();
         let result = live.epoch.counts.check(live.config.treatment_fraction);
         self.gateway
@@ -149,7 +149,7 @@ impl Admin {
             "config_fraction": live.file_fraction.0,
             "source": runtime.as_ref().map_or(live.file_fraction.1, |o| o.source.as_str()),
             "changed_at": runtime.as_ref().map_or_else(
-                || crate::clock::format_rfc3339(live.epoch.since_wall),
+                || crate::config::clock::format_rfc3339(live.epoch.since_wall),
                 |o| o.at.clone(),
             ),
             "reason": runtime.as_ref().map(|o| o.reason.clone()),
@@ -259,11 +259,12 @@ impl Admin {
                 match parse::<Reason>(&body, r#"{"reason": "..."}"#) {
                     Ok(reason) => {
                         let live = self.gateway.live();
-                        let pause = (action == "/admin/pause").then(|| crate::rollout::Pause {
-                            source: "api".to_owned(),
-                            reason: reason.reason.clone(),
-                            at: crate::clock::now_rfc3339(),
-                        });
+                        let pause =
+                            (action == "/admin/pause").then(|| crate::control::rollout::Pause {
+                                source: "api".to_owned(),
+                                reason: reason.reason.clone(),
+                                at: crate::config::clock::now_rfc3339(),
+                            });
                         self.gateway.runtime().set_paused(
                             pause,
                             &live.config.experiment,
@@ -330,19 +331,19 @@ impl Admin {
     /// a bad request; the inner result is whether the change reached disk.
     fn set(&self, set: SetRollout) -> Result<Result<bool, String>, String> {
         let fraction = set.treatment_fraction;
-        crate::assign::Fraction::new(fraction)
+        crate::experiment::assign::Fraction::new(fraction)
             .map_err(|why| format!("treatment_fraction {why}"))?;
         let runtime = self.gateway.runtime();
         let live = self.gateway.live();
         if let Some(text) = set.effective_at {
-            let at = crate::clock::parse_rfc3339(&text)?;
+            let at = crate::config::clock::parse_rfc3339(&text)?;
             if at > std::time::SystemTime::now() {
-                let pending = crate::rollout::PendingChange {
+                let pending = crate::control::rollout::PendingChange {
                     experiment: live.config.experiment.clone(),
                     treatment_fraction: fraction,
                     effective_at: text,
                     reason: set.reason,
-                    requested_at: crate::clock::now_rfc3339(),
+                    requested_at: crate::config::clock::now_rfc3339(),
                 };
                 let persisted = runtime.set_pending(Some(pending), live.config.treatment_fraction);
                 self.supervisor.notify();

@@ -20,8 +20,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::assign::{is_treatment, Variant, BUCKETS};
-use crate::stats::erfc;
+use crate::experiment::assign::{is_treatment, Variant, BUCKETS};
+use crate::experiment::stats::erfc;
 
 /// p-value below which the split is flagged.
 pub const MISMATCH_P: f64 = 0.001;
@@ -197,14 +197,14 @@ mod tests {
 
     #[test]
     fn repeat_requests_are_not_taken_for_a_broken_split() {
-        use crate::assign::bucket;
+        use crate::experiment::assign::bucket;
         // 600 users, five requests each, at 5%: the users' own binomial
         // noise, multiplied by five, must not read as a mismatch.
         let counts = ArmCounts::default();
         for user in 0..600 {
             let id = format!("user-{user}");
             let b = bucket(id.as_bytes(), None);
-            let variant = crate::assign::variant_of(b, 0.05);
+            let variant = crate::experiment::assign::variant_of(b, 0.05);
             for _ in 0..5 {
                 counts.count(variant, b);
             }
@@ -221,7 +221,7 @@ mod tests {
         for user in 0..4000 {
             let id = format!("u{user}");
             let b = bucket(id.as_bytes(), None);
-            let variant = crate::assign::variant_of(b, 0.5);
+            let variant = crate::experiment::assign::variant_of(b, 0.5);
             let times = if variant == Variant::Control { 2 } else { 1 };
             for _ in 0..times {
                 skewed.count(variant, b);
