@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Snapshot;
 use crate::control::admin::Admin;
+use crate::control::live::LiveConfig;
 use crate::control::supervisor::Supervisor;
 use crate::proxy::Gateway;
 use crate::telemetry::metrics::Metrics;
@@ -20,8 +21,10 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Where the admin API listens, if configured.
     pub admin_addr: Option<SocketAddr>,
-    /// The gateway itself.
+    /// The gateway's data path.
     pub gateway: Arc<Gateway>,
+    /// What changes it: reloads, the admin API, the supervisor.
+    pub control: Arc<LiveConfig>,
     /// Its rollout supervisor (guardrails, schedule).
     pub supervisor: Arc<Supervisor>,
     /// Closes the proxy listener; its connections finish what they have.
@@ -110,7 +113,7 @@ pub async fn start_from_file(
     let mut running = start_with(snapshot, runtime).await?;
     let watcher = crate::control::reload::watch(
         path.to_path_buf(),
-        running.gateway.clone(),
+        running.control.clone(),
         stop_signal(running.stop.subscribe()),
     );
     running.tasks.push(tokio::spawn(watcher));
@@ -142,10 +145,11 @@ async fn start_with(
     let limits =
         server::ConnectionLimits::for_max_header_bytes(snapshot.config.limits.max_header_bytes);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
-    let gateway = Arc::new(Gateway::new(snapshot, metrics, runtime)?);
+    let control = Arc::new(LiveConfig::new(snapshot, metrics, runtime)?);
+    let gateway = control.gateway().clone();
     let (stop, stopped) = watch::channel(false);
     let (stop_accepting, accepting_stopped) = watch::channel(false);
-    let supervisor = Supervisor::new(gateway.clone());
+    let supervisor = Supervisor::new(control.clone());
     let proxy = tokio::spawn(server::serve_with(
         proxy_listener,
         gateway.clone(),
@@ -156,7 +160,7 @@ async fn start_with(
         supervisor.clone().run(stop_signal(stopped.clone())),
     )];
     if let Some(listener) = admin_listener {
-        let admin = Arc::new(Admin::new(gateway.clone(), supervisor.clone()));
+        let admin = Arc::new(Admin::new(control.clone(), supervisor.clone()));
         tasks.push(tokio::spawn(server::serve(
             listener,
             admin,
@@ -167,6 +171,7 @@ async fn start_with(
         proxy_addr,
         admin_addr,
         gateway,
+        control,
         supervisor,
         stop_accepting,
         proxy,

@@ -253,7 +253,7 @@ async fn the_bytes_the_watcher_read_are_the_bytes_it_judges() {
 
     // The file is empty now (truncated for the rewrite): what was read is
     // judged, not what the file holds.
-    abgate::control::reload::reload_bytes(&path, read.as_bytes(), &gw.gateway).unwrap();
+    abgate::control::reload::reload_bytes(&path, read.as_bytes(), &gw.control).unwrap();
     let state = rollout(admin).await;
     assert_eq!(state["treatment_fraction"], 0.0);
     assert_eq!(state["config"]["generation"], 2);
@@ -261,7 +261,7 @@ async fn the_bytes_the_watcher_read_are_the_bytes_it_judges() {
 
     // Half a file is judged as half a file: rejected, the running config stays.
     let half = &read.as_bytes()[..read.len() / 2];
-    let error = abgate::control::reload::reload_bytes(&path, half, &gw.gateway).unwrap_err();
+    let error = abgate::control::reload::reload_bytes(&path, half, &gw.control).unwrap_err();
     assert!(error.contains("rejected"), "{error}");
     assert_eq!(rollout(admin).await["treatment_fraction"], 0.0);
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use abgate::config::rollout::ChangeSource;
 use std::time::Duration;
 
 use abgate::experiment::assign::{assign, Variant};
@@ -484,8 +485,8 @@ async fn a_sample_that_does_not_fit_the_split_is_flagged() {
     );
 
     // A new fraction is a new comparison: the counts start again.
-    gw.gateway
-        .set_fraction(0.25, "api", "stage change")
+    gw.control
+        .set_fraction(0.25, ChangeSource::Api, "stage change")
         .unwrap();
     let fresh = stats().await;
     assert_eq!(

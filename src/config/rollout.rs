@@ -59,6 +59,34 @@ fn default_min_requests_per_arm() -> u64 {
     1000
 }
 
+/// Who or what changed the split: a label in the audit log, the state
+/// file and the admin API, so a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeSource {
+    /// The config file's own fraction.
+    Config,
+    /// A `[[rollout.scheduled]]` entry of the file, or the automatic
+    /// promotion of `[rollout] auto_promote`.
+    Schedule,
+    /// An operator, through the admin API (or `abgate rollout`).
+    Api,
+    /// The guard, on a tripped check.
+    Guardrail,
+}
+
+impl ChangeSource {
+    /// The label, as written in the audit log and shown by the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeSource::Config => "config",
+            ChangeSource::Schedule => "schedule",
+            ChangeSource::Api => "api",
+            ChangeSource::Guardrail => "guardrail",
+        }
+    }
+}
+
 /// The validated schedule of the file's split.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileSchedule {
@@ -69,15 +97,15 @@ pub struct FileSchedule {
 }
 
 impl FileSchedule {
-    /// The file's fraction at `now`, and where it comes from
-    /// (`config` or `schedule`).
-    pub fn fraction_at(&self, now: SystemTime) -> (f64, &'static str) {
+    /// The file's fraction at `now`, and where it comes from (its own
+    /// fraction, or a scheduled entry).
+    pub fn fraction_at(&self, now: SystemTime) -> (f64, ChangeSource) {
         self.entries
             .iter()
             .rev()
             .find(|(at, _)| *at <= now)
-            .map_or((self.base, "config"), |(_, fraction)| {
-                (*fraction, "schedule")
+            .map_or((self.base, ChangeSource::Config), |(_, fraction)| {
+                (*fraction, ChangeSource::Schedule)
             })
     }
 
@@ -241,15 +269,15 @@ mod tests {
         let schedule = config.validate(0.05, &mut |_, _| panic!("valid"));
         assert_eq!(
             schedule.fraction_at(at("2026-11-30T00:00:00Z")),
-            (0.05, "config")
+            (0.05, ChangeSource::Config)
         );
         assert_eq!(
             schedule.fraction_at(at("2026-12-01T09:00:00Z")),
-            (0.25, "schedule")
+            (0.25, ChangeSource::Schedule)
         );
         assert_eq!(
             schedule.fraction_at(at("2026-12-03T00:00:00Z")),
-            (0.5, "schedule")
+            (0.5, ChangeSource::Schedule)
         );
         assert_eq!(
             schedule.next_after(at("2026-12-01T10:00:00Z")),

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod guardrails;
+pub mod live;
 pub mod redact;
 pub mod reload;
 pub mod rollout;

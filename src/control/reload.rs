@@ -10,22 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, ProcessEnv};
-use crate::proxy::Gateway;
+use crate::control::live::LiveConfig;
 
 /// How often the file is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Reads the file once, then validates and applies what it read; the
 /// error says why not.
-pub fn reload(path: &Path, gateway: &Gateway) -> Result<(), String> {
+pub fn reload(path: &Path, control: &LiveConfig) -> Result<(), String> {
     match std::fs::read(path) {
-        Ok(bytes) => reload_bytes(path, &bytes, gateway),
+        Ok(bytes) => reload_bytes(path, &bytes, control),
         Err(err) => settle(
             Err(format!(
                 "{} rejected: cannot read it: {err}",
                 path.display()
             )),
-            gateway,
+            control,
         ),
     }
 }
@@ -36,18 +36,18 @@ pub fn reload(path: &Path, gateway: &Gateway) -> Result<(), String> {
 /// between the reads could be judged half-written while the watcher
 /// remembers the whole bytes as judged, and the good file would never be
 /// applied.
-pub fn reload_bytes(path: &Path, bytes: &[u8], gateway: &Gateway) -> Result<(), String> {
+pub fn reload_bytes(path: &Path, bytes: &[u8], control: &LiveConfig) -> Result<(), String> {
     let result = config::load_bytes(path, bytes, &ProcessEnv)
         .map_err(|err| format!("{} rejected:\n{err}", path.display()))
-        .and_then(|snapshot| gateway.apply(snapshot));
-    settle(result, gateway)
+        .and_then(|snapshot| control.apply(snapshot).map_err(|err| err.to_string()));
+    settle(result, control)
 }
 
 /// Logs the outcome of a reload and records a rejection.
-fn settle(result: Result<(), String>, gateway: &Gateway) -> Result<(), String> {
+fn settle(result: Result<(), String>, control: &LiveConfig) -> Result<(), String> {
     match &result {
         Ok(()) => {
-            let live = gateway.live();
+            let live = control.live();
             tracing::info!(
                 experiment = %live.config.experiment,
                 treatment_fraction = live.config.treatment_fraction,
@@ -56,7 +56,7 @@ fn settle(result: Result<(), String>, gateway: &Gateway) -> Result<(), String> {
         }
         Err(err) => {
             tracing::error!("{err}; the running config keeps serving");
-            gateway.reject(err);
+            control.reject(err);
         }
     }
     result
@@ -67,17 +67,17 @@ fn settle(result: Result<(), String>, gateway: &Gateway) -> Result<(), String> {
 /// returns is never taken for the default (terminate).
 pub fn watch(
     path: PathBuf,
-    gateway: Arc<Gateway>,
+    control: Arc<LiveConfig>,
     stop: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
     let hangup = hangup_signal();
     let seen = std::fs::read(&path).ok();
-    watch_loop(path, gateway, stop, hangup, seen)
+    watch_loop(path, control, stop, hangup, seen)
 }
 
 async fn watch_loop(
     path: PathBuf,
-    gateway: Arc<Gateway>,
+    control: Arc<LiveConfig>,
     stop: impl Future<Output = ()>,
     mut hangup: Hangup,
     mut seen: Option<Vec<u8>>,
@@ -98,8 +98,8 @@ async fn watch_loop(
             }
             // Whatever the outcome, these bytes have been judged.
             let _ = match &current {
-                Some(bytes) => reload_bytes(&path, bytes, &gateway),
-                None => reload(&path, &gateway),
+                Some(bytes) => reload_bytes(&path, bytes, &control),
+                None => reload(&path, &control),
             };
             seen = current;
         }

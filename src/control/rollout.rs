@@ -18,6 +18,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::rollout::ChangeSource;
+
 /// A split set at run time, in force over the config file's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Override {
@@ -26,7 +28,7 @@ pub struct Override {
     /// The config file's fraction when the change was made.
     pub config_fraction: f64,
     /// `api`, `schedule` (automatic promotion) or `guardrail`.
-    pub source: String,
+    pub source: ChangeSource,
     pub reason: String,
     pub at: String,
 }
@@ -35,7 +37,7 @@ pub struct Override {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pause {
     /// `api` or `guardrail`.
-    pub source: String,
+    pub source: ChangeSource,
     pub reason: String,
     pub at: String,
 }
@@ -69,8 +71,7 @@ pub struct AuditEntry<'a> {
     pub experiment: &'a str,
     /// `set`, `pause`, `resume`, `pending`, `cancel_pending`.
     pub action: &'a str,
-    /// `config`, `schedule`, `api` or `guardrail`.
-    pub source: &'a str,
+    pub source: ChangeSource,
     pub old: f64,
     pub new: f64,
     pub reason: &'a str,
@@ -128,7 +129,7 @@ impl RuntimeState {
         &self,
         experiment: &str,
         file_fraction: f64,
-        file_source: &str,
+        file_source: ChangeSource,
     ) -> Option<Override> {
         let state = {
             let mut current = self.current.lock().ok()?;
@@ -179,7 +180,7 @@ impl RuntimeState {
             time: entry_state.at.clone(),
             experiment: &entry_state.experiment,
             action: "set",
-            source: &entry_state.source,
+            source: entry_state.source,
             old,
             new: entry_state.treatment_fraction,
             reason: &entry_state.reason,
@@ -193,7 +194,7 @@ impl RuntimeState {
         pause: Option<Pause>,
         experiment: &str,
         fraction: f64,
-        source: &str,
+        source: ChangeSource,
         reason: &str,
     ) -> Result<bool, String> {
         let action = if pause.is_some() { "pause" } else { "resume" };
@@ -217,7 +218,7 @@ impl RuntimeState {
                 time: change.requested_at.clone(),
                 experiment: &change.experiment,
                 action: "pending",
-                source: "api",
+                source: ChangeSource::Api,
                 old,
                 new: change.treatment_fraction,
                 reason: &format!("effective at {}: {}", change.effective_at, change.reason),
@@ -268,7 +269,7 @@ impl RuntimeState {
     pub fn audit(&self, entry: &AuditEntry<'_>) {
         tracing::info!(
             action = entry.action,
-            source = entry.source,
+            source = entry.source.as_str(),
             old = entry.old,
             new = entry.new,
             reason = entry.reason,

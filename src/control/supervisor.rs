@@ -12,9 +12,11 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::config::guardrails::{Check, GuardrailsConfig, OnBreach, Source};
+use crate::config::rollout::ChangeSource;
 use crate::control::guardrails::checks::{self, CheckResult, Status, Streaks};
+use crate::control::live::{ChangeError, LiveConfig};
 use crate::control::rollout::Pause;
-use crate::proxy::{Gateway, Live};
+use crate::proxy::Live;
 use crate::telemetry::readback::ArmWindow;
 use crate::telemetry::readback::Readings;
 use crate::telemetry::stage::SplitEpoch;
@@ -61,25 +63,25 @@ struct GuardState {
 
 /// Runs the rollout on its own; shared with the admin API.
 pub struct Supervisor {
-    gateway: Arc<Gateway>,
+    control: Arc<LiveConfig>,
     state: Mutex<GuardState>,
     wake: Notify,
 }
 
 /// Why a promotion did not happen.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum PromoteError {
     /// Not ready: every reason.
     Blocked(Vec<String>),
-    /// Applied but not written down.
-    NotPersisted(String),
+    /// The change failed, or was applied but not written down.
+    Change(ChangeError),
 }
 
 impl Supervisor {
     /// A supervisor for `gateway`; start it with [`Supervisor::run`].
-    pub fn new(gateway: Arc<Gateway>) -> Arc<Self> {
+    pub fn new(control: Arc<LiveConfig>) -> Arc<Self> {
         Arc::new(Self {
-            gateway,
+            control,
             state: Mutex::new(GuardState::default()),
             wake: Notify::new(),
         })
@@ -109,12 +111,12 @@ impl Supervisor {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut next = now + MAX_SLEEP;
-        let live = self.gateway.live();
+        let live = self.control.live();
         let due = |at: SystemTime| now + at.duration_since(wall).unwrap_or_default();
         if let Some(at) = live.config.schedule.next_after(wall) {
             next = next.min(due(at));
         }
-        if let Some(pending) = self.gateway.runtime().pending() {
+        if let Some(pending) = self.control.runtime().pending() {
             if let Ok(at) = crate::config::clock::parse_rfc3339(&pending.effective_at) {
                 next = next.min(due(at));
             }
@@ -128,10 +130,10 @@ impl Supervisor {
     /// One look: due changes, then the guard, then promotion.
     pub async fn tick(&self) {
         self.apply_due_pending();
-        if let Err(err) = self.gateway.follow_file_schedule() {
+        if let Err(err) = self.control.follow_file_schedule() {
             tracing::error!("scheduled change: {err}");
         }
-        let live = self.gateway.live();
+        let live = self.control.live();
         let guard = &live.config.config.guardrails;
         let due = self
             .state
@@ -146,11 +148,11 @@ impl Supervisor {
     }
 
     fn apply_due_pending(&self) {
-        let runtime = self.gateway.runtime();
+        let runtime = self.control.runtime();
         let Some(pending) = runtime.pending() else {
             return;
         };
-        let live = self.gateway.live();
+        let live = self.control.live();
         let due = crate::config::clock::parse_rfc3339(&pending.effective_at)
             .map(|at| at <= SystemTime::now())
             .unwrap_or(true);
@@ -159,9 +161,9 @@ impl Supervisor {
         }
         if pending.experiment == live.config.experiment {
             let reason = format!("{} (effective at {})", pending.reason, pending.effective_at);
-            if let Err(err) = self
-                .gateway
-                .set_fraction(pending.treatment_fraction, "api", &reason)
+            if let Err(err) =
+                self.control
+                    .set_fraction(pending.treatment_fraction, ChangeSource::Api, &reason)
             {
                 tracing::error!("pending change: {err}");
             }
@@ -180,7 +182,7 @@ impl Supervisor {
         let numbers = match config.source {
             Source::Local => {
                 let latest = crate::telemetry::readback::Reading::take(
-                    self.gateway.metrics(),
+                    self.control.metrics(),
                     &live.metrics,
                     &live.config.experiment,
                     &live.config.config.feedback.outcomes,
@@ -210,7 +212,7 @@ impl Supervisor {
                     .unwrap_or_else(|| Err("no prometheus_url".to_owned()));
                 match base {
                     Ok(base) => crate::control::guardrails::prometheus::fetch(
-                        &self.gateway.http_client(),
+                        &self.control.http_client(),
                         &base,
                         &live.config.experiment,
                         span,
@@ -303,24 +305,27 @@ impl Supervisor {
             details.join("; ")
         );
         for check in tripped {
-            self.gateway.metrics().guardrail_tripped(*check);
+            self.control.metrics().guardrail_tripped(*check);
         }
         tracing::error!("{reason}");
         if from > to {
-            if let Err(err) = self.gateway.set_fraction(to, "guardrail", &reason) {
+            if let Err(err) = self
+                .control
+                .set_fraction(to, ChangeSource::Guardrail, &reason)
+            {
                 tracing::error!("guardrail rollback not persisted: {err}");
             }
         }
         let pause = Pause {
-            source: "guardrail".to_owned(),
+            source: ChangeSource::Guardrail,
             reason: reason.clone(),
             at: crate::config::clock::now_rfc3339(),
         };
-        if let Err(err) = self.gateway.runtime().set_paused(
+        if let Err(err) = self.control.runtime().set_paused(
             Some(pause),
             &live.config.experiment,
             to,
-            "guardrail",
+            ChangeSource::Guardrail,
             &reason,
         ) {
             tracing::error!("pause not persisted: {err}");
@@ -338,21 +343,21 @@ impl Supervisor {
     }
 
     fn auto_promote(&self) {
-        let live = self.gateway.live();
+        let live = self.control.live();
         let rollout = &live.config.config.rollout;
         if !rollout.auto_promote
             || live.config.treatment_fraction <= 0.0
-            || self.gateway.runtime().paused().is_some()
+            || self.control.runtime().paused().is_some()
         {
             return;
         }
         match self.promote(
-            "schedule",
+            ChangeSource::Schedule,
             "automatic promotion: the stage met its minimums and every guardrail held",
             false,
         ) {
             Ok(_) | Err(PromoteError::Blocked(_)) => {}
-            Err(PromoteError::NotPersisted(err)) => {
+            Err(PromoteError::Change(err)) => {
                 tracing::error!("promotion not persisted: {err}")
             }
         }
@@ -360,7 +365,7 @@ impl Supervisor {
 
     /// Why the current stage may not be promoted now (empty: it may).
     pub fn blockers(&self) -> Vec<String> {
-        let live = self.gateway.live();
+        let live = self.control.live();
         let rollout = &live.config.config.rollout;
         let current = live.config.treatment_fraction;
         let mut blockers = Vec::new();
@@ -447,11 +452,11 @@ impl Supervisor {
     /// fraction and whether it reached disk.
     pub fn promote(
         &self,
-        source: &str,
+        source: ChangeSource,
         reason: &str,
         force: bool,
     ) -> Result<(f64, bool), PromoteError> {
-        let live = self.gateway.live();
+        let live = self.control.live();
         let current = live.config.treatment_fraction;
         let Some(next) = live.config.config.rollout.next_stage(current) else {
             return Err(PromoteError::Blocked(vec![format!(
@@ -467,21 +472,21 @@ impl Supervisor {
         } else {
             reason.to_owned()
         };
-        self.gateway
+        self.control
             .set_fraction(next, source, &reason)
             .map(|persisted| (next, persisted))
-            .map_err(PromoteError::NotPersisted)
+            .map_err(PromoteError::Change)
     }
 
     /// The stage, the sample ratio, the guardrails and the last trip, for
     /// `GET /admin/report`.
     pub fn report(&self) -> serde_json::Value {
-        let live = self.gateway.live();
+        let live = self.control.live();
         let rollout = &live.config.config.rollout;
         let guard = &live.config.config.guardrails;
         let current = live.config.treatment_fraction;
         let split = live.epoch.counts.check(current);
-        self.gateway
+        self.control
             .metrics()
             .set_sample_ratio(&live.config.experiment, &split);
         let blockers = self.blockers();
@@ -512,7 +517,7 @@ impl Supervisor {
             .map(|check| {
                 (
                     check.as_str().to_owned(),
-                    self.gateway.metrics().guardrail_trips(*check).into(),
+                    self.control.metrics().guardrail_trips(*check).into(),
                 )
             })
             .collect();
@@ -529,11 +534,11 @@ impl Supervisor {
                 "min_stage_seconds": rollout.min_stage_seconds,
                 "min_requests_per_arm": rollout.min_requests_per_arm,
                 "auto_promote": rollout.auto_promote,
-                "paused": self.gateway.runtime().paused(),
+                "paused": self.control.runtime().paused(),
                 "promotable": blockers.is_empty(),
                 "blocked_by": blockers,
             },
-            "pending": self.gateway.runtime().pending(),
+            "pending": self.control.runtime().pending(),
             "sample_ratio": split,
             "guardrails": {
                 "enabled": guard.enabled,

@@ -1,0 +1,360 @@
+//! The live config: what the data path serves now, and every change to
+//! it. A file reload, an operator's call, a scheduled entry coming due and
+//! the guard all change it here, one at a time, each building the next
+//! [`Live`] whole and swapping it in; requests already started finish on
+//! the one they started with.
+
+use std::sync::{Arc, Mutex};
+
+use super::rollout::RuntimeState;
+use crate::config::rollout::ChangeSource;
+use crate::config::Snapshot;
+use crate::experiment::assign::Fraction;
+use crate::experiment::request_id::RequestIds;
+use crate::proxy::client::HttpClient;
+use crate::proxy::{Gateway, Live};
+use crate::telemetry::metrics::{ExperimentMetrics, Metrics};
+use crate::telemetry::stage::SplitEpoch;
+
+/// Why a change of the live config did not happen, or did not stick.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// Not a treatment fraction: nothing changed.
+    #[error("treatment_fraction {0}")]
+    InvalidFraction(String),
+    /// The change is in force but did not reach the state file.
+    #[error("{0}")]
+    NotPersisted(String),
+    /// A new config's upstream client could not be built (its CA files):
+    /// nothing changed.
+    #[error("{0}")]
+    Client(String),
+    /// An earlier change panicked while holding the lock.
+    #[error("config lock poisoned")]
+    Poisoned,
+}
+
+/// When the running config was applied, and how the last reload went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigStatus {
+    /// Configs applied since start (1 = the one started with).
+    pub generation: u64,
+    pub applied_at: String,
+    pub last_reload_at: Option<String>,
+    /// Why the last reload was rejected; cleared by the next good one.
+    pub last_reload_error: Option<String>,
+    /// Changes in the applied config that only a restart applies.
+    pub pending_restart: Vec<String>,
+}
+
+/// The gateway's data path and the state that changes what it serves.
+pub struct LiveConfig {
+    gateway: Arc<Gateway>,
+    /// Signs request ids when the config names no key; fixed for the
+    /// process so ids stay verifiable across reloads.
+    process_ids: RequestIds,
+    status: Mutex<ConfigStatus>,
+    /// Runtime changes to the split and where they are kept.
+    runtime: RuntimeState,
+    /// Serialises changes of the live config (reloads and API calls).
+    changing: Mutex<()>,
+}
+
+impl LiveConfig {
+    /// A gateway serving `snapshot` (with any runtime change in `runtime`
+    /// that still applies), recording into `metrics`.
+    pub fn new(
+        mut snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        runtime: RuntimeState,
+    ) -> Result<Self, String> {
+        let file_fraction = in_force(&runtime, &mut snapshot);
+        let client = crate::proxy::client::build(&snapshot)?;
+        let process_ids = RequestIds::with_random_key();
+        let bound = Arc::new(metrics.bind(&snapshot.experiment, snapshot.treatment_fraction));
+        let request_ids = ids_for(&snapshot, &process_ids);
+        let epoch = Arc::new(SplitEpoch::begin(
+            reading(&metrics, &bound, &snapshot),
+            true,
+        ));
+        let live = Live {
+            config: snapshot,
+            metrics: bound,
+            request_ids,
+            client,
+            epoch,
+            file_fraction,
+        };
+        Ok(Self {
+            gateway: Arc::new(Gateway::new(live, metrics)?),
+            process_ids,
+            status: Mutex::new(ConfigStatus {
+                generation: 1,
+                applied_at: crate::config::clock::now_rfc3339(),
+                last_reload_at: None,
+                last_reload_error: None,
+                pending_restart: Vec::new(),
+            }),
+            runtime,
+            changing: Mutex::new(()),
+        })
+    }
+
+    /// The data path this config serves.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// The config (and metric children) requests start on now.
+    pub fn live(&self) -> Arc<Live> {
+        self.gateway.live()
+    }
+
+    /// The process's metric registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.gateway.metrics()
+    }
+
+    /// The runtime change in force, if any.
+    pub fn runtime_override(&self) -> Option<super::rollout::Override> {
+        self.runtime.current()
+    }
+
+    /// Sets the treatment fraction at run time (`source`: api, guardrail…):
+    /// applied at once, then persisted and audited. Returns whether the
+    /// change reached disk.
+    pub fn set_fraction(
+        &self,
+        fraction: f64,
+        source: ChangeSource,
+        reason: &str,
+    ) -> Result<bool, ChangeError> {
+        Fraction::new(fraction).map_err(ChangeError::InvalidFraction)?;
+        let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
+        let previous = self.gateway.live();
+        let old = previous.config.treatment_fraction;
+        let mut config = previous.config.clone();
+        config.treatment_fraction = fraction;
+        let state = super::rollout::Override {
+            experiment: config.experiment.clone(),
+            treatment_fraction: fraction,
+            config_fraction: previous.file_fraction.0,
+            source,
+            reason: reason.to_owned(),
+            at: crate::config::clock::now_rfc3339(),
+        };
+        // Serve the new split first: a rollback must not wait on a disk.
+        let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
+        self.gateway.swap(self.next_live(
+            &previous,
+            config,
+            request_ids,
+            client,
+            previous.file_fraction,
+        ));
+        self.runtime
+            .record(state, old)
+            .map_err(ChangeError::NotPersisted)
+    }
+
+    /// Follows the file's `[[rollout.scheduled]]` entries: when the file's
+    /// fraction at this instant differs from the one in force, it applies
+    /// (dropping any older runtime change) and the change is audited.
+    /// Returns whether the split changed.
+    pub fn follow_file_schedule(&self) -> Result<bool, ChangeError> {
+        let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
+        let previous = self.gateway.live();
+        let mut config = previous.config.clone();
+        let (now_fraction, _) = config.schedule.fraction_at(std::time::SystemTime::now());
+        if now_fraction == previous.file_fraction.0 {
+            return Ok(false);
+        }
+        let file_fraction = in_force(&self.runtime, &mut config);
+        let old = previous.config.treatment_fraction;
+        let new = config.treatment_fraction;
+        let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
+        self.gateway
+            .swap(self.next_live(&previous, config, request_ids, client, file_fraction));
+        self.runtime.audit(&super::rollout::AuditEntry {
+            time: crate::config::clock::now_rfc3339(),
+            experiment: &previous.config.experiment,
+            action: "set",
+            source: ChangeSource::Schedule,
+            old,
+            new,
+            reason: "a [[rollout.scheduled]] entry in the config file came due",
+        });
+        Ok(old != new)
+    }
+
+    /// Runtime rollout state: pauses and pending changes.
+    pub fn runtime(&self) -> &RuntimeState {
+        &self.runtime
+    }
+
+    /// The upstream connection pool (also used to query Prometheus).
+    pub fn http_client(&self) -> HttpClient {
+        self.gateway.live().client.clone()
+    }
+
+    /// Swaps in a validated config. Requests already started finish on the
+    /// config they started with; new ones see this one. Listener addresses
+    /// and the event sink are bound at start: changes to them are reported
+    /// as waiting for a restart.
+    pub fn apply(&self, mut snapshot: Snapshot) -> Result<(), ChangeError> {
+        let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
+        let file_fraction = in_force(&self.runtime, &mut snapshot);
+        let previous = self.gateway.live();
+        let old = &previous.config;
+        let client = if transport(old) == transport(&snapshot) {
+            previous.client.clone()
+        } else {
+            crate::proxy::client::build(&snapshot).map_err(ChangeError::Client)?
+        };
+        let mut pending_restart = Vec::new();
+        if old.listen != snapshot.listen {
+            pending_restart.push("server.listen".to_owned());
+        }
+        if old.admin_listen != snapshot.admin_listen {
+            pending_restart.push("server.admin_listen".to_owned());
+        }
+        if old.config.limits.max_header_bytes != snapshot.config.limits.max_header_bytes {
+            pending_restart.push("limits.max_header_bytes".to_owned());
+        }
+        if old
+            .config
+            .events
+            .as_ref()
+            .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
+            != snapshot
+                .config
+                .events
+                .as_ref()
+                .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
+        {
+            pending_restart.push("events".to_owned());
+        }
+        let request_ids = ids_for(&snapshot, &self.process_ids);
+        self.gateway
+            .swap(self.next_live(&previous, snapshot, request_ids, client, file_fraction));
+        self.gateway.metrics().config_reloaded(true);
+        if let Ok(mut status) = self.status.lock() {
+            let now = crate::config::clock::now_rfc3339();
+            status.generation += 1;
+            status.applied_at = now.clone();
+            status.last_reload_at = Some(now);
+            status.last_reload_error = None;
+            status.pending_restart = pending_restart;
+        }
+        Ok(())
+    }
+
+    /// The `Live` that follows `previous` for `config`: metric children
+    /// bound to it, and the per-arm counts kept only while the split is the
+    /// same one (same experiment, salt and fraction); a new split starts
+    /// them anew.
+    fn next_live(
+        &self,
+        previous: &Live,
+        config: Snapshot,
+        request_ids: RequestIds,
+        client: HttpClient,
+        file_fraction: (f64, ChangeSource),
+    ) -> Live {
+        let old = &previous.config;
+        let same_split = config.treatment_fraction == old.treatment_fraction
+            && config.experiment == old.experiment
+            && config.salt == old.salt;
+        let metrics = Arc::new(
+            self.gateway
+                .metrics()
+                .bind(&config.experiment, config.treatment_fraction),
+        );
+        Live {
+            epoch: if same_split {
+                previous.epoch.clone()
+            } else {
+                Arc::new(SplitEpoch::begin(
+                    reading(self.gateway.metrics(), &metrics, &config),
+                    false,
+                ))
+            },
+            metrics,
+            config,
+            request_ids,
+            client,
+            file_fraction,
+        }
+    }
+
+    /// Notes a rejected config: the running one stays.
+    pub fn reject(&self, error: &str) {
+        self.gateway.metrics().config_reloaded(false);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_reload_at = Some(crate::config::clock::now_rfc3339());
+            status.last_reload_error = Some(error.to_owned());
+        }
+    }
+
+    /// When the running config was applied and how the last reload went.
+    pub fn config_status(&self) -> Option<ConfigStatus> {
+        self.status.lock().ok().map(|status| status.clone())
+    }
+}
+
+/// Settings baked into the upstream client: a change rebuilds it.
+#[allow(clippy::type_complexity)]
+fn transport(
+    config: &Snapshot,
+) -> (
+    std::time::Duration,
+    [Option<&std::path::PathBuf>; 2],
+    [(&http::uri::Scheme, &http::uri::Authority); 2],
+) {
+    (
+        config.connect_timeout,
+        [
+            config.control.ca_file.as_ref(),
+            config.treatment.ca_file.as_ref(),
+        ],
+        [
+            (&config.control.scheme, &config.control.authority),
+            (&config.treatment.scheme, &config.treatment.authority),
+        ],
+    )
+}
+
+/// The config's signing key, or the process's own.
+fn ids_for(config: &Snapshot, process_ids: &RequestIds) -> RequestIds {
+    match &config.feedback_key {
+        Some(key) => RequestIds::new(key.0.clone()),
+        None => process_ids.clone(),
+    }
+}
+
+/// Sets `snapshot`'s fraction in force: the file's at this instant, unless
+/// a runtime change made against that same file fraction still applies.
+/// Returns the file's fraction and where it comes from.
+fn in_force(runtime: &RuntimeState, snapshot: &mut Snapshot) -> (f64, ChangeSource) {
+    let (file_fraction, file_source) = snapshot.schedule.fraction_at(std::time::SystemTime::now());
+    snapshot.treatment_fraction = file_fraction;
+    if let Some(state) = runtime.resolve(&snapshot.experiment, file_fraction, file_source) {
+        snapshot.treatment_fraction = state.treatment_fraction;
+    }
+    (file_fraction, file_source)
+}
+
+/// The guardrails' reading of `config`'s experiment now.
+fn reading(
+    metrics: &Metrics,
+    bound: &ExperimentMetrics,
+    config: &Snapshot,
+) -> crate::telemetry::readback::Reading {
+    crate::telemetry::readback::Reading::take(
+        metrics,
+        bound,
+        &config.experiment,
+        &config.config.feedback.outcomes,
+        &config.config.guardrails.completion_outcome,
+    )
+}
