@@ -29,6 +29,15 @@ pub const FORCED_HEADER: HeaderName = HeaderName::from_static("x-abgate-forced")
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// Phase 2, **authenticate**: the gateway key, if the config asks for
+/// one; then the arm the request may force, if any.
+pub fn check(config: &Snapshot, headers: &HeaderMap) -> Result<Option<Variant>, ProxyError> {
+    if let Some(keys) = &config.gateway_keys {
+        authenticate(keys, headers)?;
+    }
+    forced_variant(config, headers)
+}
+
 /// Checks that the request presents one of `keys`, in either SDK's header.
 /// Every key presented is compared (in constant time), so a client that
 /// sends both headers is let in if either holds a gateway key.

@@ -8,7 +8,20 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::config::LimitsConfig;
 use crate::experiment::assign::Variant;
+use crate::proxy::error::ProxyError;
+
+/// Phase 3, **admit**: a place under `limits.max_inflight`, taken before
+/// anything is read, while refusing is cheap; past it, a 503 with
+/// `Retry-After`.
+pub fn admit(inflight: &Arc<Inflight>, limits: &LimitsConfig) -> Result<Place, ProxyError> {
+    inflight.admit(limits.max_inflight).ok_or(ProxyError::Shed {
+        variant: None,
+        limit: limits.max_inflight,
+        retry_after_seconds: limits.retry_after_seconds,
+    })
+}
 
 /// Which count a place is taken in.
 #[derive(Debug, Clone, Copy)]

@@ -14,7 +14,7 @@ use http::uri::Uri;
 use http::{Method, Request, Response, Version};
 
 use super::error::ProxyError;
-use super::json::{self, BodyFields};
+use super::json::BodyFields;
 use crate::config::Upstream;
 use crate::proxy::body::Body;
 use crate::telemetry::metrics::UpstreamErrorKind;
@@ -38,37 +38,15 @@ impl Resend {
         upstream: &Upstream,
         gateway_auth: bool,
     ) -> Result<(Request<Body>, Option<HeaderValue>), ProxyError> {
-        let (body, model) = rewrite_for(upstream, &self.body, &self.fields);
+        let (body, model) = super::rewrite::rewrite_for(upstream, &self.body, &self.fields);
         let mut headers = self.headers.clone();
         super::headers::prepare_upstream_request(&mut headers, upstream, gateway_auth);
         let mut request = Request::new(Body::full(body));
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = super::upstream_uri(upstream, &self.uri)?;
+        *request.uri_mut() = super::rewrite::upstream_uri(upstream, &self.uri)?;
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
         Ok((request, model))
-    }
-}
-
-/// A JSON body with `upstream`'s model spliced in (or the client's kept),
-/// and the model it names, for the `x-abgate-model` header.
-pub fn rewrite_for(
-    upstream: &Upstream,
-    body: &Bytes,
-    fields: &BodyFields,
-) -> (Bytes, Option<HeaderValue>) {
-    match &upstream.model {
-        Some(model) => (
-            json::rewrite_model(body, &fields.model_spans, &model.json),
-            Some(model.header.clone()),
-        ),
-        None => (
-            body.clone(),
-            fields
-                .model
-                .as_deref()
-                .and_then(|m| HeaderValue::from_str(m).ok()),
-        ),
     }
 }
 

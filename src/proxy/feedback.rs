@@ -3,9 +3,13 @@
 //! request id alone.
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response};
 use serde::Deserialize;
 
+use super::body::Body;
 use super::error::ProxyError;
+use super::{Gateway, Live};
 use crate::experiment::request_id::{Attribution, RequestIds};
 use crate::telemetry::metrics::Metrics;
 
@@ -67,4 +71,44 @@ pub fn record(
         rating,
     );
     Ok((attribution, report.outcome))
+}
+
+/// Answers `POST /v1/feedback`; never forwarded.
+pub async fn answer(gateway: &Gateway, live: &Live, request: Request<Body>) -> Response<Body> {
+    let answer = async {
+        if request.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed {
+                path: PATH,
+                allowed: "POST",
+            });
+        }
+        let (parts, body) = request.into_parts();
+        if let Some(keys) = &live.config.gateway_keys {
+            super::access::authenticate(keys, &parts.headers)?;
+        }
+        let body = super::read::read_body(body, &parts, MAX_BODY_BYTES).await?;
+        let outcomes = &live.config.config.feedback.outcomes;
+        let (attribution, outcome) = record(&body, &live.request_ids, outcomes, &gateway.metrics)?;
+        Ok(serde_json::json!({
+            "recorded": true,
+            "experiment": attribution.experiment,
+            "variant": attribution.variant.as_str(),
+            "outcome": outcome,
+        }))
+    };
+    match answer.await {
+        Ok(json) => {
+            let mut response = Response::new(Body::full(json.to_string()));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(err) => {
+            if err.is_auth_failure() {
+                gateway.metrics.auth_failed(err.kind());
+            }
+            err.to_response()
+        }
+    }
 }

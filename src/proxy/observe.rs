@@ -174,13 +174,6 @@ impl ObservedBody {
         }
     }
 
-    /// Records a request that ends without an answer body (the client
-    /// left before there was one to send).
-    pub fn record_unanswered(observation: Observation) {
-        let mut body = Self::new(Body::empty(), observation, GatewayFields::default());
-        body.finish(None);
-    }
-
     /// Ends the answer because `error` broke it off: recorded, the
     /// upstream dropped, then one SSE error event or an abort.
     fn break_off(&mut self, error: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -233,57 +226,86 @@ impl ObservedBody {
         let Some(observation) = self.observation.take() else {
             return;
         };
-        if observation.fallback {
-            return;
-        }
         let (prompt_tokens, completion_tokens, valid) = self.usage.finish();
         // A 2xx JSON answer that is not JSON is the upstream's fault even
         // though its status says otherwise.
         let error = error.or((!valid).then_some(UpstreamErrorKind::InvalidResponse));
-        let record = RequestRecord {
-            variant: observation.variant,
-            route: observation.route,
-            stream: observation.stream,
-            status: observation.status,
-            duration: self.last_frame_at.map_or_else(
-                || observation.started.elapsed(),
-                |at| at.saturating_duration_since(observation.started),
-            ),
-            time_to_first_byte: self.first_byte,
-            response_bytes: self.bytes,
-            prompt_tokens,
-            completion_tokens,
-            error: observation.error.or(error),
-            overhead: observation.overhead,
-        };
-        if observation.forced {
-            observation
-                .metrics
-                .record_forced(record.variant, record.status);
-        } else {
-            observation.metrics.record(&record);
-        }
-        if let Some((sink, draft)) = observation.event {
-            let millis = |d: Duration| d.as_secs_f64() * 1000.0;
-            sink.emit(Event {
-                timestamp: crate::config::clock::now_rfc3339(),
-                request_id: draft.request_id,
-                experiment: draft.experiment,
-                variant: record.variant.as_str(),
-                model: draft.model,
-                route: record.route.as_str(),
-                stream: record.stream,
-                status: record.status,
-                latency_ms: millis(record.duration),
-                time_to_first_byte_ms: record.time_to_first_byte.map(millis),
-                response_bytes: record.response_bytes,
+        record(
+            observation,
+            Measured {
+                ended_at: self.last_frame_at,
+                first_byte: self.first_byte,
+                bytes: self.bytes,
                 prompt_tokens,
                 completion_tokens,
-                error_kind: record.error.map(UpstreamErrorKind::as_str),
-                user_id: draft.user_id,
-                forced: draft.forced,
-            });
-        }
+                error,
+            },
+        );
+    }
+}
+
+/// What the answer's body showed, once it has ended.
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// When its last frame came, if it ended with one; else now.
+    pub ended_at: Option<Instant>,
+    pub first_byte: Option<Duration>,
+    pub bytes: u64,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    /// How the body failed, if it did.
+    pub error: Option<UpstreamErrorKind>,
+}
+
+/// Records one request: its metrics and its event. The one place a
+/// request is recorded, whether its answer had a body or not.
+pub fn record(observation: Observation, measured: Measured) {
+    if observation.fallback {
+        return;
+    }
+    let record = RequestRecord {
+        variant: observation.variant,
+        route: observation.route,
+        stream: observation.stream,
+        status: observation.status,
+        duration: measured.ended_at.map_or_else(
+            || observation.started.elapsed(),
+            |at| at.saturating_duration_since(observation.started),
+        ),
+        time_to_first_byte: measured.first_byte,
+        response_bytes: measured.bytes,
+        prompt_tokens: measured.prompt_tokens,
+        completion_tokens: measured.completion_tokens,
+        error: observation.error.or(measured.error),
+        overhead: observation.overhead,
+    };
+    if observation.forced {
+        observation
+            .metrics
+            .record_forced(record.variant, record.status);
+    } else {
+        observation.metrics.record(&record);
+    }
+    if let Some((sink, draft)) = observation.event {
+        let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+        sink.emit(Event {
+            timestamp: crate::config::clock::now_rfc3339(),
+            request_id: draft.request_id,
+            experiment: draft.experiment,
+            variant: record.variant.as_str(),
+            model: draft.model,
+            route: record.route.as_str(),
+            stream: record.stream,
+            status: record.status,
+            latency_ms: millis(record.duration),
+            time_to_first_byte_ms: record.time_to_first_byte.map(millis),
+            response_bytes: record.response_bytes,
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            error_kind: record.error.map(UpstreamErrorKind::as_str),
+            user_id: draft.user_id,
+            forced: draft.forced,
+        });
     }
 }
 
