@@ -25,8 +25,6 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// What changes it: reloads, the admin API, the supervisor.
     pub control: Arc<LiveConfig>,
-    /// Its rollout supervisor (guardrails, schedule).
-    pub supervisor: Arc<Supervisor>,
     /// Closes the proxy listener; its connections finish what they have.
     stop_accepting: watch::Sender<bool>,
     proxy: JoinHandle<()>,
@@ -172,7 +170,6 @@ async fn start_with(
         admin_addr,
         gateway,
         control,
-        supervisor,
         stop_accepting,
         proxy,
         stop,

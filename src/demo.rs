@@ -23,26 +23,26 @@ use crate::telemetry::metrics::ExperimentMetrics;
 use abgate_mock::{self as mock, MockConfig};
 
 /// The config the demo runs, with placeholder upstreams.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub(crate) const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
 /// Options of `abgate demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Send this many requests from N/10 synthetic users, print a summary, exit.
     #[arg(long)]
-    pub traffic: Option<usize>,
+    pub(crate) traffic: Option<usize>,
     /// Proxy address (default 127.0.0.1:8080; an ephemeral port with --traffic).
     #[arg(long)]
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
     /// Admin address (default 127.0.0.1:9090; an ephemeral port with --traffic).
     #[arg(long)]
-    pub admin_listen: Option<SocketAddr>,
+    pub(crate) admin_listen: Option<SocketAddr>,
     /// Share of users on the fine-tuned mock.
     #[arg(long, default_value_t = 0.10)]
-    pub fraction: f64,
+    pub(crate) fraction: f64,
     /// Requests in flight at once with --traffic.
     #[arg(long, default_value_t = 32)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
 }
 
 /// Runs the demo until Ctrl-C, or until the traffic summary is printed.
@@ -148,10 +148,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
 /// which arm (the gateway counts requests, never users) and transport
 /// failures the gateway could not see.
 #[derive(Debug, Default)]
-pub struct TrafficRun {
-    pub users: [std::collections::BTreeSet<usize>; 3],
+pub(crate) struct TrafficRun {
+    pub(crate) users: [std::collections::BTreeSet<usize>; 3],
     /// Requests that got no answer at all.
-    pub failed: usize,
+    pub(crate) failed: usize,
 }
 
 fn arm_index(variant: Variant) -> usize {
@@ -164,7 +164,7 @@ fn arm_index(variant: Variant) -> usize {
 
 /// The per-variant table `demo --traffic` prints: the gateway's own stats
 /// (the numbers `/admin/stats` serves) beside the users each arm got.
-pub fn table(metrics: &ExperimentMetrics, run: &TrafficRun) -> String {
+pub(crate) fn table(metrics: &ExperimentMetrics, run: &TrafficRun) -> String {
     let stats =
         crate::telemetry::metrics::VARIANTS.map(|variant| (variant, metrics.arm_stats(variant)));
     let total: u64 = stats.iter().map(|(_, arm)| arm.requests).sum();
@@ -214,7 +214,7 @@ pub fn table(metrics: &ExperimentMetrics, run: &TrafficRun) -> String {
 
 /// Sends `requests` chat completions from `requests / 10` users (each user
 /// sends about ten, one in four streamed) with `concurrency` in flight.
-pub async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> TrafficRun {
+pub(crate) async fn drive_traffic(url: &str, requests: usize, concurrency: usize) -> TrafficRun {
     let users = (requests / 10).max(1);
     let client: Client<_, Body> = Client::builder(TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());

@@ -16,12 +16,12 @@ pub struct SecretDigest([u8; 32]);
 
 impl SecretDigest {
     /// The digest of `secret`.
-    pub fn of(secret: &[u8]) -> Self {
+    pub(crate) fn of(secret: &[u8]) -> Self {
         Self(Sha256::digest(secret).into())
     }
 
     /// Whether `offered` is the secret, in constant time.
-    pub fn matches(&self, offered: &[u8]) -> bool {
+    pub(crate) fn matches(&self, offered: &[u8]) -> bool {
         bool::from(self.0.ct_eq(&Self::of(offered).0))
     }
 }
@@ -33,7 +33,8 @@ impl std::fmt::Debug for SecretDigest {
 }
 
 /// Whether `offered` equals `expected`, in time independent of both.
-pub fn secrets_match(offered: &[u8], expected: &[u8]) -> bool {
+#[cfg(test)]
+fn secrets_match(offered: &[u8], expected: &[u8]) -> bool {
     SecretDigest::of(expected).matches(offered)
 }
 
@@ -44,14 +45,14 @@ pub struct KeySet {
 }
 
 /// Shortest gateway key accepted: shorter ones are guessable.
-pub const MIN_KEY_CHARS: usize = 16;
+pub(crate) const MIN_KEY_CHARS: usize = 16;
 
 impl KeySet {
     /// Parses the keys an env var holds: separated by commas or newlines,
     /// surrounding whitespace ignored, empty entries skipped. Every key must
     /// be at least [`MIN_KEY_CHARS`] visible ASCII characters (it travels in
     /// a header); at least one key is needed. Errors never quote a key.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let mut digests = Vec::new();
         for (position, key) in text
             .split([',', '\n'])
@@ -80,7 +81,7 @@ impl KeySet {
 
     /// Whether `offered` is one of the keys. Every key is compared, match
     /// or not, so the time taken says nothing about which one matched.
-    pub fn contains(&self, offered: &[u8]) -> bool {
+    pub(crate) fn contains(&self, offered: &[u8]) -> bool {
         let offered = SecretDigest::of(offered);
         let found = self.digests.iter().fold(Choice::from(0), |found, key| {
             found | key.0.ct_eq(&offered.0)
@@ -89,13 +90,8 @@ impl KeySet {
     }
 
     /// How many keys there are.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.digests.len()
-    }
-
-    /// Whether there are none (never true for a parsed set).
-    pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
     }
 }
 

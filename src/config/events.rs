@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// How the user ID appears in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum UserIdMode {
+pub(crate) enum UserIdMode {
     /// As sent.
     Raw,
     /// SHA-256 hex of the UTF-8 ID, joinable without storing the ID
@@ -19,20 +19,20 @@ pub enum UserIdMode {
 /// `[events]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventsConfig {
+pub(crate) struct EventsConfig {
     /// File to append JSON lines to; `-` for stdout.
-    pub path: String,
+    pub(crate) path: String,
     #[serde(default)]
-    pub user_id: UserIdMode,
+    pub(crate) user_id: UserIdMode,
     /// Env var holding a key that makes `hash` an HMAC-SHA256: a dictionary
     /// of likely IDs (emails, sequential numbers) no longer reverses it, and
     /// only holders of the key can compute the same value from their user
     /// table. Absent: plain SHA-256, which anyone can recompute.
     #[serde(default)]
-    pub user_id_key_env: Option<String>,
+    pub(crate) user_id_key_env: Option<String>,
     /// Events held while the writer catches up; more are dropped.
     #[serde(default = "default_queue")]
-    pub queue: usize,
+    pub(crate) queue: usize,
 }
 
 fn default_queue() -> usize {

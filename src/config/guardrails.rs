@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// One guardrail check (a metric label, so a fixed set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Check {
+pub(crate) enum Check {
     /// Error rate above control beyond noise (one-sided two-proportion test).
     ErrorRate,
     /// p95 latency more than `max_latency_p95_increase` above control.
@@ -25,7 +25,7 @@ pub enum Check {
 
 impl Check {
     /// Every check, in report order.
-    pub const ALL: [Check; 6] = [
+    pub(crate) const ALL: [Check; 6] = [
         Check::ErrorRate,
         Check::LatencyP95,
         Check::TtftP95,
@@ -35,7 +35,7 @@ impl Check {
     ];
 
     /// The label value and config name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Check::ErrorRate => "error_rate",
             Check::LatencyP95 => "latency_p95",
@@ -50,7 +50,7 @@ impl Check {
 /// Where the numbers come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Source {
+pub(crate) enum Source {
     /// This replica's own metrics.
     #[default]
     Local,
@@ -61,7 +61,7 @@ pub enum Source {
 /// What a trip does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OnBreach {
+pub(crate) enum OnBreach {
     /// Treatment fraction to 0 at once.
     #[default]
     Rollback,
@@ -72,47 +72,47 @@ pub enum OnBreach {
 /// `[guardrails]` as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct GuardrailsConfig {
+pub(crate) struct GuardrailsConfig {
     #[serde(default = "yes")]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     #[serde(default)]
-    pub source: Source,
+    pub(crate) source: Source,
     /// Base URL of the Prometheus server (`source = "prometheus"`).
     #[serde(default)]
-    pub prometheus_url: Option<String>,
+    pub(crate) prometheus_url: Option<String>,
     #[serde(default = "default_interval_seconds")]
-    pub interval_seconds: f64,
+    pub(crate) interval_seconds: f64,
     /// Numbers compared: the last window, never from before the split
     /// last changed.
     #[serde(default = "default_window_seconds")]
-    pub window_seconds: f64,
+    pub(crate) window_seconds: f64,
     /// Checks in a row a breach must hold for before it trips.
     #[serde(default = "default_consecutive_breaches")]
-    pub consecutive_breaches: u32,
+    pub(crate) consecutive_breaches: u32,
     /// Requests each arm needs in the window before a check judges.
     #[serde(default = "default_min_requests_per_arm")]
-    pub min_requests_per_arm: u64,
+    pub(crate) min_requests_per_arm: u64,
     /// Feedback reports (or ratings) each arm needs likewise.
     #[serde(default = "default_min_feedback_per_arm")]
-    pub min_feedback_per_arm: u64,
+    pub(crate) min_feedback_per_arm: u64,
     /// One-sided significance level of the statistical checks.
     #[serde(default = "default_alpha")]
-    pub alpha: f64,
+    pub(crate) alpha: f64,
     #[serde(default)]
-    pub on_breach: OnBreach,
+    pub(crate) on_breach: OnBreach,
     #[serde(default = "default_checks")]
-    pub checks: Vec<Check>,
+    pub(crate) checks: Vec<Check>,
     #[serde(default = "default_twenty_percent")]
-    pub max_latency_p95_increase: f64,
+    pub(crate) max_latency_p95_increase: f64,
     #[serde(default = "default_twenty_percent")]
-    pub max_ttft_p95_increase: f64,
+    pub(crate) max_ttft_p95_increase: f64,
     #[serde(default = "default_thirty_percent")]
-    pub max_response_length_change: f64,
+    pub(crate) max_response_length_change: f64,
     #[serde(default = "default_five_percent")]
-    pub max_completion_rate_decrease: f64,
+    pub(crate) max_completion_rate_decrease: f64,
     /// The feedback outcome that counts as a completion.
     #[serde(default = "default_completion_outcome")]
-    pub completion_outcome: String,
+    pub(crate) completion_outcome: String,
 }
 
 impl Default for GuardrailsConfig {
@@ -177,7 +177,7 @@ fn default_completion_outcome() -> String {
 
 impl GuardrailsConfig {
     /// Checks the section against the feedback outcomes it refers to.
-    pub fn validate(&self, outcomes: &[String], report: &mut dyn FnMut(&str, String)) {
+    pub(crate) fn validate(&self, outcomes: &[String], report: &mut dyn FnMut(&str, String)) {
         let positive = |value: f64| value.is_finite() && value > 0.0;
         if !positive(self.interval_seconds) {
             report("guardrails.interval_seconds", "must be above 0".into());
@@ -257,14 +257,14 @@ impl GuardrailsConfig {
     }
 
     /// Whether `check` runs.
-    pub fn runs(&self, check: Check) -> bool {
+    pub(crate) fn runs(&self, check: Check) -> bool {
         self.enabled && self.checks.contains(&check)
     }
 }
 
 /// Checks a base URL (`http://prometheus:9090`, optionally with a path
 /// prefix) and returns it without a trailing slash.
-pub fn parse_base_url(url: &str) -> Result<String, String> {
+pub(crate) fn parse_base_url(url: &str) -> Result<String, String> {
     let uri: Uri = url
         .parse()
         .map_err(|err| format!("{url:?} is not a URL: {err}"))?;

@@ -17,33 +17,33 @@ use http::uri::{Authority, Scheme, Uri};
 use serde::{Deserialize, Serialize};
 
 pub mod clock;
-pub mod credentials;
-pub mod events;
-pub mod guardrails;
+pub(crate) mod credentials;
+pub(crate) mod events;
+pub(crate) mod guardrails;
 pub mod rollout;
 
 /// Default cap on a request body the gateway reads to rewrite `model`.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Default header carrying the user ID.
-pub const DEFAULT_USER_HEADER: &str = "x-user-id";
+pub(crate) const DEFAULT_USER_HEADER: &str = "x-user-id";
 /// Longest user ID accepted; longer ones are a client bug, answered with 400.
-pub const DEFAULT_MAX_USER_ID_BYTES: usize = 512;
+pub(crate) const DEFAULT_MAX_USER_ID_BYTES: usize = 512;
 /// Default cap on requests in flight across the gateway.
-pub const DEFAULT_MAX_INFLIGHT: usize = 2048;
+pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 2048;
 /// Default cap on a request's line and headers.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// `anthropic-version` sent when the gateway injects an Anthropic key and the
 /// client sent none.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+pub(crate) const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// The config file as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
-    pub experiment: ExperimentConfig,
+    pub(crate) experiment: ExperimentConfig,
     #[serde(default)]
-    pub identity: IdentityConfig,
+    pub(crate) identity: IdentityConfig,
     pub variants: VariantsConfig,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
@@ -51,19 +51,19 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Per-request JSON-lines events; none when absent.
     #[serde(default)]
-    pub events: Option<crate::config::events::EventsConfig>,
+    pub(crate) events: Option<crate::config::events::EventsConfig>,
     #[serde(default)]
     pub feedback: FeedbackConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
-    pub rollout: crate::config::rollout::RolloutConfig,
+    pub(crate) rollout: crate::config::rollout::RolloutConfig,
     #[serde(default)]
-    pub guardrails: crate::config::guardrails::GuardrailsConfig,
+    pub(crate) guardrails: crate::config::guardrails::GuardrailsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
-    pub qa: QaConfig,
+    pub(crate) qa: QaConfig,
 }
 
 /// `[auth]`: who may use the proxy port.
@@ -79,11 +79,11 @@ pub struct AuthConfig {
 /// `[qa]`: testing aids that bypass the random split.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct QaConfig {
+pub(crate) struct QaConfig {
     /// Whether `x-abgate-force-variant` may pick the arm, for requests that
     /// also carry the admin token.
     #[serde(default, rename = "override")]
-    pub allow_override: bool,
+    pub(crate) allow_override: bool,
 }
 
 /// `[admin]`
@@ -119,7 +119,7 @@ pub struct FeedbackConfig {
     pub key_env: Option<String>,
     /// Accepted `outcome` values (a metric label, so a fixed set).
     #[serde(default = "default_outcomes")]
-    pub outcomes: Vec<String>,
+    pub(crate) outcomes: Vec<String>,
 }
 
 impl Default for FeedbackConfig {
@@ -148,13 +148,13 @@ fn default_outcomes() -> Vec<String> {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Proxy listener, e.g. `127.0.0.1:8080`.
-    pub listen: String,
+    pub(crate) listen: String,
     /// Admin listener (health, later metrics and rollout); none if absent.
     #[serde(default)]
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     /// Largest JSON request body read for rewriting; larger gets 413.
     #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     /// On SIGTERM or SIGINT: how long `/readyz` answers 503 while requests
     /// are still accepted, so that load balancers stop sending first.
     #[serde(default = "default_drain_delay_ms")]
@@ -168,28 +168,28 @@ pub struct ServerConfig {
 /// `[experiment]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExperimentConfig {
+pub(crate) struct ExperimentConfig {
     /// Bounded label naming the experiment in headers, metrics and events.
-    pub name: String,
+    pub(crate) name: String,
     /// Share of buckets served by treatment, in `[0, 1]`.
-    pub treatment_fraction: f64,
+    pub(crate) treatment_fraction: f64,
     /// When set, users are hashed as `salt + ":" + user_id`.
     #[serde(default)]
-    pub salt: Option<String>,
+    pub(crate) salt: Option<String>,
 }
 
 /// `[identity]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     #[serde(default = "default_user_header")]
-    pub header: String,
+    pub(crate) header: String,
     /// Reject requests without a user ID (400) instead of serving them by
     /// control as `unassigned`.
     #[serde(default)]
-    pub require: bool,
+    pub(crate) require: bool,
     #[serde(default = "default_max_user_id_bytes")]
-    pub max_user_id_bytes: usize,
+    pub(crate) max_user_id_bytes: usize,
 }
 
 impl Default for IdentityConfig {
@@ -216,35 +216,35 @@ pub struct VariantsConfig {
 pub struct VariantConfig {
     /// Origin the request path is appended to: `https://api.openai.com`,
     /// optionally with a path prefix (`http://10.0.0.5:8000/openai`).
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// Replaces the body's `model`; absent means pass the client's through.
     #[serde(default)]
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Env var holding the key the gateway injects; absent means the
     /// client's own credentials pass through.
     #[serde(default)]
     pub api_key_env: Option<String>,
     /// Credential style; inferred from the upstream host when absent.
     #[serde(default)]
-    pub provider: Option<Provider>,
+    pub(crate) provider: Option<Provider>,
     /// `anthropic-version` to send when the client sends none.
     #[serde(default)]
-    pub anthropic_version: Option<String>,
+    pub(crate) anthropic_version: Option<String>,
     /// Extra PEM root certificates trusted for this upstream (private CAs).
     #[serde(default)]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Treatment only: when its upstream fails before answering (no
     /// connection, a reset or a timeout before the headers, a 5xx status),
     /// resend the request once to control and serve control's answer.
     /// Off by default, so that a failing fine-tune stays visible to users.
     #[serde(default)]
-    pub fallback_to_control: bool,
+    pub(crate) fallback_to_control: bool,
 }
 
 /// How an upstream expects its credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Provider {
+pub(crate) enum Provider {
     /// `Authorization: Bearer <key>`
     Openai,
     /// `x-api-key: <key>` plus `anthropic-version`
@@ -257,7 +257,7 @@ pub enum Provider {
 pub struct TimeoutsConfig {
     /// TCP + TLS connect to the upstream.
     #[serde(default = "default_connect_ms")]
-    pub connect_ms: u64,
+    pub(crate) connect_ms: u64,
     /// Request sent to response headers received. A non-streaming completion
     /// sends its headers only when generation is done, so this is long.
     #[serde(default = "default_first_byte_ms")]
@@ -274,7 +274,7 @@ pub struct TimeoutsConfig {
     /// connection closed, instead of holding both (and a stream the
     /// upstream keeps generating) until `total_ms`.
     #[serde(default = "default_client_write_ms")]
-    pub client_write_ms: u64,
+    pub(crate) client_write_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -303,7 +303,7 @@ pub struct LimitsConfig {
     pub max_inflight_per_variant: Option<usize>,
     /// The `Retry-After` sent with a 503 for load shed.
     #[serde(default = "default_retry_after_seconds")]
-    pub retry_after_seconds: u32,
+    pub(crate) retry_after_seconds: u32,
     /// Request line plus headers; larger gets 431. Bound at start.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
@@ -364,7 +364,7 @@ fn default_max_header_bytes() -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub path: String,
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl std::fmt::Display for Problem {
@@ -686,7 +686,11 @@ pub fn load(path: &Path, env: &dyn Env) -> Result<Snapshot, ConfigError> {
 
 /// Parses and validates `bytes`, already read from `path` (paths inside
 /// resolve beside it); the file is not read again.
-pub fn load_bytes(path: &Path, bytes: &[u8], env: &dyn Env) -> Result<Snapshot, ConfigError> {
+pub(crate) fn load_bytes(
+    path: &Path,
+    bytes: &[u8],
+    env: &dyn Env,
+) -> Result<Snapshot, ConfigError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|err| ConfigError::one("", format!("{} is not UTF-8: {err}", path.display())))?;
     let base_dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -893,7 +897,7 @@ fn parse_upstream(text: &str) -> Result<(Scheme, Authority, String), String> {
 }
 
 /// Reads every certificate in a PEM file; at least one must be there.
-pub fn read_pem_certs(
+pub(crate) fn read_pem_certs(
     file: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     let pem =
@@ -922,21 +926,21 @@ impl<T> std::fmt::Debug for Secret<T> {
 pub struct Snapshot {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
-    pub max_body_bytes: usize,
+    pub(crate) max_body_bytes: usize,
     pub experiment: String,
-    pub experiment_header: HeaderValue,
+    pub(crate) experiment_header: HeaderValue,
     pub treatment_fraction: f64,
-    pub salt: Option<String>,
-    pub user_header: HeaderName,
-    pub require_user: bool,
-    pub max_user_id_bytes: usize,
+    pub(crate) salt: Option<String>,
+    pub(crate) user_header: HeaderName,
+    pub(crate) require_user: bool,
+    pub(crate) max_user_id_bytes: usize,
     pub control: Upstream,
     pub treatment: Upstream,
     /// Key request ids are signed with, from `feedback.key_env`.
     pub feedback_key: Option<Secret<Vec<u8>>>,
     /// HMAC key for hashed user IDs in events, from
     /// `events.user_id_key_env`.
-    pub events_user_id_key: Option<Secret<Vec<u8>>>,
+    pub(crate) events_user_id_key: Option<Secret<Vec<u8>>>,
     /// Digest of the bearer token for admin calls (and forced variants),
     /// from `admin.token_env`.
     pub admin_token: Option<crate::config::credentials::SecretDigest>,
@@ -944,31 +948,31 @@ pub struct Snapshot {
     /// `auth.api_keys_env`; none means the port is open.
     pub gateway_keys: Option<std::sync::Arc<crate::config::credentials::KeySet>>,
     /// `[qa] override`: forced variants allowed (with the admin token).
-    pub qa_override: bool,
-    pub connect_timeout: Duration,
-    pub first_byte_timeout: Duration,
+    pub(crate) qa_override: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) first_byte_timeout: Duration,
     /// Longest gap between response body frames.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Request start to the answer's last byte.
-    pub total_timeout: Duration,
+    pub(crate) total_timeout: Duration,
     /// Longest wait for the client to take one write of the answer.
-    pub client_write_timeout: Duration,
+    pub(crate) client_write_timeout: Duration,
     /// Resend to control what treatment's upstream failed before answering.
-    pub fallback_to_control: bool,
+    pub(crate) fallback_to_control: bool,
     /// On shutdown: not ready, still serving, for this long.
-    pub drain_delay: Duration,
+    pub(crate) drain_delay: Duration,
     /// On shutdown: in-flight requests get this long, then are cut.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// The file's split over time: `treatment_fraction`, then any
     /// `[[rollout.scheduled]]` entries.
-    pub schedule: crate::config::rollout::FileSchedule,
+    pub(crate) schedule: crate::config::rollout::FileSchedule,
     /// The config as written (secrets appear only as env var names).
-    pub config: Config,
+    pub(crate) config: Config,
 }
 
 impl Snapshot {
     /// The upstream serving a variant; unassigned users go to control.
-    pub fn upstream(&self, variant: crate::experiment::assign::Variant) -> &Upstream {
+    pub(crate) fn upstream(&self, variant: crate::experiment::assign::Variant) -> &Upstream {
         match variant {
             crate::experiment::assign::Variant::Treatment => &self.treatment,
             crate::experiment::assign::Variant::Control
@@ -983,13 +987,13 @@ pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
     /// Path prefix without a trailing slash; usually empty.
-    pub path_prefix: String,
+    pub(crate) path_prefix: String,
     pub model: Option<ModelRewrite>,
-    pub provider: Provider,
+    pub(crate) provider: Provider,
     /// Header value of the injected credential, marked sensitive.
     pub credential: Option<HeaderValue>,
-    pub anthropic_version: HeaderValue,
-    pub ca_file: Option<PathBuf>,
+    pub(crate) anthropic_version: HeaderValue,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 /// A model name prepared once for the body splice and the response header.
@@ -997,8 +1001,8 @@ pub struct Upstream {
 pub struct ModelRewrite {
     pub name: String,
     /// The name as a JSON string literal, quotes and escapes included.
-    pub json: bytes::Bytes,
-    pub header: HeaderValue,
+    pub(crate) json: bytes::Bytes,
+    pub(crate) header: HeaderValue,
 }
 
 impl ModelRewrite {

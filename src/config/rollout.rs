@@ -8,24 +8,24 @@ use serde::{Deserialize, Serialize};
 /// `[rollout]` as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RolloutConfig {
+pub(crate) struct RolloutConfig {
     /// Treatment fractions promotion walks through, ascending.
     #[serde(default = "default_stages")]
-    pub stages: Vec<f64>,
+    pub(crate) stages: Vec<f64>,
     /// Time a stage must have run before it may be promoted.
     #[serde(default = "default_min_stage_seconds")]
-    pub min_stage_seconds: f64,
+    pub(crate) min_stage_seconds: f64,
     /// Requests each arm must have served in the stage before promotion.
     #[serde(default = "default_min_requests_per_arm")]
-    pub min_requests_per_arm: u64,
+    pub(crate) min_requests_per_arm: u64,
     /// Promote by itself once a stage is ready and healthy; otherwise
     /// promotion waits for `POST /admin/promote`.
     #[serde(default)]
-    pub auto_promote: bool,
+    pub(crate) auto_promote: bool,
     /// Changes of the file's split at fixed instants, the same for every
     /// replica that reads the file.
     #[serde(default)]
-    pub scheduled: Vec<ScheduledChange>,
+    pub(crate) scheduled: Vec<ScheduledChange>,
 }
 
 impl Default for RolloutConfig {
@@ -43,10 +43,10 @@ impl Default for RolloutConfig {
 /// `[[rollout.scheduled]]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ScheduledChange {
+pub(crate) struct ScheduledChange {
     /// RFC 3339 instant.
-    pub at: String,
-    pub treatment_fraction: f64,
+    pub(crate) at: String,
+    pub(crate) treatment_fraction: f64,
 }
 
 fn default_stages() -> Vec<f64> {
@@ -77,7 +77,7 @@ pub enum ChangeSource {
 
 impl ChangeSource {
     /// The label, as written in the audit log and shown by the admin API.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ChangeSource::Config => "config",
             ChangeSource::Schedule => "schedule",
@@ -89,17 +89,17 @@ impl ChangeSource {
 
 /// The validated schedule of the file's split.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct FileSchedule {
+pub(crate) struct FileSchedule {
     /// `[experiment] treatment_fraction`: in force before any entry.
-    pub base: f64,
+    pub(crate) base: f64,
     /// Ascending instants and the fraction from each on.
-    pub entries: Vec<(SystemTime, f64)>,
+    pub(crate) entries: Vec<(SystemTime, f64)>,
 }
 
 impl FileSchedule {
     /// The file's fraction at `now`, and where it comes from (its own
     /// fraction, or a scheduled entry).
-    pub fn fraction_at(&self, now: SystemTime) -> (f64, ChangeSource) {
+    pub(crate) fn fraction_at(&self, now: SystemTime) -> (f64, ChangeSource) {
         self.entries
             .iter()
             .rev()
@@ -110,14 +110,14 @@ impl FileSchedule {
     }
 
     /// The first entry still to come after `now`.
-    pub fn next_after(&self, now: SystemTime) -> Option<SystemTime> {
+    pub(crate) fn next_after(&self, now: SystemTime) -> Option<SystemTime> {
         self.entries.iter().map(|(at, _)| *at).find(|at| *at > now)
     }
 }
 
 impl RolloutConfig {
     /// Checks the section; `report(path, message)` collects problems.
-    pub fn validate(&self, base: f64, report: &mut dyn FnMut(&str, String)) -> FileSchedule {
+    pub(crate) fn validate(&self, base: f64, report: &mut dyn FnMut(&str, String)) -> FileSchedule {
         if self.stages.is_empty() {
             report("rollout.stages", "must list at least one stage".into());
         }
@@ -164,12 +164,12 @@ impl RolloutConfig {
     }
 
     /// The stage after `fraction`: the first stage above it.
-    pub fn next_stage(&self, fraction: f64) -> Option<f64> {
+    pub(crate) fn next_stage(&self, fraction: f64) -> Option<f64> {
         self.stages.iter().copied().find(|stage| *stage > fraction)
     }
 
     /// The stage before `fraction`: the last stage below it, else 0.
-    pub fn previous_stage(&self, fraction: f64) -> f64 {
+    pub(crate) fn previous_stage(&self, fraction: f64) -> f64 {
         self.stages
             .iter()
             .copied()
@@ -179,7 +179,7 @@ impl RolloutConfig {
     }
 
     /// Position of `fraction` among the stages (1-based), if it is one.
-    pub fn stage_number(&self, fraction: f64) -> Option<usize> {
+    pub(crate) fn stage_number(&self, fraction: f64) -> Option<usize> {
         self.stages
             .iter()
             .position(|stage| *stage == fraction)

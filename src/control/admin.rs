@@ -19,7 +19,7 @@ use crate::control::supervisor::{PromoteError, Supervisor};
 use crate::proxy::body::Body;
 
 /// Answers admin requests about one gateway.
-pub struct Admin {
+pub(crate) struct Admin {
     control: Arc<LiveConfig>,
     supervisor: Arc<Supervisor>,
 }
@@ -94,7 +94,7 @@ fn find(method: &Method, path: &str) -> Result<&'static Route, AdminError> {
 
 /// Why an admin request failed.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
     /// No admin token is configured: nothing may change.
@@ -178,7 +178,7 @@ impl AdminError {
 impl Admin {
     /// An admin API for the gateway `control` changes, whose rollout
     /// `supervisor` runs.
-    pub fn new(control: Arc<LiveConfig>, supervisor: Arc<Supervisor>) -> Self {
+    pub(crate) fn new(control: Arc<LiveConfig>, supervisor: Arc<Supervisor>) -> Self {
         Self {
             control,
             supervisor,
@@ -360,7 +360,7 @@ impl Admin {
 
 impl Admin {
     /// Per-variant numbers since start, for `GET /admin/stats`.
-    pub fn stats(&self) -> serde_json::Value {
+    pub(crate) fn stats(&self) -> serde_json::Value {
         let live = self.control.live();
         let mut variants = serde_json::Map::new();
         let outcomes = &live.config.config.feedback.outcomes;
@@ -406,7 +406,7 @@ impl Admin {
     }
 
     /// The running split and where it came from, for `GET /admin/rollout`.
-    pub fn rollout(&self) -> serde_json::Value {
+    pub(crate) fn rollout(&self) -> serde_json::Value {
         let live = self.control.live();
         let runtime = self.control.runtime_override();
         let rollout = &live.config.config.rollout;

@@ -36,15 +36,15 @@ pub enum ChangeError {
 
 /// When the running config was applied, and how the last reload went.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ConfigStatus {
+pub(crate) struct ConfigStatus {
     /// Configs applied since start (1 = the one started with).
-    pub generation: u64,
-    pub applied_at: String,
-    pub last_reload_at: Option<String>,
+    pub(crate) generation: u64,
+    pub(crate) applied_at: String,
+    pub(crate) last_reload_at: Option<String>,
     /// Why the last reload was rejected; cleared by the next good one.
-    pub last_reload_error: Option<String>,
+    pub(crate) last_reload_error: Option<String>,
     /// Changes in the applied config that only a restart applies.
-    pub pending_restart: Vec<String>,
+    pub(crate) pending_restart: Vec<String>,
 }
 
 /// The gateway's data path and the state that changes what it serves.
@@ -63,7 +63,7 @@ pub struct LiveConfig {
 impl LiveConfig {
     /// A gateway serving `snapshot` (with any runtime change in `runtime`
     /// that still applies), recording into `metrics`.
-    pub fn new(
+    pub(crate) fn new(
         mut snapshot: Snapshot,
         metrics: Arc<Metrics>,
         runtime: RuntimeState,
@@ -101,22 +101,22 @@ impl LiveConfig {
     }
 
     /// The data path this config serves.
-    pub fn gateway(&self) -> &Arc<Gateway> {
+    pub(crate) fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
     }
 
     /// The config (and metric children) requests start on now.
-    pub fn live(&self) -> Arc<Live> {
+    pub(crate) fn live(&self) -> Arc<Live> {
         self.gateway.live()
     }
 
     /// The process's metric registry.
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         self.gateway.metrics()
     }
 
     /// The runtime change in force, if any.
-    pub fn runtime_override(&self) -> Option<super::rollout::Override> {
+    pub(crate) fn runtime_override(&self) -> Option<super::rollout::Override> {
         self.runtime.current()
     }
 
@@ -161,7 +161,7 @@ impl LiveConfig {
     /// fraction at this instant differs from the one in force, it applies
     /// (dropping any older runtime change) and the change is audited.
     /// Returns whether the split changed.
-    pub fn follow_file_schedule(&self) -> Result<bool, ChangeError> {
+    pub(crate) fn follow_file_schedule(&self) -> Result<bool, ChangeError> {
         let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
         let previous = self.gateway.live();
         let mut config = previous.config.clone();
@@ -188,12 +188,12 @@ impl LiveConfig {
     }
 
     /// Runtime rollout state: pauses and pending changes.
-    pub fn runtime(&self) -> &RuntimeState {
+    pub(crate) fn runtime(&self) -> &RuntimeState {
         &self.runtime
     }
 
     /// The upstream connection pool (also used to query Prometheus).
-    pub fn http_client(&self) -> HttpClient {
+    pub(crate) fn http_client(&self) -> HttpClient {
         self.gateway.live().client.clone()
     }
 
@@ -201,7 +201,7 @@ impl LiveConfig {
     /// config they started with; new ones see this one. Listener addresses
     /// and the event sink are bound at start: changes to them are reported
     /// as waiting for a restart.
-    pub fn apply(&self, mut snapshot: Snapshot) -> Result<(), ChangeError> {
+    pub(crate) fn apply(&self, mut snapshot: Snapshot) -> Result<(), ChangeError> {
         let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
         let file_fraction = in_force(&self.runtime, &mut snapshot);
         let previous = self.gateway.live();
@@ -288,7 +288,7 @@ impl LiveConfig {
     }
 
     /// Notes a rejected config: the running one stays.
-    pub fn reject(&self, error: &str) {
+    pub(crate) fn reject(&self, error: &str) {
         self.gateway.metrics().config_reloaded(false);
         if let Ok(mut status) = self.status.lock() {
             status.last_reload_at = Some(crate::config::clock::now_rfc3339());
@@ -297,7 +297,7 @@ impl LiveConfig {
     }
 
     /// When the running config was applied and how the last reload went.
-    pub fn config_status(&self) -> Option<ConfigStatus> {
+    pub(crate) fn config_status(&self) -> Option<ConfigStatus> {
         self.status.lock().ok().map(|status| status.clone())
     }
 }

@@ -2,11 +2,11 @@
 //! Config reloads, the rollout's runtime state and its supervisor, the
 //! guardrails, and the admin API (and its client, for the CLI).
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod admin_client;
-pub mod guardrails;
-pub mod live;
-pub mod redact;
+pub(crate) mod guardrails;
+pub(crate) mod live;
+pub(crate) mod redact;
 pub mod reload;
-pub mod rollout;
-pub mod supervisor;
+pub(crate) mod rollout;
+pub(crate) mod supervisor;

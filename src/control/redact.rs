@@ -17,10 +17,10 @@ use serde_json::{json, Map, Value};
 use crate::config::Snapshot;
 
 /// What every secret value is shown as.
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 /// The config of `snapshot` with every secret redacted.
-pub fn config_view(snapshot: &Snapshot) -> Value {
+pub(crate) fn config_view(snapshot: &Snapshot) -> Value {
     let mut config = serde_json::to_value(&snapshot.config).unwrap_or(Value::Null);
     redact_value(&mut config, false);
     let file = &snapshot.config;

@@ -13,11 +13,11 @@ use crate::config::{self, ProcessEnv};
 use crate::control::live::LiveConfig;
 
 /// How often the file is looked at.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Reads the file once, then validates and applies what it read; the
 /// error says why not.
-pub fn reload(path: &Path, control: &LiveConfig) -> Result<(), String> {
+pub(crate) fn reload(path: &Path, control: &LiveConfig) -> Result<(), String> {
     match std::fs::read(path) {
         Ok(bytes) => reload_bytes(path, &bytes, control),
         Err(err) => settle(
@@ -65,7 +65,7 @@ fn settle(result: Result<(), String>, control: &LiveConfig) -> Result<(), String
 /// Watches `path` until `stop` resolves. The SIGHUP handler is installed
 /// now, before the returned future first runs, so a HUP sent once this
 /// returns is never taken for the default (terminate).
-pub fn watch(
+pub(crate) fn watch(
     path: PathBuf,
     control: Arc<LiveConfig>,
     stop: impl Future<Output = ()>,

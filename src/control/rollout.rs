@@ -22,64 +22,64 @@ use crate::config::rollout::ChangeSource;
 
 /// A split set at run time, in force over the config file's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Override {
-    pub experiment: String,
-    pub treatment_fraction: f64,
+pub(crate) struct Override {
+    pub(crate) experiment: String,
+    pub(crate) treatment_fraction: f64,
     /// The config file's fraction when the change was made.
-    pub config_fraction: f64,
+    pub(crate) config_fraction: f64,
     /// `api`, `schedule` (automatic promotion) or `guardrail`.
-    pub source: ChangeSource,
-    pub reason: String,
-    pub at: String,
+    pub(crate) source: ChangeSource,
+    pub(crate) reason: String,
+    pub(crate) at: String,
 }
 
 /// The automatic schedule is held: no automatic promotion until resumed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pause {
+pub(crate) struct Pause {
     /// `api` or `guardrail`.
-    pub source: ChangeSource,
-    pub reason: String,
-    pub at: String,
+    pub(crate) source: ChangeSource,
+    pub(crate) reason: String,
+    pub(crate) at: String,
 }
 
 /// A change requested for a later instant (`effective_at`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingChange {
-    pub experiment: String,
-    pub treatment_fraction: f64,
+pub(crate) struct PendingChange {
+    pub(crate) experiment: String,
+    pub(crate) treatment_fraction: f64,
     /// RFC 3339, as requested.
-    pub effective_at: String,
-    pub reason: String,
-    pub requested_at: String,
+    pub(crate) effective_at: String,
+    pub(crate) reason: String,
+    pub(crate) requested_at: String,
 }
 
 /// Everything kept in the state file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Persisted {
+pub(crate) struct Persisted {
     #[serde(default, rename = "override")]
-    pub fraction: Option<Override>,
+    pub(crate) fraction: Option<Override>,
     #[serde(default)]
-    pub paused: Option<Pause>,
+    pub(crate) paused: Option<Pause>,
     #[serde(default)]
-    pub pending: Option<PendingChange>,
+    pub(crate) pending: Option<PendingChange>,
 }
 
 /// One line of the audit log.
 #[derive(Debug, Clone, Serialize)]
-pub struct AuditEntry<'a> {
-    pub time: String,
-    pub experiment: &'a str,
+pub(crate) struct AuditEntry<'a> {
+    pub(crate) time: String,
+    pub(crate) experiment: &'a str,
     /// `set`, `pause`, `resume`, `pending`, `cancel_pending`.
-    pub action: &'a str,
-    pub source: ChangeSource,
-    pub old: f64,
-    pub new: f64,
-    pub reason: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) source: ChangeSource,
+    pub(crate) old: f64,
+    pub(crate) new: f64,
+    pub(crate) reason: &'a str,
 }
 
 /// The runtime state, where it is kept, and the audit log.
 #[derive(Debug)]
-pub struct RuntimeState {
+pub(crate) struct RuntimeState {
     state_file: Option<PathBuf>,
     audit_file: Option<PathBuf>,
     current: Mutex<Persisted>,
@@ -87,7 +87,7 @@ pub struct RuntimeState {
 
 impl RuntimeState {
     /// Kept in memory only (a gateway started without a config file).
-    pub fn in_memory() -> Self {
+    pub(crate) fn in_memory() -> Self {
         Self {
             state_file: None,
             audit_file: None,
@@ -98,7 +98,7 @@ impl RuntimeState {
     /// Kept in `dir` (beside the config unless `--state-dir` says
     /// otherwise) under the config's file stem, resuming what a previous
     /// run wrote there.
-    pub fn beside(config_path: &Path, dir: Option<&Path>) -> Self {
+    pub(crate) fn beside(config_path: &Path, dir: Option<&Path>) -> Self {
         let stem = config_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -125,7 +125,7 @@ impl RuntimeState {
     /// `file_fraction`, if any. An override made against another file
     /// fraction (or experiment) has been superseded by the file: it is
     /// dropped and the drop audited.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &self,
         experiment: &str,
         file_fraction: f64,
@@ -156,24 +156,24 @@ impl RuntimeState {
     }
 
     /// The override in force now, if any.
-    pub fn current(&self) -> Option<Override> {
+    pub(crate) fn current(&self) -> Option<Override> {
         self.current.lock().ok()?.fraction.clone()
     }
 
     /// The pause in force, if any.
-    pub fn paused(&self) -> Option<Pause> {
+    pub(crate) fn paused(&self) -> Option<Pause> {
         self.current.lock().ok()?.paused.clone()
     }
 
     /// The change waiting for its instant, if any.
-    pub fn pending(&self) -> Option<PendingChange> {
+    pub(crate) fn pending(&self) -> Option<PendingChange> {
         self.current.lock().ok()?.pending.clone()
     }
 
     /// Records a runtime change of the fraction: persisted atomically,
     /// then audited. Returns whether it reached disk (memory-only state
     /// never does).
-    pub fn record(&self, state: Override, old: f64) -> Result<bool, String> {
+    pub(crate) fn record(&self, state: Override, old: f64) -> Result<bool, String> {
         let entry_state = state.clone();
         self.update(|current| current.fraction = Some(state))?;
         self.audit(&AuditEntry {
@@ -189,7 +189,7 @@ impl RuntimeState {
     }
 
     /// Holds or releases the automatic schedule; audited.
-    pub fn set_paused(
+    pub(crate) fn set_paused(
         &self,
         pause: Option<Pause>,
         experiment: &str,
@@ -212,7 +212,11 @@ impl RuntimeState {
     }
 
     /// Stores (or clears, once applied) a change waiting for its instant.
-    pub fn set_pending(&self, pending: Option<PendingChange>, old: f64) -> Result<bool, String> {
+    pub(crate) fn set_pending(
+        &self,
+        pending: Option<PendingChange>,
+        old: f64,
+    ) -> Result<bool, String> {
         if let Some(change) = &pending {
             self.audit(&AuditEntry {
                 time: change.requested_at.clone(),
@@ -266,7 +270,7 @@ impl RuntimeState {
     }
 
     /// Appends one line to the audit log (and the process log).
-    pub fn audit(&self, entry: &AuditEntry<'_>) {
+    pub(crate) fn audit(&self, entry: &AuditEntry<'_>) {
         tracing::info!(
             action = entry.action,
             source = entry.source.as_str(),

@@ -27,28 +27,28 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// One run of the guardrails.
 #[derive(Debug, Clone, Serialize)]
-pub struct Evaluation {
-    pub at: String,
-    pub source: Source,
+pub(crate) struct Evaluation {
+    pub(crate) at: String,
+    pub(crate) source: Source,
     /// Span of the numbers compared.
-    pub window_seconds: f64,
-    pub control: ArmWindow,
-    pub treatment: ArmWindow,
-    pub checks: Vec<CheckResult>,
+    pub(crate) window_seconds: f64,
+    pub(crate) control: ArmWindow,
+    pub(crate) treatment: ArmWindow,
+    pub(crate) checks: Vec<CheckResult>,
     /// Why there are no numbers (Prometheus unreachable, …).
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(skip)]
     epoch: Option<Arc<SplitEpoch>>,
 }
 
 /// An automatic rollback, with the numbers that caused it.
 #[derive(Debug, Clone, Serialize)]
-pub struct Trip {
-    pub at: String,
-    pub checks: Vec<Check>,
-    pub from: f64,
-    pub to: f64,
-    pub reason: String,
+pub(crate) struct Trip {
+    pub(crate) at: String,
+    pub(crate) checks: Vec<Check>,
+    pub(crate) from: f64,
+    pub(crate) to: f64,
+    pub(crate) reason: String,
 }
 
 #[derive(Default)]
@@ -62,7 +62,7 @@ struct GuardState {
 }
 
 /// Runs the rollout on its own; shared with the admin API.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     control: Arc<LiveConfig>,
     state: Mutex<GuardState>,
     wake: Notify,
@@ -70,7 +70,7 @@ pub struct Supervisor {
 
 /// Why a promotion did not happen.
 #[derive(Debug)]
-pub enum PromoteError {
+pub(crate) enum PromoteError {
     /// Not ready: every reason.
     Blocked(Vec<String>),
     /// The change failed, or was applied but not written down.
@@ -79,7 +79,7 @@ pub enum PromoteError {
 
 impl Supervisor {
     /// A supervisor for `gateway`; start it with [`Supervisor::run`].
-    pub fn new(control: Arc<LiveConfig>) -> Arc<Self> {
+    pub(crate) fn new(control: Arc<LiveConfig>) -> Arc<Self> {
         Arc::new(Self {
             control,
             state: Mutex::new(GuardState::default()),
@@ -88,12 +88,12 @@ impl Supervisor {
     }
 
     /// Looks again now (a pending change was added, or a test asks).
-    pub fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.wake.notify_one();
     }
 
     /// The task: ticks until `stop` resolves.
-    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+    pub(crate) async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
             self.tick().await;
@@ -128,7 +128,7 @@ impl Supervisor {
     }
 
     /// One look: due changes, then the guard, then promotion.
-    pub async fn tick(&self) {
+    pub(crate) async fn tick(&self) {
         self.apply_due_pending();
         if let Err(err) = self.control.follow_file_schedule() {
             tracing::error!("scheduled change: {err}");
@@ -364,7 +364,7 @@ impl Supervisor {
     }
 
     /// Why the current stage may not be promoted now (empty: it may).
-    pub fn blockers(&self) -> Vec<String> {
+    pub(crate) fn blockers(&self) -> Vec<String> {
         let live = self.control.live();
         let rollout = &live.config.config.rollout;
         let current = live.config.treatment_fraction;
@@ -450,7 +450,7 @@ impl Supervisor {
     /// Moves to the next stage unless something blocks it (`force`
     /// overrides the blockers, not the end of the stages). Returns the new
     /// fraction and whether it reached disk.
-    pub fn promote(
+    pub(crate) fn promote(
         &self,
         source: ChangeSource,
         reason: &str,
@@ -480,7 +480,7 @@ impl Supervisor {
 
     /// The stage, the sample ratio, the guardrails and the last trip, for
     /// `GET /admin/report`.
-    pub fn report(&self) -> serde_json::Value {
+    pub(crate) fn report(&self) -> serde_json::Value {
         let live = self.control.live();
         let rollout = &live.config.config.rollout;
         let guard = &live.config.config.guardrails;

@@ -20,7 +20,7 @@
 use md5::{Digest, Md5};
 
 /// Number of buckets users are hashed into.
-pub const BUCKETS: u32 = 1000;
+pub(crate) const BUCKETS: u32 = 1000;
 
 /// A treatment fraction: a finite number from 0.0 to 1.0. Every place a
 /// fraction enters the gateway (the config file, a scheduled change, the
@@ -39,7 +39,8 @@ impl Fraction {
         }
     }
 
-    pub fn get(self) -> f64 {
+    #[cfg(test)]
+    fn get(self) -> f64 {
         self.0
     }
 }
@@ -103,7 +104,7 @@ pub fn assign(user_id: &[u8], salt: Option<&str>, treatment_fraction: f64) -> Va
 }
 
 /// The arm of a bucket at `treatment_fraction`.
-pub fn variant_of(bucket: u32, treatment_fraction: f64) -> Variant {
+pub(crate) fn variant_of(bucket: u32, treatment_fraction: f64) -> Variant {
     if is_treatment(bucket, treatment_fraction) {
         Variant::Treatment
     } else {

@@ -5,5 +5,5 @@
 pub mod assign;
 pub mod hex;
 pub mod request_id;
-pub mod srm;
-pub mod stats;
+pub(crate) mod srm;
+pub(crate) mod stats;

@@ -34,9 +34,9 @@ impl std::fmt::Debug for RequestIds {
 
 /// What a valid request id says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attribution {
-    pub variant: Variant,
-    pub experiment: String,
+pub(crate) struct Attribution {
+    pub(crate) variant: Variant,
+    pub(crate) experiment: String,
 }
 
 /// `abg1_<v>_` + 16 hex digits + `_` + 16 hex digits + `_`: the part of an
@@ -61,7 +61,7 @@ impl RequestIds {
     }
 
     /// Ids signed with a random key: only this process can verify them.
-    pub fn with_random_key() -> Self {
+    pub(crate) fn with_random_key() -> Self {
         let key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         Self::new(key)
     }
@@ -121,7 +121,7 @@ impl RequestIds {
 
     /// The arm and experiment of an id this key signed; `None` for anything
     /// else (malformed, forged, or signed with another key).
-    pub fn verify(&self, id: &str) -> Option<Attribution> {
+    pub(crate) fn verify(&self, id: &str) -> Option<Attribution> {
         let mut parts = id.splitn(5, '_');
         let (prefix, code, random, mac, experiment) = (
             parts.next()?,

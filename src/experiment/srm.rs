@@ -24,11 +24,11 @@ use crate::experiment::assign::{is_treatment, Variant, BUCKETS};
 use crate::experiment::stats::erfc;
 
 /// p-value below which the split is flagged.
-pub const MISMATCH_P: f64 = 0.001;
+pub(crate) const MISMATCH_P: f64 = 0.001;
 
 /// Per-arm and per-bucket request counts for one treatment fraction.
 #[derive(Debug)]
-pub struct ArmCounts {
+pub(crate) struct ArmCounts {
     control: AtomicU64,
     treatment: AtomicU64,
     buckets: Box<[AtomicU64]>,
@@ -46,7 +46,7 @@ impl Default for ArmCounts {
 
 impl ArmCounts {
     /// Counts one request of an assigned user in `bucket`.
-    pub fn count(&self, variant: Variant, bucket: u32) {
+    pub(crate) fn count(&self, variant: Variant, bucket: u32) {
         match variant {
             Variant::Control => self.control.fetch_add(1, Ordering::Relaxed),
             Variant::Treatment => self.treatment.fetch_add(1, Ordering::Relaxed),
@@ -58,7 +58,7 @@ impl ArmCounts {
     }
 
     /// The test result for these counts at `treatment_fraction`.
-    pub fn check(&self, treatment_fraction: f64) -> SampleRatio {
+    pub(crate) fn check(&self, treatment_fraction: f64) -> SampleRatio {
         let counts: Vec<u64> = self
             .buckets
             .iter()
@@ -75,7 +75,7 @@ impl ArmCounts {
 
 /// Quasi-Poisson dispersion of per-bucket counts: the pooled within-arm
 /// variance over the mean, at least 1 (Poisson), 1 without data.
-pub fn dispersion(bucket_counts: &[u64], treatment_fraction: f64) -> f64 {
+pub(crate) fn dispersion(bucket_counts: &[u64], treatment_fraction: f64) -> f64 {
     let mut sums = [(0.0f64, 0.0f64, 0usize); 2];
     for (bucket, count) in bucket_counts.iter().enumerate() {
         let arm = usize::from(is_treatment(bucket as u32, treatment_fraction));
@@ -102,29 +102,30 @@ pub fn dispersion(bucket_counts: &[u64], treatment_fraction: f64) -> f64 {
 
 /// The outcome of the test.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SampleRatio {
-    pub control: u64,
-    pub treatment: u64,
+pub(crate) struct SampleRatio {
+    pub(crate) control: u64,
+    pub(crate) treatment: u64,
     /// Share of buckets in treatment: what the split promises.
-    pub expected_treatment_share: f64,
+    pub(crate) expected_treatment_share: f64,
     /// The plain statistic, before the dispersion is divided out.
-    pub chi_square: f64,
+    pub(crate) chi_square: f64,
     /// Over-dispersion of requests (1 = one request per user, Poisson).
-    pub dispersion: f64,
-    pub p_value: f64,
-    pub mismatch: bool,
+    pub(crate) dispersion: f64,
+    pub(crate) p_value: f64,
+    pub(crate) mismatch: bool,
 }
 
 impl SampleRatio {
     /// Tests observed counts against the split at `treatment_fraction`,
     /// as if each request came from its own user.
-    pub fn test(control: u64, treatment: u64, treatment_fraction: f64) -> Self {
+    #[cfg(test)]
+    fn test(control: u64, treatment: u64, treatment_fraction: f64) -> Self {
         Self::test_dispersed(control, treatment, treatment_fraction, 1.0)
     }
 
     /// Tests observed counts against the split, with the statistic divided
     /// by the requests' over-dispersion.
-    pub fn test_dispersed(
+    pub(crate) fn test_dispersed(
         control: u64,
         treatment: u64,
         treatment_fraction: f64,

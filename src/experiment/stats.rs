@@ -4,7 +4,7 @@
 
 /// Complementary error function, relative error below 1.2e-7
 /// (Numerical Recipes' Chebyshev fit), ample for thresholds like 0.001.
-pub fn erfc(x: f64) -> f64 {
+pub(crate) fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
     let poly = -z * z - 1.265_512_23
@@ -24,7 +24,7 @@ pub fn erfc(x: f64) -> f64 {
 }
 
 /// P(Z > z) for a standard normal Z.
-pub fn normal_upper_tail(z: f64) -> f64 {
+pub(crate) fn normal_upper_tail(z: f64) -> f64 {
     0.5 * erfc(z / std::f64::consts::SQRT_2)
 }
 
@@ -32,7 +32,7 @@ pub fn normal_upper_tail(z: f64) -> f64 {
 /// higher than the first" (`successes_b / n_b` against `successes_a / n_a`),
 /// with the pooled standard error. `None` when either sample is empty or
 /// the pooled rate is 0 or 1 (no variation to test against).
-pub fn two_proportion_greater(
+pub(crate) fn two_proportion_greater(
     successes_a: f64,
     n_a: f64,
     successes_b: f64,
@@ -51,7 +51,7 @@ pub fn two_proportion_greater(
 }
 
 /// Counts of the values 1 to 5 (a rating scale): mean and sample variance.
-pub fn scale_moments(counts: &[f64; 5]) -> Option<(f64, f64, f64)> {
+pub(crate) fn scale_moments(counts: &[f64; 5]) -> Option<(f64, f64, f64)> {
     let n: f64 = counts.iter().sum();
     if n < 2.0 {
         return None;
@@ -68,7 +68,7 @@ pub fn scale_moments(counts: &[f64; 5]) -> Option<(f64, f64, f64)> {
 
 /// One-sided Welch z-test: the p-value of "mean b is lower than mean a",
 /// from (n, mean, variance) of each. `None` without variation.
-pub fn mean_lower(a: (f64, f64, f64), b: (f64, f64, f64)) -> Option<f64> {
+pub(crate) fn mean_lower(a: (f64, f64, f64), b: (f64, f64, f64)) -> Option<f64> {
     let (n_a, mean_a, var_a) = a;
     let (n_b, mean_b, var_b) = b;
     let standard_error = (var_a / n_a + var_b / n_b).sqrt();

@@ -21,17 +21,18 @@ use crate::experiment::assign::Variant;
 use crate::proxy::error::ProxyError;
 
 /// Request header naming the arm a QA request wants.
-pub const FORCE_VARIANT_HEADER: HeaderName = HeaderName::from_static("x-abgate-force-variant");
+pub(crate) const FORCE_VARIANT_HEADER: HeaderName =
+    HeaderName::from_static("x-abgate-force-variant");
 /// Request header carrying the admin token that allows a forced arm.
-pub const ADMIN_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-abgate-admin-token");
+pub(crate) const ADMIN_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-abgate-admin-token");
 /// Response header marking an answer whose arm was forced.
-pub const FORCED_HEADER: HeaderName = HeaderName::from_static("x-abgate-forced");
+pub(crate) const FORCED_HEADER: HeaderName = HeaderName::from_static("x-abgate-forced");
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Phase 2, **authenticate**: the gateway key, if the config asks for
 /// one; then the arm the request may force, if any.
-pub fn check(config: &Snapshot, headers: &HeaderMap) -> Result<Option<Variant>, ProxyError> {
+pub(crate) fn check(config: &Snapshot, headers: &HeaderMap) -> Result<Option<Variant>, ProxyError> {
     if let Some(keys) = &config.gateway_keys {
         authenticate(keys, headers)?;
     }
@@ -41,7 +42,7 @@ pub fn check(config: &Snapshot, headers: &HeaderMap) -> Result<Option<Variant>, 
 /// Checks that the request presents one of `keys`, in either SDK's header.
 /// Every key presented is compared (in constant time), so a client that
 /// sends both headers is let in if either holds a gateway key.
-pub fn authenticate(keys: &KeySet, headers: &HeaderMap) -> Result<(), ProxyError> {
+pub(crate) fn authenticate(keys: &KeySet, headers: &HeaderMap) -> Result<(), ProxyError> {
     let bearer = headers
         .get_all(AUTHORIZATION)
         .iter()
@@ -75,7 +76,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 /// on and the admin token in [`ADMIN_TOKEN_HEADER`]. Asking without
 /// leave is a 403; naming something other than `control` or `treatment`
 /// a 400.
-pub fn forced_variant(
+pub(crate) fn forced_variant(
     config: &Snapshot,
     headers: &HeaderMap,
 ) -> Result<Option<Variant>, ProxyError> {

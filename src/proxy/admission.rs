@@ -15,7 +15,7 @@ use crate::proxy::error::ProxyError;
 /// Phase 3, **admit**: a place under `limits.max_inflight`, taken before
 /// anything is read, while refusing is cheap; past it, a 503 with
 /// `Retry-After`.
-pub fn admit(inflight: &Arc<Inflight>, limits: &LimitsConfig) -> Result<Place, ProxyError> {
+pub(crate) fn admit(inflight: &Arc<Inflight>, limits: &LimitsConfig) -> Result<Place, ProxyError> {
     inflight.admit(limits.max_inflight).ok_or(ProxyError::Shed {
         variant: None,
         limit: limits.max_inflight,
@@ -34,7 +34,7 @@ enum Slot {
 
 /// Requests in flight, overall and per upstream.
 #[derive(Debug, Default)]
-pub struct Inflight {
+pub(crate) struct Inflight {
     gateway: AtomicUsize,
     control: AtomicUsize,
     treatment: AtomicUsize,
@@ -43,16 +43,16 @@ pub struct Inflight {
 /// A place in one count, given back when dropped: when the answer's last
 /// byte is sent, or the request ends any other way.
 #[derive(Debug)]
-pub struct Place {
+pub(crate) struct Place {
     counts: Arc<Inflight>,
     slot: Slot,
 }
 
 /// The places one request holds: among all requests, and at its upstream.
 #[derive(Debug, Default)]
-pub struct Places {
-    pub gateway: Option<Place>,
-    pub upstream: Option<Place>,
+pub(crate) struct Places {
+    pub(crate) gateway: Option<Place>,
+    pub(crate) upstream: Option<Place>,
 }
 
 impl Drop for Place {
@@ -85,13 +85,13 @@ impl Inflight {
     }
 
     /// A place among all requests, if fewer than `max` are in flight.
-    pub fn admit(self: &Arc<Self>, max: usize) -> Option<Place> {
+    pub(crate) fn admit(self: &Arc<Self>, max: usize) -> Option<Place> {
         self.take(Slot::Gateway, max)
     }
 
     /// A place among the requests to `variant`'s upstream, if fewer than
     /// `max` are in flight there.
-    pub fn admit_to(self: &Arc<Self>, variant: Variant, max: usize) -> Option<Place> {
+    pub(crate) fn admit_to(self: &Arc<Self>, variant: Variant, max: usize) -> Option<Place> {
         let slot = match variant {
             Variant::Treatment => Slot::Treatment,
             Variant::Control | Variant::Unassigned => Slot::Control,

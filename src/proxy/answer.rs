@@ -19,7 +19,7 @@ use crate::telemetry::metrics::UpstreamErrorKind;
 impl RequestContext<'_> {
     /// The answer to the request: what the phases came to, measured on
     /// its way to the client.
-    pub fn answer(mut self, result: Result<Response<Body>, ProxyError>) -> Response<Body> {
+    pub(crate) fn answer(mut self, result: Result<Response<Body>, ProxyError>) -> Response<Body> {
         let (gateway, live) = (self.gateway, self.live);
         let config = &live.config;
         let started = self.started;

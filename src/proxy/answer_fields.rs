@@ -14,17 +14,17 @@ use crate::experiment::assign::Variant;
 
 /// What the gateway tells the client about its request.
 #[derive(Debug, Clone, Default)]
-pub struct GatewayFields {
+pub(crate) struct GatewayFields {
     /// The arm was forced (`x-abgate-forced: true`).
-    pub forced: bool,
+    pub(crate) forced: bool,
     /// The arm assigned, if the request got that far.
-    pub variant: Option<Variant>,
+    pub(crate) variant: Option<Variant>,
     /// Treatment failed and control answered.
-    pub fallback: bool,
+    pub(crate) fallback: bool,
     /// The model sent upstream.
-    pub model: Option<HeaderValue>,
-    pub experiment: Option<HeaderValue>,
-    pub request_id: Option<HeaderValue>,
+    pub(crate) model: Option<HeaderValue>,
+    pub(crate) experiment: Option<HeaderValue>,
+    pub(crate) request_id: Option<HeaderValue>,
 }
 
 impl GatewayFields {
@@ -53,7 +53,7 @@ impl GatewayFields {
 
     /// Writes the fields as head lines (each value is a checked
     /// `HeaderValue` or one of the gateway's own words).
-    pub fn write(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         self.each(|name, value| {
             abgate_http1::framing::write_field(out, name.as_str().as_bytes(), value)
         });
@@ -61,7 +61,7 @@ impl GatewayFields {
 
     /// Puts the fields in `headers`, for a side that writes heads from a
     /// map (HTTP/2).
-    pub fn add_to(&self, headers: &mut HeaderMap) {
+    pub(crate) fn add_to(&self, headers: &mut HeaderMap) {
         self.each(|name, value| {
             if let Ok(value) = HeaderValue::from_bytes(value) {
                 headers.insert(name.clone(), value);

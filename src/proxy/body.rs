@@ -19,7 +19,7 @@ use abgate_http1::body::{poll_channel, poll_whole, whole_size};
 use abgate_http1::client::OutgoingBody;
 /// A body's error: the peer's (`hyper::Error`) or the gateway's own, when it
 /// ends an answer that cannot be finished (see `proxy::observe`).
-pub use abgate_http1::server::BoxError;
+pub(crate) use abgate_http1::server::BoxError;
 use abgate_http1::server::{AnswerBody, WriteLimits};
 
 /// A request or response body: a whole buffer, or a stream passed through.

@@ -25,7 +25,7 @@ type GeneralClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// The upstream client; cloning shares the connections.
 #[derive(Clone)]
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     /// TLS upstreams, and any other URL (a Prometheus server).
     general: GeneralClient,
     /// The config's plain-HTTP upstreams.
@@ -40,7 +40,7 @@ impl std::fmt::Debug for HttpClient {
 
 /// Why a request got no answer, from whichever connections it used.
 #[derive(Debug)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// From hyper-util's client (TLS upstreams, other URLs).
     General(hyper_util::client::legacy::Error),
     /// A plain-HTTP upstream: no connection (refused, unreachable, a name
@@ -54,7 +54,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// No connection could be made (refused, unreachable, timed out).
-    pub fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         match self {
             ClientError::General(err) => err.is_connect(),
             ClientError::Connect(_) => true,
@@ -65,7 +65,7 @@ impl ClientError {
     /// The client's own request body failed while it was being sent on
     /// (broken chunks, a length it did not keep): the client's fault, not
     /// the upstream's.
-    pub fn is_request_body(&self) -> bool {
+    pub(crate) fn is_request_body(&self) -> bool {
         matches!(self, ClientError::Wire(WireError::RequestBody(_)))
     }
 }
@@ -113,7 +113,10 @@ impl std::error::Error for ClientError {
 
 impl HttpClient {
     /// Sends `request` (absolute URI) and waits for the answer's headers.
-    pub async fn request(&self, request: Request<Body>) -> Result<Response<Body>, ClientError> {
+    pub(crate) async fn request(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, ClientError> {
         let (mut parts, body) = request.into_parts();
         self.request_until(&mut parts, body, None).await
     }
@@ -122,7 +125,7 @@ impl HttpClient {
     /// giving up at `deadline` if one is given ([`ClientError::TimedOut`]).
     /// The head is lent, not given: the sending may take what it needs of
     /// it (its header map, to reuse), and what it leaves is the caller's.
-    pub async fn request_until(
+    pub(crate) async fn request_until(
         &self,
         parts: &mut Parts,
         body: Body,
@@ -163,7 +166,7 @@ impl HttpClient {
 
 /// Builds the client for a config: public web roots plus every `ca_file`,
 /// and connections of their own for plain-HTTP upstreams.
-pub fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
+pub(crate) fn build(snapshot: &Snapshot) -> Result<HttpClient, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for upstream in [&snapshot.control, &snapshot.treatment] {

@@ -26,42 +26,42 @@ use crate::telemetry::route::Route;
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// One request on its way through the phases.
-pub struct RequestContext<'a> {
-    pub gateway: &'a Gateway,
+pub(crate) struct RequestContext<'a> {
+    pub(crate) gateway: &'a Gateway,
     /// The config the request started on: it keeps it to the end,
     /// whatever swaps meanwhile.
-    pub live: &'a Arc<Live>,
-    pub started: Instant,
+    pub(crate) live: &'a Arc<Live>,
+    pub(crate) started: Instant,
     /// The arm, once assigned; none for a request refused before.
-    pub variant: Option<Variant>,
+    pub(crate) variant: Option<Variant>,
     /// The arm was forced (`x-abgate-force-variant`), not hashed.
-    pub forced: bool,
+    pub(crate) forced: bool,
     /// The model sent upstream, for `x-abgate-model` and events.
-    pub model: Option<HeaderValue>,
-    pub route: Route,
-    pub stream: bool,
+    pub(crate) model: Option<HeaderValue>,
+    pub(crate) route: Route,
+    pub(crate) stream: bool,
     /// The arm's in-flight gauge, held while the request runs.
-    pub inflight: Option<InflightGuard>,
+    pub(crate) inflight: Option<InflightGuard>,
     /// Places taken under the in-flight caps.
-    pub places: Places,
+    pub(crate) places: Places,
     /// Time spent waiting for upstreams' answer heads.
-    pub upstream_wait: Duration,
+    pub(crate) upstream_wait: Duration,
     /// When the (last) upstream's answer head arrived.
-    pub headers_at: Option<Instant>,
+    pub(crate) headers_at: Option<Instant>,
     /// The user ID as events carry it (only when events are on).
-    pub event_user_id: Option<String>,
+    pub(crate) event_user_id: Option<String>,
     /// Served by control after treatment's upstream failed; the failure is
     /// already recorded as treatment's.
-    pub fallback: bool,
+    pub(crate) fallback: bool,
     /// The request id, when it was issued before the answer (fallbacks).
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
     /// Recorded, or handed to the answer that records it.
     recorded: bool,
 }
 
 impl<'a> RequestContext<'a> {
     /// A request that arrived at `started`, served on `live`.
-    pub fn new(gateway: &'a Gateway, live: &'a Arc<Live>, started: Instant) -> Self {
+    pub(crate) fn new(gateway: &'a Gateway, live: &'a Arc<Live>, started: Instant) -> Self {
         Self {
             gateway,
             live,
@@ -92,7 +92,7 @@ impl<'a> RequestContext<'a> {
     }
 
     /// The request's id: the one issued already, or a new one.
-    pub fn take_request_id(&mut self) -> String {
+    pub(crate) fn take_request_id(&mut self) -> String {
         self.request_id
             .take()
             .unwrap_or_else(|| self.issue_request_id())
@@ -107,7 +107,7 @@ impl<'a> RequestContext<'a> {
     /// What is known of the request when its answer starts (or when it
     /// ends without one), for the one record; the answer adds the rest.
     /// From here on the answer records it.
-    pub fn observation(
+    pub(crate) fn observation(
         &mut self,
         status: u16,
         error: Option<UpstreamErrorKind>,
@@ -162,7 +162,7 @@ impl<'a> RequestContext<'a> {
     /// request, exactly as it would be without fallback, and marks the
     /// context as falling back: the answer that follows is control's, and
     /// is recorded in no arm's series.
-    pub fn record_failed_attempt(&mut self, status: u16, kind: UpstreamErrorKind) {
+    pub(crate) fn record_failed_attempt(&mut self, status: u16, kind: UpstreamErrorKind) {
         let request_id = self.issue_request_id();
         let mut attempt = RequestContext::new(self.gateway, self.live, self.started);
         attempt.variant = Some(Variant::Treatment);

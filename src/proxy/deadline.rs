@@ -17,7 +17,7 @@ use super::error::Timeout;
 
 /// When a streamed answer must end, or must next show signs of life.
 #[derive(Debug)]
-pub struct Deadlines {
+pub(crate) struct Deadlines {
     idle: Duration,
     total: Duration,
     total_at: Instant,
@@ -28,7 +28,12 @@ pub struct Deadlines {
 impl Deadlines {
     /// A frame at least every `idle` from `headers_at` (when the response
     /// headers arrived), and the last one within `total` of `started`.
-    pub fn new(idle: Duration, total: Duration, started: Instant, headers_at: Instant) -> Self {
+    pub(crate) fn new(
+        idle: Duration,
+        total: Duration,
+        started: Instant,
+        headers_at: Instant,
+    ) -> Self {
         Self {
             idle,
             total,
@@ -39,7 +44,7 @@ impl Deadlines {
     }
 
     /// The setting behind a deadline: the idle limit, or the total one.
-    pub fn limit(&self, timeout: Timeout) -> Duration {
+    pub(crate) fn limit(&self, timeout: Timeout) -> Duration {
         match timeout {
             Timeout::Total => self.total,
             Timeout::Connect | Timeout::FirstByte | Timeout::Idle => self.idle,
@@ -48,13 +53,13 @@ impl Deadlines {
 
     /// Notes that a frame arrived: the idle deadline starts again.
     #[cfg(test)]
-    pub fn frame_arrived(&mut self) {
+    pub(crate) fn frame_arrived(&mut self) {
         self.frame_arrived_at(Instant::now());
     }
 
     /// Notes that a frame arrived at `now` (read once by the caller for
     /// all it times).
-    pub fn frame_arrived_at(&mut self, now: Instant) {
+    pub(crate) fn frame_arrived_at(&mut self, now: Instant) {
         self.last_frame = now;
     }
 
@@ -62,13 +67,13 @@ impl Deadlines {
     /// Checked before each frame, because a body that always has a frame
     /// ready never waits on the timer; the last frame's time serves, so a
     /// frame costs one clock read, not two.
-    pub fn total_expired(&self) -> bool {
+    pub(crate) fn total_expired(&self) -> bool {
         self.last_frame >= self.total_at
     }
 
     /// Ready with the deadline that passed; pending (and woken when one
     /// may have) otherwise. Call only when the body has nothing to give.
-    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Timeout> {
+    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Timeout> {
         let first_at = (self.last_frame + self.idle).min(self.total_at);
         let timer = self
             .timer

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 /// Draining and cut flags, shared by the proxy, the admin API and the
 /// shutdown sequence.
 #[derive(Debug, Default)]
-pub struct Drain {
+pub(crate) struct Drain {
     draining: AtomicBool,
     cut: Arc<Cut>,
 }
@@ -42,29 +42,29 @@ impl Cut {
 
 impl Drain {
     /// From now on the gateway reports itself not ready.
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
     /// Whether draining has begun.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
     /// Ends every request still running: each [`CutSignal`] fires.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.start();
         self.cut.called.store(true, Ordering::Release);
         self.cut.waiters.notify_waiters();
     }
 
     /// Resolves once [`Self::cut`] is called (at once if it was).
-    pub async fn cut_called(&self) {
+    pub(crate) async fn cut_called(&self) {
         self.cut.called().await;
     }
 
     /// A signal a response body polls to learn of the cut.
-    pub fn signal(&self) -> CutSignal {
+    pub(crate) fn signal(&self) -> CutSignal {
         CutSignal {
             cut: Some(Arc::clone(&self.cut)),
             waiting: None,
@@ -73,7 +73,7 @@ impl Drain {
 }
 
 /// The cut, as a body sees it: polled alongside its upstream.
-pub struct CutSignal {
+pub(crate) struct CutSignal {
     /// Taken into `waiting` on the first poll that has to wait.
     cut: Option<Arc<Cut>>,
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -89,7 +89,7 @@ impl CutSignal {
     /// Ready once the gateway cuts what is left; otherwise registers `cx`
     /// to be woken then. The wait is allocated only when a body first has
     /// to wait for its upstream, so answers read in one go cost nothing.
-    pub fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_cut(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if let Some(cut) = self.cut.take() {
             self.waiting = Some(Box::pin(async move { cut.called().await }));
         }

@@ -25,7 +25,7 @@ pub enum Timeout {
 
 impl Timeout {
     /// The config key that sets it.
-    pub const fn key(self) -> &'static str {
+    pub(crate) const fn key(self) -> &'static str {
         match self {
             Timeout::Connect => "timeouts.connect_ms",
             Timeout::FirstByte => "timeouts.first_byte_ms",
@@ -35,7 +35,7 @@ impl Timeout {
     }
 
     /// Its error kind.
-    pub const fn kind(self) -> UpstreamErrorKind {
+    pub(crate) const fn kind(self) -> UpstreamErrorKind {
         match self {
             Timeout::Connect => UpstreamErrorKind::ConnectTimeout,
             Timeout::FirstByte => UpstreamErrorKind::FirstByteTimeout,
@@ -134,7 +134,7 @@ pub enum ProxyError {
 }
 
 /// Methods the gateway forwards, as an `Allow` header lists them.
-pub const FORWARDED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS";
+pub(crate) const FORWARDED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS";
 
 fn shed_scope(variant: Option<Variant>) -> String {
     match variant {
@@ -145,7 +145,7 @@ fn shed_scope(variant: Option<Variant>) -> String {
 
 impl ProxyError {
     /// The status the client gets. Exhaustive: a new error must pick one.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::InvalidJson(_)
             | ProxyError::NotAnObject
@@ -179,7 +179,7 @@ impl ProxyError {
     }
 
     /// A short stable name: the JSON `code` and the metric label.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             ProxyError::InvalidJson(_) => "invalid_json",
             ProxyError::NotAnObject => "not_an_object",
@@ -216,7 +216,7 @@ impl ProxyError {
     }
 
     /// The variant whose upstream failed, for upstream errors.
-    pub fn variant(&self) -> Option<Variant> {
+    pub(crate) fn variant(&self) -> Option<Variant> {
         match self {
             ProxyError::UpstreamConnect { variant, .. }
             | ProxyError::UpstreamTimeout { variant, .. }
@@ -229,7 +229,7 @@ impl ProxyError {
 
     /// The upstream failure this error counts as, for the arm's metrics
     /// (the metric `kind`, and the JSON `code` of upstream errors).
-    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+    pub(crate) fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             ProxyError::UpstreamConnect { .. } => Some(UpstreamErrorKind::Connect),
             ProxyError::UpstreamTimeout { timeout, .. } => Some(timeout.kind()),
@@ -244,7 +244,7 @@ impl ProxyError {
 
     /// Whether the request was refused for its credentials (counted in
     /// `abgate_auth_failures_total` under its [`Self::kind`]).
-    pub fn is_auth_failure(&self) -> bool {
+    pub(crate) fn is_auth_failure(&self) -> bool {
         matches!(
             self,
             ProxyError::MissingApiKey
@@ -284,7 +284,7 @@ impl ProxyError {
     /// The error as a JSON body both SDKs understand: OpenAI's
     /// `{"error": {message, type, param, code}}` plus Anthropic's top-level
     /// `"type": "error"`, with the variant named for upstream failures.
-    pub fn to_json(&self) -> Bytes {
+    pub(crate) fn to_json(&self) -> Bytes {
         let mut error = serde_json::json!({
             "message": self.to_string(),
             "type": self.error_type(),
@@ -301,7 +301,7 @@ impl ProxyError {
     /// The error as the last event of an SSE stream that already started:
     /// `event: error` with the same JSON as [`Self::to_json`], which the
     /// OpenAI and Anthropic SDKs both raise as an API error.
-    pub fn to_sse_event(&self) -> Bytes {
+    pub(crate) fn to_sse_event(&self) -> Bytes {
         let json = self.to_json();
         let mut event = Vec::with_capacity(json.len() + 22);
         event.extend_from_slice(b"event: error\ndata: ");
@@ -311,7 +311,7 @@ impl ProxyError {
     }
 
     /// The response the client gets (the caller adds the abgate headers).
-    pub fn to_response(&self) -> Response<Body> {
+    pub(crate) fn to_response(&self) -> Response<Body> {
         let mut response = Response::new(Body::full(self.to_json()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

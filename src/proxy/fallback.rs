@@ -21,19 +21,19 @@ use crate::telemetry::metrics::UpstreamErrorKind;
 
 /// What is kept of a request so that it can be sent again: the client's
 /// own method, path, headers and body, before any rewrite for treatment.
-pub struct Resend {
-    pub method: Method,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub fields: BodyFields,
+pub(crate) struct Resend {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) fields: BodyFields,
 }
 
 impl Resend {
     /// The request as it goes to `upstream`, and the model it names.
     /// `gateway_auth`: the client's credential headers hold a gateway key,
     /// which is never forwarded.
-    pub fn request_for(
+    pub(crate) fn request_for(
         &self,
         upstream: &Upstream,
         gateway_auth: bool,
@@ -52,7 +52,9 @@ impl Resend {
 
 /// How a treatment attempt failed, if it is a failure worth resending:
 /// the status its client would get without fallback, and its kind.
-pub fn failure(attempt: &Result<Response<Body>, ProxyError>) -> Option<(u16, UpstreamErrorKind)> {
+pub(crate) fn failure(
+    attempt: &Result<Response<Body>, ProxyError>,
+) -> Option<(u16, UpstreamErrorKind)> {
     let (status, kind) = match attempt {
         Ok(response) => {
             let status = response.status().as_u16();

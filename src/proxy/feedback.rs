@@ -14,10 +14,10 @@ use crate::experiment::request_id::{Attribution, RequestIds};
 use crate::telemetry::metrics::Metrics;
 
 /// The path feedback is posted to on the proxy port.
-pub const PATH: &str = "/v1/feedback";
+pub(crate) const PATH: &str = "/v1/feedback";
 
 /// Feedback bodies are small; anything larger is not feedback.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +29,7 @@ struct Report {
 }
 
 /// Validates a report and counts it; returns what it was attributed to.
-pub fn record(
+pub(crate) fn record(
     body: &Bytes,
     ids: &RequestIds,
     outcomes: &[String],
@@ -74,7 +74,11 @@ pub fn record(
 }
 
 /// Answers `POST /v1/feedback`; never forwarded.
-pub async fn answer(gateway: &Gateway, live: &Live, request: Request<Body>) -> Response<Body> {
+pub(crate) async fn answer(
+    gateway: &Gateway,
+    live: &Live,
+    request: Request<Body>,
+) -> Response<Body> {
     let answer = async {
         if request.method() != Method::POST {
             return Err(ProxyError::MethodNotAllowed {

@@ -20,7 +20,7 @@ use crate::experiment::assign::Variant;
 
 /// Sends the request to `variant`'s upstream and, if it may fall back
 /// (`resend`) and treatment failed, to control.
-pub async fn forward(
+pub(crate) async fn forward(
     ctx: &mut RequestContext<'_>,
     parts: &mut Parts,
     body: Body,

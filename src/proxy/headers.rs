@@ -48,7 +48,7 @@ fn class(name: &HeaderName) -> Class {
 
 /// Whether a header name, in any case, is in the gateway's `x-abgate-*`
 /// namespace.
-pub fn in_gateway_namespace(name: &[u8]) -> bool {
+pub(crate) fn in_gateway_namespace(name: &[u8]) -> bool {
     name.get(..GATEWAY_NAMESPACE.len())
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case(GATEWAY_NAMESPACE.as_bytes()))
 }
@@ -115,7 +115,7 @@ const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version
 /// Readies an upstream's answer headers for the client: hop-by-hop
 /// headers removed (with any the `Connection` header names), and the
 /// gateway's namespace, whose fields on the answer are the gateway's alone.
-pub fn prepare_answer(headers: &mut HeaderMap) {
+pub(crate) fn prepare_answer(headers: &mut HeaderMap) {
     remove_where(headers, |class| {
         matches!(class, Class::HopByHop | Class::Gateway)
     });
@@ -133,7 +133,11 @@ pub fn prepare_answer(headers: &mut HeaderMap) {
 /// puts the upstream's Host and a whole body's length in the head instead
 /// of the client's, and the general client removes them before hyper sets
 /// its own (see `client::HttpClient::request_until`).
-pub fn prepare_upstream_request(headers: &mut HeaderMap, upstream: &Upstream, gateway_auth: bool) {
+pub(crate) fn prepare_upstream_request(
+    headers: &mut HeaderMap,
+    upstream: &Upstream,
+    gateway_auth: bool,
+) {
     // Expect: the body is already read (or streamed as is), nothing to
     // wait for.
     let strip_credentials = gateway_auth || upstream.credential.is_some();

@@ -16,12 +16,12 @@ use crate::proxy::json::BodyFields;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserId<'a> {
     pub id: &'a str,
-    pub source: Source,
+    pub(crate) source: Source,
 }
 
 /// Where a user ID was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     Header,
     OpenAiUser,
     OpenAiSafetyIdentifier,

@@ -16,13 +16,13 @@ use std::ops::Range;
 
 /// The scanner does not accept the document; serde_json decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejected;
+pub(crate) struct Rejected;
 
-pub type Scanned<T> = Result<T, Rejected>;
+pub(crate) type Scanned<T> = Result<T, Rejected>;
 
 /// A JSON value's first byte told apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Object,
     Array,
     String,
@@ -33,7 +33,7 @@ pub enum Kind {
 }
 
 /// A cursor over one JSON document.
-pub struct Scanner<'a> {
+pub(crate) struct Scanner<'a> {
     bytes: &'a [u8],
     at: usize,
 }
@@ -44,7 +44,7 @@ const LOW: u64 = 0x0101_0101_0101_0101;
 
 impl<'a> Scanner<'a> {
     /// A scanner at the start of `bytes`.
-    pub fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Scanner { bytes, at: 0 }
     }
 
@@ -53,7 +53,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The next byte that is not whitespace, not consumed.
-    pub fn peek(&mut self) -> Option<u8> {
+    pub(crate) fn peek(&mut self) -> Option<u8> {
         self.at = whitespace(self.bytes, self.at);
         self.byte()
     }
@@ -68,7 +68,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The whole document was one value and whitespace.
-    pub fn end(&mut self) -> Scanned<()> {
+    pub(crate) fn end(&mut self) -> Scanned<()> {
         match self.peek() {
             None => Ok(()),
             Some(_) => Err(Rejected),
@@ -76,7 +76,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The next value's kind, not consumed.
-    pub fn kind(&mut self) -> Scanned<Kind> {
+    pub(crate) fn kind(&mut self) -> Scanned<Kind> {
         Ok(match self.peek().ok_or(Rejected)? {
             b'{' => Kind::Object,
             b'[' => Kind::Array,
@@ -91,7 +91,7 @@ impl<'a> Scanner<'a> {
 
     /// A string at the cursor (after whitespace): the span of its contents
     /// and whether they hold an escape.
-    pub fn string(&mut self) -> Scanned<(Range<usize>, bool)> {
+    pub(crate) fn string(&mut self) -> Scanned<(Range<usize>, bool)> {
         self.expect(b'"')?;
         let start = self.at;
         let (end, escaped) = string_end(self.bytes, start)?;
@@ -101,7 +101,7 @@ impl<'a> Scanner<'a> {
 
     /// A number at the cursor: its value when it is a plain non-negative
     /// integer that fits in a `u64`.
-    pub fn number(&mut self) -> Scanned<Option<u64>> {
+    pub(crate) fn number(&mut self) -> Scanned<Option<u64>> {
         self.peek();
         let start = self.at;
         self.at = number_end(self.bytes, start)?;
@@ -121,7 +121,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// `true`, `false` or `null` at the cursor.
-    pub fn boolean_or_null(&mut self) -> Scanned<Option<bool>> {
+    pub(crate) fn boolean_or_null(&mut self) -> Scanned<Option<bool>> {
         match self.kind()? {
             Kind::True => self.literal(b"true").map(|()| Some(true)),
             Kind::False => self.literal(b"false").map(|()| Some(false)),
@@ -133,7 +133,7 @@ impl<'a> Scanner<'a> {
     /// An object at the cursor, member by member: `member` is given each
     /// key's raw bytes (escapes not decoded) and whether it had any, and
     /// must consume the value.
-    pub fn object(
+    pub(crate) fn object(
         &mut self,
         mut member: impl FnMut(&mut Self, &[u8], bool) -> Scanned<()>,
     ) -> Scanned<()> {
@@ -159,7 +159,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Any value at the cursor, consumed whole.
-    pub fn skip(&mut self) -> Scanned<()> {
+    pub(crate) fn skip(&mut self) -> Scanned<()> {
         self.at = skip_value(self.bytes, self.at)?;
         Ok(())
     }
@@ -395,7 +395,7 @@ fn skip_value(bytes: &[u8], mut at: usize) -> Scanned<usize> {
 /// into `buffer` when it has any. `None` for a key with an escape of a
 /// non-ASCII character or longer than `buffer`: every key the gateway
 /// reads is short ASCII, so such a key is one of the others.
-pub fn key<'k>(raw: &'k [u8], escaped: bool, buffer: &'k mut [u8; 32]) -> Option<&'k [u8]> {
+pub(crate) fn key<'k>(raw: &'k [u8], escaped: bool, buffer: &'k mut [u8; 32]) -> Option<&'k [u8]> {
     if !escaped {
         return Some(raw);
     }
@@ -429,7 +429,7 @@ pub fn key<'k>(raw: &'k [u8], escaped: bool, buffer: &'k mut [u8; 32]) -> Option
 
 /// The string whose contents are `span` of `document` (as
 /// [`Scanner::string`] gives it), decoded.
-pub fn string_value(document: &[u8], span: Range<usize>, escaped: bool) -> Scanned<String> {
+pub(crate) fn string_value(document: &[u8], span: Range<usize>, escaped: bool) -> Scanned<String> {
     if escaped {
         // With the quotes: serde_json decodes escapes and refuses lone
         // surrogates, as the serde path does.
@@ -549,7 +549,7 @@ pub(super) mod documents {
     }
 
     /// A top-level object, valid or one edit away from it.
-    pub fn top_object() -> impl Strategy<Value = Vec<u8>> {
+    pub(crate) fn top_object() -> impl Strategy<Value = Vec<u8>> {
         (object(value()), any::<usize>(), any::<u8>(), any::<u8>())
             .prop_map(|(document, at, edit, byte)| mutate(document.into_bytes(), at, edit, byte))
     }
@@ -557,7 +557,7 @@ pub(super) mod documents {
     /// What the property tests of the scanner's readers hold: wherever the
     /// fast path `scan` accepts a UTF-8 `document`, the serde_json path
     /// `parse` accepts it too and reads the same.
-    pub fn agree<T: PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+    pub(crate) fn agree<T: PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
         document: &[u8],
         scan: impl Fn(&[u8]) -> super::Scanned<T>,
         parse: impl Fn(&[u8]) -> Result<T, E>,
@@ -573,7 +573,7 @@ pub(super) mod documents {
     }
 
     /// Any value, valid or one edit away from it.
-    pub fn any_value() -> impl Strategy<Value = Vec<u8>> {
+    pub(crate) fn any_value() -> impl Strategy<Value = Vec<u8>> {
         (value(), any::<usize>(), any::<u8>(), any::<u8>())
             .prop_map(|(document, at, edit, byte)| mutate(document.into_bytes(), at, edit, byte))
     }

@@ -21,29 +21,29 @@
 //!    request once it ends. A request whose client leaves first is
 //!    recorded by its context as `client_cancelled`.
 
-pub mod access;
-pub mod admission;
-pub mod answer;
-pub mod answer_fields;
-pub mod assign;
+pub(crate) mod access;
+pub(crate) mod admission;
+pub(crate) mod answer;
+pub(crate) mod answer_fields;
+pub(crate) mod assign;
 pub mod body;
-pub mod client;
-pub mod context;
-pub mod deadline;
-pub mod drain;
-pub mod error;
-pub mod fallback;
-pub mod feedback;
-pub mod forward;
-pub mod headers;
+pub(crate) mod client;
+pub(crate) mod context;
+pub(crate) mod deadline;
+pub(crate) mod drain;
+pub(crate) mod error;
+pub(crate) mod fallback;
+pub(crate) mod feedback;
+pub(crate) mod forward;
+pub(crate) mod headers;
 pub mod identity;
 pub mod json;
-pub mod json_scan;
-pub mod observe;
-pub mod path;
-pub mod read;
-pub mod rewrite;
-pub mod routing;
+pub(crate) mod json_scan;
+pub(crate) mod observe;
+pub(crate) mod path;
+pub(crate) mod read;
+pub(crate) mod rewrite;
+pub(crate) mod routing;
 pub mod usage_json;
 
 use std::net::SocketAddr;
@@ -66,18 +66,18 @@ use context::RequestContext;
 use error::ProxyError;
 
 /// Response header naming the arm that served the request.
-pub const VARIANT_HEADER: HeaderName = HeaderName::from_static("x-abgate-variant");
+pub(crate) const VARIANT_HEADER: HeaderName = HeaderName::from_static("x-abgate-variant");
 /// Response header naming the model sent upstream.
-pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-abgate-model");
+pub(crate) const MODEL_HEADER: HeaderName = HeaderName::from_static("x-abgate-model");
 /// Response header carrying the gateway's request id.
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-abgate-request-id");
+pub(crate) const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-abgate-request-id");
 /// Response header naming the experiment.
-pub const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-experiment");
+pub(crate) const EXPERIMENT_HEADER: HeaderName = HeaderName::from_static("x-abgate-experiment");
 /// Response header present (`true`) when treatment's upstream failed and
 /// control's answer is served instead.
-pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-abgate-fallback");
+pub(crate) const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-abgate-fallback");
 /// Response header naming the arm whose upstream answered, on fallbacks.
-pub const SERVED_BY_HEADER: HeaderName = HeaderName::from_static("x-abgate-served-by");
+pub(crate) const SERVED_BY_HEADER: HeaderName = HeaderName::from_static("x-abgate-served-by");
 
 /// The proxy: the current config with its metric children, the registry,
 /// and the upstream connection pool.
@@ -92,20 +92,20 @@ pub struct Gateway {
 }
 
 /// A config and what is derived from it, swapped as one.
-pub struct Live {
-    pub config: Snapshot,
+pub(crate) struct Live {
+    pub(crate) config: Snapshot,
     /// Metric children bound to this config's experiment.
-    pub metrics: Arc<ExperimentMetrics>,
+    pub(crate) metrics: Arc<ExperimentMetrics>,
     /// Signs and verifies request ids.
-    pub request_ids: RequestIds,
+    pub(crate) request_ids: RequestIds,
     /// The upstream pool; kept across reloads that leave transport settings alone.
     pub(crate) client: HttpClient,
     /// The current split since it began: stage age, per-arm counts, and
     /// the guardrails' baseline.
-    pub epoch: Arc<SplitEpoch>,
+    pub(crate) epoch: Arc<SplitEpoch>,
     /// What the config file says now (its fraction, or a scheduled entry's)
     /// and which of the two (`config` or `schedule`).
-    pub file_fraction: (f64, crate::config::rollout::ChangeSource),
+    pub(crate) file_fraction: (f64, crate::config::rollout::ChangeSource),
 }
 
 impl Gateway {
@@ -143,7 +143,7 @@ impl Gateway {
     }
 
     /// The config (and metric children) requests start on now.
-    pub fn live(&self) -> Arc<Live> {
+    pub(crate) fn live(&self) -> Arc<Live> {
         self.live.load_full()
     }
 
@@ -153,12 +153,12 @@ impl Gateway {
     }
 
     /// Its shutdown state: draining (not ready), then cut.
-    pub fn drain(&self) -> &crate::proxy::drain::Drain {
+    pub(crate) fn drain(&self) -> &crate::proxy::drain::Drain {
         &self.drain
     }
 
     /// Proxies one request. Every failure becomes a JSON error answer.
-    pub async fn proxy(&self, request: Request<Body>) -> Response<Body> {
+    pub(crate) async fn proxy(&self, request: Request<Body>) -> Response<Body> {
         let started = Instant::now();
         // One config per request, start to finish, whatever swaps meanwhile.
         let live = self.live.load_full();

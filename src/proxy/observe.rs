@@ -48,7 +48,7 @@ const USAGE_SCAN_LIMIT: usize = 1024 * 1024;
 
 /// How to read usage from a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageFormat {
+pub(crate) enum UsageFormat {
     /// Server-sent events, line by line.
     EventStream,
     /// One JSON document.
@@ -61,49 +61,51 @@ pub enum UsageFormat {
 }
 
 /// What is known about a request when its response starts.
-pub struct Observation {
-    pub metrics: Arc<ExperimentMetrics>,
-    pub variant: Variant,
-    pub route: Route,
-    pub stream: bool,
+pub(crate) struct Observation {
+    pub(crate) metrics: Arc<ExperimentMetrics>,
+    pub(crate) variant: Variant,
+    pub(crate) route: Route,
+    pub(crate) stream: bool,
     /// The arm was forced: counted apart from the experiment's numbers.
-    pub forced: bool,
-    pub status: u16,
-    pub started: Instant,
-    pub overhead: Duration,
-    pub error: Option<UpstreamErrorKind>,
-    pub usage_format: UsageFormat,
-    pub inflight: Option<InflightGuard>,
+    pub(crate) forced: bool,
+    pub(crate) status: u16,
+    pub(crate) started: Instant,
+    pub(crate) overhead: Duration,
+    pub(crate) error: Option<UpstreamErrorKind>,
+    pub(crate) usage_format: UsageFormat,
+    #[allow(dead_code)] // held, not read: dropped when the request is recorded
+    pub(crate) inflight: Option<InflightGuard>,
     /// The request's places under the in-flight caps, given back at the end.
-    pub places: Places,
+    #[allow(dead_code)] // held likewise, then given back
+    pub(crate) places: Places,
     /// Where the request's event goes, with what only the gateway knew.
-    pub event: Option<(EventSink, EventDraft)>,
+    pub(crate) event: Option<(EventSink, EventDraft)>,
     /// Idle and total deadlines of an upstream's body; none for the
     /// gateway's own answers.
-    pub deadlines: Option<Deadlines>,
+    pub(crate) deadlines: Option<Deadlines>,
     /// Fires when a shutdown cuts what is still running; with `deadlines`.
-    pub cut: Option<(CutSignal, Duration)>,
+    pub(crate) cut: Option<(CutSignal, Duration)>,
     /// Whether a failure mid-body may be told with an SSE error event: the
     /// body is an uncompressed event stream without a declared length.
-    pub error_event: bool,
+    pub(crate) error_event: bool,
     /// How long the client may take to read the answer.
-    pub write_limits: Option<WriteLimits>,
+    pub(crate) write_limits: Option<WriteLimits>,
     /// Control's answer served after treatment's upstream failed: that
     /// failure was recorded as the request, so this answer is recorded in
     /// no arm's series (nor as an event); control's stay control's own.
-    pub fallback: bool,
+    pub(crate) fallback: bool,
 }
 
 /// The parts of an event known when the response starts.
 #[derive(Debug)]
-pub struct EventDraft {
-    pub request_id: String,
-    pub experiment: String,
-    pub model: Option<String>,
+pub(crate) struct EventDraft {
+    pub(crate) request_id: String,
+    pub(crate) experiment: String,
+    pub(crate) model: Option<String>,
     /// Already in the form events carry (raw, hashed or none).
-    pub user_id: Option<String>,
+    pub(crate) user_id: Option<String>,
     /// The arm was forced, not hashed.
-    pub forced: bool,
+    pub(crate) forced: bool,
 }
 
 /// A response body that records its request when it ends.
@@ -132,29 +134,29 @@ pub struct ObservedBody {
 
 impl ObservedBody {
     /// How long the client may take to read the answer.
-    pub fn write_limits(&self) -> Option<WriteLimits> {
+    pub(crate) fn write_limits(&self) -> Option<WriteLimits> {
         self.write_limits
     }
 
     /// The client's side cut the client off for not reading: counted as
     /// `client_write_timeout` when the body is dropped.
-    pub fn cut_off(&mut self) {
+    pub(crate) fn cut_off(&mut self) {
         self.cut_off = true;
     }
 
     /// The body being measured.
-    pub fn inner(&self) -> &Body {
+    pub(crate) fn inner(&self) -> &Body {
         &self.inner
     }
 
     /// The gateway's fields on the answer.
-    pub fn fields(&self) -> &GatewayFields {
+    pub(crate) fn fields(&self) -> &GatewayFields {
         &self.fields
     }
 
     /// Wraps `inner`, with the gateway's `fields` for the answer's head;
     /// the request is recorded when it ends or is dropped.
-    pub fn new(inner: Body, mut observation: Observation, fields: GatewayFields) -> Self {
+    pub(crate) fn new(inner: Body, mut observation: Observation, fields: GatewayFields) -> Self {
         let usage = UsageReader::new(observation.usage_format);
         Self {
             inner,
@@ -246,20 +248,20 @@ impl ObservedBody {
 
 /// What the answer's body showed, once it has ended.
 #[derive(Debug, Default)]
-pub struct Measured {
+pub(crate) struct Measured {
     /// When its last frame came, if it ended with one; else now.
-    pub ended_at: Option<Instant>,
-    pub first_byte: Option<Duration>,
-    pub bytes: u64,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
+    pub(crate) ended_at: Option<Instant>,
+    pub(crate) first_byte: Option<Duration>,
+    pub(crate) bytes: u64,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
     /// How the body failed, if it did.
-    pub error: Option<UpstreamErrorKind>,
+    pub(crate) error: Option<UpstreamErrorKind>,
 }
 
 /// Records one request: its metrics and its event. The one place a
 /// request is recorded, whether its answer had a body or not.
-pub fn record(observation: Observation, measured: Measured) {
+pub(crate) fn record(observation: Observation, measured: Measured) {
     if observation.fallback {
         return;
     }

@@ -7,7 +7,7 @@
 /// gateway refuses every path whose meaning a normaliser could change,
 /// as Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST` does.
 /// Clients' SDKs never send such paths.
-pub fn check_path(path: &str) -> Result<(), &'static str> {
+pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
     let bytes = path.as_bytes();
     // The usual path has none of the bytes that start a refusal.
     if !bytes

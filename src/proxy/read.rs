@@ -18,7 +18,7 @@ use crate::config::Snapshot;
 use crate::telemetry::route::Route;
 
 /// A client's request body as the gateway holds it.
-pub enum ClientBody {
+pub(crate) enum ClientBody {
     /// Read whole and inspected.
     Json(Bytes, BodyFields),
     /// Not the gateway's business: streamed to the upstream as is.
@@ -27,7 +27,7 @@ pub enum ClientBody {
 
 impl ClientBody {
     /// The JSON body's fields the gateway reads, if it is JSON.
-    pub fn fields(&self) -> Option<&BodyFields> {
+    pub(crate) fn fields(&self) -> Option<&BodyFields> {
         match self {
             ClientBody::Json(_, fields) => Some(fields),
             ClientBody::Stream(_) => None,
@@ -36,7 +36,7 @@ impl ClientBody {
 }
 
 /// The request's body as the gateway holds it, by `total_at`.
-pub async fn read(
+pub(crate) async fn read(
     body: Body,
     parts: &Parts,
     route: Route,
@@ -82,7 +82,11 @@ fn carries_json(parts: &Parts, route: Route) -> bool {
 }
 
 /// Reads a JSON body up to `limit` bytes.
-pub async fn read_body(body: Body, parts: &Parts, limit: usize) -> Result<Bytes, ProxyError> {
+pub(crate) async fn read_body(
+    body: Body,
+    parts: &Parts,
+    limit: usize,
+) -> Result<Bytes, ProxyError> {
     check_declared_length(parts, limit)?;
     if let Body::Full(bytes) = body {
         // Came whole with its head: nothing to wait for.

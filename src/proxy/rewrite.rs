@@ -21,7 +21,7 @@ use crate::experiment::assign::Variant;
 
 /// The request as `variant`'s upstream gets it, and what is kept to
 /// resend it to control.
-pub fn rewrite(
+pub(crate) fn rewrite(
     ctx: &mut RequestContext<'_>,
     parts: &mut Parts,
     body: ClientBody,
@@ -61,7 +61,7 @@ pub fn rewrite(
 
 /// A JSON body with `upstream`'s model spliced in (or the client's kept),
 /// and the model it names, for the `x-abgate-model` header.
-pub fn rewrite_for(
+pub(crate) fn rewrite_for(
     upstream: &Upstream,
     body: &Bytes,
     fields: &BodyFields,
@@ -82,7 +82,7 @@ pub fn rewrite_for(
 }
 
 /// The upstream URI: its origin and prefix, then the client's path and query.
-pub fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, ProxyError> {
+pub(crate) fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, ProxyError> {
     let path_and_query = original
         .path_and_query()
         .cloned()

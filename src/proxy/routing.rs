@@ -9,7 +9,7 @@ use super::error::ProxyError;
 use crate::telemetry::route::Route;
 
 /// The request's API family, or why it is refused before anything else.
-pub fn route(parts: &Parts, max_header_bytes: usize) -> Result<Route, ProxyError> {
+pub(crate) fn route(parts: &Parts, max_header_bytes: usize) -> Result<Route, ProxyError> {
     check_method(&parts.method)?;
     check_header_size(parts, max_header_bytes)?;
     super::path::check_path(parts.uri.path())
@@ -56,7 +56,7 @@ fn check_header_size(parts: &Parts, limit: usize) -> Result<(), ProxyError> {
 }
 
 /// `text` cut to `max` characters, marked as cut.
-pub fn truncate(text: &str, max: usize) -> String {
+pub(crate) fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((at, _)) => format!("{}...", &text[..at]),
         None => text.to_owned(),

@@ -16,10 +16,10 @@ use super::json_scan::{key, Kind, Rejected, Scanned, Scanner};
 /// non-negative integer is not read.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
 }
 
 /// The usage `document` carries, if any: `Err` when it is not JSON.

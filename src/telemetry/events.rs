@@ -19,30 +19,30 @@ use crate::config::events::{EventsConfig, UserIdMode};
 
 /// One finished request.
 #[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub timestamp: String,
-    pub request_id: String,
-    pub experiment: String,
-    pub variant: &'static str,
-    pub model: Option<String>,
-    pub route: &'static str,
-    pub stream: bool,
-    pub status: u16,
-    pub latency_ms: f64,
-    pub time_to_first_byte_ms: Option<f64>,
-    pub response_bytes: u64,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub error_kind: Option<&'static str>,
-    pub user_id: Option<String>,
+pub(crate) struct Event {
+    pub(crate) timestamp: String,
+    pub(crate) request_id: String,
+    pub(crate) experiment: String,
+    pub(crate) variant: &'static str,
+    pub(crate) model: Option<String>,
+    pub(crate) route: &'static str,
+    pub(crate) stream: bool,
+    pub(crate) status: u16,
+    pub(crate) latency_ms: f64,
+    pub(crate) time_to_first_byte_ms: Option<f64>,
+    pub(crate) response_bytes: u64,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
+    pub(crate) error_kind: Option<&'static str>,
+    pub(crate) user_id: Option<String>,
     /// The arm was forced by a QA request (`x-abgate-force-variant`): not
     /// a random assignment, to be left out of any comparison of the arms.
-    pub forced: bool,
+    pub(crate) forced: bool,
 }
 
 /// The sending side, cheap to clone into every request's recorder.
 #[derive(Clone)]
-pub struct EventSink {
+pub(crate) struct EventSink {
     sender: mpsc::Sender<Event>,
     user_id: UserIdMode,
     /// HMAC key for hashed user IDs; none means plain SHA-256.
@@ -61,7 +61,7 @@ impl std::fmt::Debug for EventSink {
 impl EventSink {
     /// Opens the destination and starts the writer task; `user_id_key` is
     /// the key of `user_id_key_env`, if any.
-    pub fn start(
+    pub(crate) fn start(
         config: &EventsConfig,
         user_id_key: Option<&[u8]>,
         metrics: Arc<Metrics>,
@@ -90,20 +90,15 @@ impl EventSink {
         })
     }
 
-    /// How user IDs are written.
-    pub fn user_id_mode(&self) -> UserIdMode {
-        self.user_id
-    }
-
     /// Queues an event; drops and counts it if the writer is behind.
-    pub fn emit(&self, event: Event) {
+    pub(crate) fn emit(&self, event: Event) {
         if self.sender.try_send(event).is_err() {
             self.metrics.event_dropped();
         }
     }
 
     /// The user ID as events carry it.
-    pub fn user_id_field(&self, user_id: &str) -> Option<String> {
+    pub(crate) fn user_id_field(&self, user_id: &str) -> Option<String> {
         match self.user_id {
             UserIdMode::Raw => Some(user_id.to_owned()),
             UserIdMode::Hash => Some(match &self.user_id_key {

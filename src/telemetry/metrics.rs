@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
-pub use histogram::{Histogram, HistogramVec};
+pub(crate) use histogram::{Histogram, HistogramVec};
 
 use crate::experiment::assign::Variant;
 use crate::telemetry::route::Route;
@@ -40,9 +40,10 @@ const BYTES_BUCKETS: &[f64] = &[
 ];
 
 /// Variants in label order.
-pub const VARIANTS: [Variant; 3] = [Variant::Control, Variant::Treatment, Variant::Unassigned];
+pub(crate) const VARIANTS: [Variant; 3] =
+    [Variant::Control, Variant::Treatment, Variant::Unassigned];
 /// Routes in label order.
-pub const ROUTES: [Route; 6] = [
+pub(crate) const ROUTES: [Route; 6] = [
     Route::Chat,
     Route::Messages,
     Route::Completions,
@@ -81,7 +82,7 @@ pub enum UpstreamErrorKind {
 
 impl UpstreamErrorKind {
     /// All kinds, in label order.
-    pub const ALL: [UpstreamErrorKind; 14] = [
+    pub(crate) const ALL: [UpstreamErrorKind; 14] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::FirstByteTimeout,
@@ -102,7 +103,7 @@ impl UpstreamErrorKind {
     /// `fallback_to_control` resends to control. A total timeout leaves no
     /// time to try again; a 429 is a throttle the client should back off
     /// from (or its own quota, with its own key), not a broken upstream.
-    pub const FALLS_BACK: [UpstreamErrorKind; 5] = [
+    pub(crate) const FALLS_BACK: [UpstreamErrorKind; 5] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::FirstByteTimeout,
@@ -111,7 +112,7 @@ impl UpstreamErrorKind {
     ];
 
     /// The `kind` label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::ConnectTimeout => "connect_timeout",
@@ -131,7 +132,7 @@ impl UpstreamErrorKind {
     }
 
     /// The kind an upstream answer's status implies, if it is an error.
-    pub fn from_status(status: u16) -> Option<Self> {
+    pub(crate) fn from_status(status: u16) -> Option<Self> {
         match status {
             429 => Some(UpstreamErrorKind::Status429),
             400..=499 => Some(UpstreamErrorKind::Status4xx),
@@ -201,7 +202,7 @@ pub struct Metrics {
 }
 
 /// Kinds of `abgate_auth_failures_total`, each an error `code`.
-pub const AUTH_FAILURE_KINDS: [&str; 3] = [
+pub(crate) const AUTH_FAILURE_KINDS: [&str; 3] = [
     "missing_api_key",
     "invalid_api_key",
     "forced_variant_refused",
@@ -409,14 +410,14 @@ impl Metrics {
 
     /// Counts a request refused for its credentials; `kind` is one of
     /// [`AUTH_FAILURE_KINDS`].
-    pub fn auth_failed(&self, kind: &'static str) {
+    pub(crate) fn auth_failed(&self, kind: &'static str) {
         self.auth_failures.with_label_values(&[kind]).inc();
     }
 
     /// Counts a request resent from treatment to control after treatment's
     /// upstream failed with `kind`; `served` when control answered without
     /// a 5xx. Rare, so labels are looked up here.
-    pub fn fallback(&self, experiment: &str, kind: UpstreamErrorKind, served: bool) {
+    pub(crate) fn fallback(&self, experiment: &str, kind: UpstreamErrorKind, served: bool) {
         self.fallback_child(experiment, kind, served).inc();
     }
 
@@ -437,14 +438,14 @@ impl Metrics {
     }
 
     /// Counts a guardrail trip.
-    pub fn guardrail_tripped(&self, check: crate::config::guardrails::Check) {
+    pub(crate) fn guardrail_tripped(&self, check: crate::config::guardrails::Check) {
         self.guardrail_trips
             .with_label_values(&[check.as_str()])
             .inc();
     }
 
     /// Trips counted for `check` since start.
-    pub fn guardrail_trips(&self, check: crate::config::guardrails::Check) -> u64 {
+    pub(crate) fn guardrail_trips(&self, check: crate::config::guardrails::Check) -> u64 {
         self.guardrail_trips
             .with_label_values(&[check.as_str()])
             .get()
@@ -452,7 +453,7 @@ impl Metrics {
 
     /// Cumulative feedback of one arm: reports, reports with
     /// `completion_outcome`, and ratings by value (1 to 5).
-    pub fn feedback_totals(
+    pub(crate) fn feedback_totals(
         &self,
         experiment: &str,
         variant: Variant,
@@ -482,7 +483,11 @@ impl Metrics {
     }
 
     /// Publishes the latest sample ratio test for `experiment`.
-    pub fn set_sample_ratio(&self, experiment: &str, result: &crate::experiment::srm::SampleRatio) {
+    pub(crate) fn set_sample_ratio(
+        &self,
+        experiment: &str,
+        result: &crate::experiment::srm::SampleRatio,
+    ) {
         self.sample_ratio_p_value
             .with_label_values(&[experiment])
             .set(result.p_value);
@@ -493,7 +498,13 @@ impl Metrics {
 
     /// Counts an outcome report (and its rating) for the arm that served it.
     /// Not on the proxy's hot path, so labels are looked up here.
-    pub fn feedback(&self, experiment: &str, variant: Variant, outcome: &str, rating: Option<u8>) {
+    pub(crate) fn feedback(
+        &self,
+        experiment: &str,
+        variant: Variant,
+        outcome: &str,
+        rating: Option<u8>,
+    ) {
         self.feedback
             .with_label_values(&[experiment, variant.as_str(), outcome])
             .inc();
@@ -505,7 +516,7 @@ impl Metrics {
     }
 
     /// Feedback counts by outcome and the mean rating, for one arm.
-    pub fn feedback_stats(
+    pub(crate) fn feedback_stats(
         &self,
         experiment: &str,
         variant: Variant,
@@ -606,19 +617,18 @@ impl Metrics {
             arms: VARIANTS.map(per_variant),
             forced,
             overhead: ROUTES.map(|route| self.overhead.with_label_values(&[route.as_str()])),
-            fraction: self.treatment_fraction.with_label_values(&[experiment]),
         }
     }
 
     /// Counts a config reload.
-    pub fn config_reloaded(&self, ok: bool) {
+    pub(crate) fn config_reloaded(&self, ok: bool) {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])
             .inc();
     }
 
     /// Counts an event the writer had to drop.
-    pub fn event_dropped(&self) {
+    pub(crate) fn event_dropped(&self) {
         self.events_dropped.inc();
     }
 
@@ -648,7 +658,6 @@ pub struct ExperimentMetrics {
     /// Forced requests by arm (control, treatment) and status class.
     forced: [[IntCounter; 3]; 2],
     overhead: [Arc<Histogram>; 6],
-    fraction: Gauge,
 }
 
 /// Everything measured about one finished request.
@@ -684,14 +693,9 @@ impl ExperimentMetrics {
         InflightGuard(gauge)
     }
 
-    /// Sets the treatment fraction gauge.
-    pub fn set_fraction(&self, fraction: f64) {
-        self.fraction.set(fraction);
-    }
-
     /// Records a finished request whose arm was forced: counted apart, so
     /// that the arms' numbers hold only randomly assigned requests.
-    pub fn record_forced(&self, variant: Variant, status: u16) {
+    pub(crate) fn record_forced(&self, variant: Variant, status: u16) {
         let arm = match variant {
             Variant::Treatment => 1,
             Variant::Control | Variant::Unassigned => 0,
@@ -725,12 +729,12 @@ impl ExperimentMetrics {
 
 /// Summary of a group of histograms: count, mean and quantiles.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Distribution {
-    pub count: u64,
-    pub mean: Option<f64>,
-    pub p50: Option<f64>,
-    pub p95: Option<f64>,
-    pub p99: Option<f64>,
+pub(crate) struct Distribution {
+    pub(crate) count: u64,
+    pub(crate) mean: Option<f64>,
+    pub(crate) p50: Option<f64>,
+    pub(crate) p95: Option<f64>,
+    pub(crate) p99: Option<f64>,
 }
 
 impl Distribution {
@@ -745,16 +749,16 @@ impl Distribution {
 /// Merged cumulative bucket counts of histograms that share bounds: what
 /// quantiles are computed from, and what windows are differences of.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Buckets {
-    pub bounds: Vec<f64>,
-    pub cumulative: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
+pub(crate) struct Buckets {
+    pub(crate) bounds: Vec<f64>,
+    pub(crate) cumulative: Vec<u64>,
+    pub(crate) count: u64,
+    pub(crate) sum: f64,
 }
 
 impl Buckets {
     /// The histograms' buckets, added up.
-    pub fn of<'a>(histograms: impl IntoIterator<Item = &'a Arc<Histogram>>) -> Self {
+    pub(crate) fn of<'a>(histograms: impl IntoIterator<Item = &'a Arc<Histogram>>) -> Self {
         let mut merged = Self::default();
         for histogram in histograms {
             let snapshot = histogram.snapshot();
@@ -773,7 +777,7 @@ impl Buckets {
 
     /// What was observed since `earlier` (an older reading of the same
     /// histograms).
-    pub fn since(&self, earlier: &Self) -> Self {
+    pub(crate) fn since(&self, earlier: &Self) -> Self {
         Self {
             bounds: self.bounds.clone(),
             cumulative: self
@@ -789,7 +793,7 @@ impl Buckets {
 
     /// The `q` quantile, interpolated linearly inside its bucket as
     /// PromQL's `histogram_quantile` does, so it agrees with dashboards.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 {
             return None;
         }
@@ -814,12 +818,12 @@ impl Buckets {
     }
 
     /// Mean of the observations, if any.
-    pub fn mean(&self) -> Option<f64> {
+    pub(crate) fn mean(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum / self.count as f64)
     }
 
     /// Count, mean and quantiles.
-    pub fn summary(&self) -> Distribution {
+    pub(crate) fn summary(&self) -> Distribution {
         Distribution {
             count: self.count,
             mean: self.mean(),
@@ -832,53 +836,53 @@ impl Buckets {
 
 /// One arm's feedback, cumulative.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct FeedbackTotals {
-    pub reports: u64,
-    pub completed: u64,
+pub(crate) struct FeedbackTotals {
+    pub(crate) reports: u64,
+    pub(crate) completed: u64,
     /// Ratings of 1, 2, 3, 4 and 5.
-    pub ratings: [u64; 5],
+    pub(crate) ratings: [u64; 5],
 }
 
 /// One arm's request-side numbers, cumulative: guardrail windows are
 /// differences of two readings.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ArmTotals {
-    pub requests: u64,
+pub(crate) struct ArmTotals {
+    pub(crate) requests: u64,
     /// 5xx answers plus upstream 429s, as in [`ArmStats`].
-    pub errors: u64,
-    pub latency: Buckets,
+    pub(crate) errors: u64,
+    pub(crate) latency: Buckets,
     /// Time to first byte of streamed answers: time to first token.
-    pub stream_first_byte: Buckets,
-    pub response_bytes: Buckets,
+    pub(crate) stream_first_byte: Buckets,
+    pub(crate) response_bytes: Buckets,
 }
 
 /// One arm's outcome reports.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct FeedbackStats {
-    pub outcomes: std::collections::BTreeMap<String, u64>,
-    pub ratings: u64,
-    pub mean_rating: Option<f64>,
+pub(crate) struct FeedbackStats {
+    pub(crate) outcomes: std::collections::BTreeMap<String, u64>,
+    pub(crate) ratings: u64,
+    pub(crate) mean_rating: Option<f64>,
 }
 
 /// One arm's numbers since start.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ArmStats {
-    pub requests: u64,
+pub(crate) struct ArmStats {
+    pub(crate) requests: u64,
     /// Answers with a 5xx status or an upstream 429.
-    pub errors: u64,
-    pub error_rate: Option<f64>,
-    pub latency_seconds: Distribution,
-    pub time_to_first_byte_seconds: Distribution,
-    pub mean_response_bytes: Option<f64>,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+    pub(crate) errors: u64,
+    pub(crate) error_rate: Option<f64>,
+    pub(crate) latency_seconds: Distribution,
+    pub(crate) time_to_first_byte_seconds: Distribution,
+    pub(crate) mean_response_bytes: Option<f64>,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
     /// Upstream failures by kind.
-    pub upstream_errors: std::collections::BTreeMap<&'static str, u64>,
+    pub(crate) upstream_errors: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl ExperimentMetrics {
     /// One arm's cumulative numbers for the guardrails.
-    pub fn arm_totals(&self, variant: Variant) -> ArmTotals {
+    pub(crate) fn arm_totals(&self, variant: Variant) -> ArmTotals {
         let arm = &self.arms[variant_index(variant)];
         let requests: u64 = arm.requests.iter().flatten().map(IntCounter::get).sum();
         let server_errors: u64 = arm.requests.iter().map(|classes| classes[2].get()).sum();
@@ -895,7 +899,7 @@ impl ExperimentMetrics {
     }
 
     /// The numbers of one arm since the gateway started.
-    pub fn arm_stats(&self, variant: Variant) -> ArmStats {
+    pub(crate) fn arm_stats(&self, variant: Variant) -> ArmStats {
         let arm = &self.arms[variant_index(variant)];
         let totals = self.arm_totals(variant);
         let (requests, errors) = (totals.requests, totals.errors);

@@ -2,8 +2,8 @@
 //! the read-back of their counters for the guard, the stage's own counts,
 //! and the per-request events.
 
-pub mod events;
+pub(crate) mod events;
 pub mod metrics;
-pub mod readback;
+pub(crate) mod readback;
 pub mod route;
-pub mod stage;
+pub(crate) mod stage;

@@ -11,19 +11,19 @@ use crate::telemetry::metrics::{ArmTotals, Buckets, ExperimentMetrics, FeedbackT
 
 /// One arm's numbers over the window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ArmWindow {
-    pub requests: f64,
+pub(crate) struct ArmWindow {
+    pub(crate) requests: f64,
     /// 5xx answers plus upstream 429s.
-    pub errors: f64,
-    pub latency_p95_seconds: Option<f64>,
+    pub(crate) errors: f64,
+    pub(crate) latency_p95_seconds: Option<f64>,
     /// Streamed answers: the sample behind the time-to-first-token p95.
-    pub streams: f64,
-    pub ttft_p95_seconds: Option<f64>,
-    pub mean_response_bytes: Option<f64>,
-    pub feedback_reports: f64,
-    pub feedback_completed: f64,
+    pub(crate) streams: f64,
+    pub(crate) ttft_p95_seconds: Option<f64>,
+    pub(crate) mean_response_bytes: Option<f64>,
+    pub(crate) feedback_reports: f64,
+    pub(crate) feedback_completed: f64,
     /// Ratings of 1, 2, 3, 4 and 5.
-    pub ratings: [f64; 5],
+    pub(crate) ratings: [f64; 5],
 }
 
 impl ArmWindow {
@@ -38,14 +38,14 @@ impl ArmWindow {
 
 /// Both arms' cumulative numbers at one instant.
 #[derive(Debug, Clone)]
-pub struct Reading {
-    pub at: Instant,
+pub(crate) struct Reading {
+    pub(crate) at: Instant,
     arms: [(ArmTotals, FeedbackTotals); 2],
 }
 
 impl Reading {
     /// Reads the cumulative numbers of `experiment`'s arms now.
-    pub fn take(
+    pub(crate) fn take(
         metrics: &Metrics,
         bound: &ExperimentMetrics,
         experiment: &str,
@@ -66,7 +66,7 @@ impl Reading {
 
     /// What each arm saw between `earlier` and this reading:
     /// (control, treatment).
-    pub fn since(&self, earlier: &Reading) -> (ArmWindow, ArmWindow) {
+    pub(crate) fn since(&self, earlier: &Reading) -> (ArmWindow, ArmWindow) {
         let window = |i: usize| {
             let ((now, feedback_now), (then, feedback_then)) = (&self.arms[i], &earlier.arms[i]);
             let requests_delta = |a: u64, b: u64| a.saturating_sub(b) as f64;
@@ -96,13 +96,13 @@ impl Reading {
 /// Readings of the current split, oldest first: the first is the reading
 /// taken when the split began, so no window reaches back before it.
 #[derive(Debug, Default)]
-pub struct Readings {
+pub(crate) struct Readings {
     history: VecDeque<Reading>,
 }
 
 impl Readings {
     /// Starts over from `baseline` (the split changed).
-    pub fn restart(&mut self, baseline: Reading) {
+    pub(crate) fn restart(&mut self, baseline: Reading) {
         self.history.clear();
         self.history.push_back(baseline);
     }
@@ -110,7 +110,7 @@ impl Readings {
     /// Adds `latest` and returns the window ending at it: from the newest
     /// reading at least `length` old (or the split's start, if younger),
     /// with its span.
-    pub fn window(
+    pub(crate) fn window(
         &mut self,
         latest: Reading,
         length: Duration,

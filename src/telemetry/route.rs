@@ -20,7 +20,7 @@ pub enum Route {
 
 impl Route {
     /// Classifies a path; `None` for paths outside `/v1/`.
-    pub fn classify(path: &str) -> Option<Route> {
+    pub(crate) fn classify(path: &str) -> Option<Route> {
         let rest = path.strip_prefix("/v1/")?;
         let rest = rest.trim_end_matches('/');
         Some(match rest {
@@ -36,12 +36,12 @@ impl Route {
 
     /// Whether the route's POST body is a JSON object by definition, so it
     /// is read as JSON whatever its content type says.
-    pub fn takes_json(self) -> bool {
+    pub(crate) fn takes_json(self) -> bool {
         !matches!(self, Route::Other)
     }
 
     /// The label used in metrics and events.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Route::Chat => "chat",
             Route::Messages => "messages",

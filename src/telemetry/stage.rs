@@ -10,22 +10,22 @@ use crate::telemetry::readback::Reading;
 
 /// One split, from the moment it began.
 #[derive(Debug)]
-pub struct SplitEpoch {
-    pub since: Instant,
-    pub since_wall: SystemTime,
+pub(crate) struct SplitEpoch {
+    pub(crate) since: Instant,
+    pub(crate) since_wall: SystemTime,
     /// Requests per arm from assigned users.
-    pub counts: ArmCounts,
+    pub(crate) counts: ArmCounts,
     /// Cumulative metrics when the split began.
-    pub baseline: Reading,
+    pub(crate) baseline: Reading,
     /// The split was in force when this process started (not changed while
     /// it ran): a fleet's numbers from before are still this split's.
-    pub at_start: bool,
+    pub(crate) at_start: bool,
 }
 
 impl SplitEpoch {
     /// A split beginning now, from `baseline`; `at_start` when it is the
     /// one the process started with.
-    pub fn begin(baseline: Reading, at_start: bool) -> Self {
+    pub(crate) fn begin(baseline: Reading, at_start: bool) -> Self {
         Self {
             since: baseline.at,
             since_wall: SystemTime::now(),
@@ -36,7 +36,7 @@ impl SplitEpoch {
     }
 
     /// Seconds since the split began.
-    pub fn age_seconds(&self) -> f64 {
+    pub(crate) fn age_seconds(&self) -> f64 {
         self.since.elapsed().as_secs_f64()
     }
 }

@@ -18,7 +18,7 @@ use crate::telemetry::readback::ArmWindow;
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     Breach,
     InsufficientData,
@@ -26,23 +26,23 @@ pub enum Status {
 
 /// One check's verdict over one window.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CheckResult {
-    pub check: Check,
-    pub status: Status,
-    pub control: Option<f64>,
-    pub treatment: Option<f64>,
+pub(crate) struct CheckResult {
+    pub(crate) check: Check,
+    pub(crate) status: Status,
+    pub(crate) control: Option<f64>,
+    pub(crate) treatment: Option<f64>,
     /// The limit, in words.
-    pub limit: String,
+    pub(crate) limit: String,
     /// One-sided p-value, for the statistical checks.
-    pub p_value: Option<f64>,
+    pub(crate) p_value: Option<f64>,
     /// Breaches in a row, including this one (filled in by [`Streaks`]).
-    pub consecutive: u32,
+    pub(crate) consecutive: u32,
     /// The verdict in a sentence.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// Runs every configured check on one window.
-pub fn evaluate(
+pub(crate) fn evaluate(
     config: &GuardrailsConfig,
     control: &ArmWindow,
     treatment: &ArmWindow,
@@ -339,7 +339,7 @@ fn rating(config: &GuardrailsConfig, control: &ArmWindow, treatment: &ArmWindow)
 
 /// Breaches in a row, per check: one bad window never trips on its own.
 #[derive(Debug, Clone, Default)]
-pub struct Streaks {
+pub(crate) struct Streaks {
     counts: [u32; 6],
 }
 
@@ -347,7 +347,7 @@ impl Streaks {
     /// Counts this round's breaches into `results` (a check that is fine or
     /// lacks data breaks its streak) and returns the checks whose streak
     /// reached `needed`.
-    pub fn observe(&mut self, results: &mut [CheckResult], needed: u32) -> Vec<Check> {
+    pub(crate) fn observe(&mut self, results: &mut [CheckResult], needed: u32) -> Vec<Check> {
         let mut tripped = Vec::new();
         for result in results.iter_mut() {
             let index = Check::ALL
@@ -369,7 +369,7 @@ impl Streaks {
     }
 
     /// Starts every streak over (after a trip, or when the split changes).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.counts = [0; 6];
     }
 }

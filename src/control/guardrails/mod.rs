@@ -7,7 +7,5 @@
 //!   metrics.
 //! - [`prometheus`]: the fleet's numbers, from a Prometheus server.
 
-pub mod checks;
-pub mod prometheus;
-
-pub use checks::{CheckResult, Status, Streaks};
+pub(crate) mod checks;
+pub(crate) mod prometheus;

@@ -16,7 +16,7 @@ use crate::proxy::client::HttpClient;
 use crate::telemetry::readback::ArmWindow;
 
 /// The queries for one window, each answering one number per arm.
-pub fn queries(experiment: &str, window: Duration) -> Vec<(&'static str, String)> {
+pub(crate) fn queries(experiment: &str, window: Duration) -> Vec<(&'static str, String)> {
     let selector = format!(r#"experiment="{experiment}",variant=~"control|treatment""#);
     let range = format!("{}s", window.as_secs().max(1));
     let increase = |metric: &str, extra: &str, by: &str| {
@@ -163,7 +163,7 @@ fn fold(answers: &[(&str, Vec<Sample>)], config: &GuardrailsConfig) -> (ArmWindo
 }
 
 /// Asks `base_url` for both arms' numbers over `window`.
-pub async fn fetch(
+pub(crate) async fn fetch(
     client: &HttpClient,
     base_url: &str,
     experiment: &str,

@@ -30,7 +30,7 @@ struct Shape {
 
 /// One labelled histogram.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     shape: Arc<Shape>,
     /// Observations per bucket (not cumulative), the last for those above
     /// every bound.
@@ -41,12 +41,12 @@ pub struct Histogram {
 
 /// A histogram's numbers at one reading, in the exported unit.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot<'a> {
-    pub bounds: &'a [f64],
+pub(crate) struct Snapshot<'a> {
+    pub(crate) bounds: &'a [f64],
     /// Cumulative count at each bound.
-    pub cumulative: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
+    pub(crate) cumulative: Vec<u64>,
+    pub(crate) count: u64,
+    pub(crate) sum: f64,
 }
 
 impl Histogram {
@@ -62,7 +62,7 @@ impl Histogram {
     }
 
     /// Records `value`, in base units.
-    pub fn observe(&self, value: u64) {
+    pub(crate) fn observe(&self, value: u64) {
         let index = self
             .shape
             .base_bounds
@@ -74,12 +74,12 @@ impl Histogram {
     }
 
     /// Records a duration, in nanoseconds.
-    pub fn observe_duration(&self, duration: Duration) {
+    pub(crate) fn observe_duration(&self, duration: Duration) {
         self.observe(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// The numbers so far.
-    pub fn snapshot(&self) -> Snapshot<'_> {
+    pub(crate) fn snapshot(&self) -> Snapshot<'_> {
         let bounds = &self.shape.bounds[..];
         let mut total = 0;
         let mut cumulative = Vec::with_capacity(bounds.len());
@@ -101,7 +101,7 @@ impl Histogram {
 /// A family of [`Histogram`]s by label values, exported through a
 /// prometheus registry; clones share the family.
 #[derive(Clone)]
-pub struct HistogramVec(Arc<Family>);
+pub(crate) struct HistogramVec(Arc<Family>);
 
 struct Family {
     desc: Desc,
@@ -112,7 +112,7 @@ struct Family {
 impl HistogramVec {
     /// A family named `name` with `bounds` in the exported unit, values
     /// counted in base units of `unit` each.
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         help: &str,
         bounds: &[f64],
@@ -148,7 +148,7 @@ impl HistogramVec {
 
     /// The histogram with these label values (in the order the labels were
     /// given), made at first ask.
-    pub fn with_label_values(&self, values: &[&str]) -> Arc<Histogram> {
+    pub(crate) fn with_label_values(&self, values: &[&str]) -> Arc<Histogram> {
         let mut children = self
             .0
             .children
