@@ -32,6 +32,7 @@ const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Phase 2, **authenticate**: the gateway key, if the config asks for
 /// one; then the arm the request may force, if any.
+#[inline]
 pub(crate) fn check(config: &Snapshot, headers: &HeaderMap) -> Result<Option<Variant>, ProxyError> {
     if let Some(keys) = &config.gateway_keys {
         authenticate(keys, headers)?;

@@ -15,6 +15,7 @@ use crate::proxy::error::ProxyError;
 /// Phase 3, **admit**: a place under `limits.max_inflight`, taken before
 /// anything is read, while refusing is cheap; past it, a 503 with
 /// `Retry-After`.
+#[inline]
 pub(crate) fn admit(inflight: &Arc<Inflight>, limits: &LimitsConfig) -> Result<Place, ProxyError> {
     inflight.admit(limits.max_inflight).ok_or(ProxyError::Shed {
         variant: None,

@@ -18,8 +18,9 @@ use crate::telemetry::metrics::UpstreamErrorKind;
 
 impl RequestContext<'_> {
     /// The answer to the request: what the phases came to, measured on
-    /// its way to the client.
-    pub(crate) fn answer(mut self, result: Result<Response<Body>, ProxyError>) -> Response<Body> {
+    /// its way to the client. From here on the answer records the
+    /// request. (Lent, not given: the context is not copied to answer.)
+    pub(crate) fn answer(&mut self, result: Result<Response<Body>, ProxyError>) -> Response<Body> {
         let (gateway, live) = (self.gateway, self.live);
         let config = &live.config;
         let started = self.started;

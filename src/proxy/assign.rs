@@ -15,6 +15,7 @@ use crate::experiment::assign::{self, Variant};
 
 /// Assigns the request (`fields`: its JSON body's, if any) to its arm,
 /// or to the `forced` one, and takes its place under the arm's cap.
+#[inline]
 pub(crate) fn assign(
     ctx: &mut RequestContext<'_>,
     parts: &Parts,

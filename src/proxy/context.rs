@@ -154,8 +154,8 @@ impl<'a> RequestContext<'a> {
 
     /// Records the request now, with no answer body.
     fn record(&mut self, status: u16, error: Option<UpstreamErrorKind>, request_id: &str) {
-        let observation = self.observation(status, error, request_id);
-        observe::record(observation, Measured::default());
+        let mut observation = self.observation(status, error, request_id);
+        observe::record(&mut observation, Measured::default());
     }
 
     /// Records treatment's failed attempt (`status`, `kind`) as the

@@ -25,13 +25,13 @@ pub(crate) async fn forward(
     parts: &mut Parts,
     body: Body,
     variant: Variant,
-    resend: Option<Resend>,
+    resend: &mut Option<Resend>,
     total_at: Instant,
 ) -> Result<Response<Body>, ProxyError> {
     // The request's head stays here, lent to the sending: a future that
     // owned it would copy it at each step down.
     let attempt = send(ctx, parts, body, variant, total_at).await;
-    match (resend, fallback::failure(&attempt)) {
+    match (resend.take(), fallback::failure(&attempt)) {
         (Some(resend), Some(failure)) => {
             // Boxed: inline, this rare path would make every request's
             // future 7.6 KiB instead of 4.6, held by each request that

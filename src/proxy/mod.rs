@@ -200,8 +200,11 @@ impl Gateway {
         let total_at = ctx.started + config.total_timeout;
         let body = read::read(body, &parts, ctx.route, config, total_at).await?;
         let variant = assign::assign(ctx, &parts, body.fields(), forced)?;
-        let (body, resend) = rewrite::rewrite(ctx, &mut parts, body, variant)?;
-        forward::forward(ctx, &mut parts, body, variant, resend, total_at).await
+        // What is kept to resend to control stays here, lent to the
+        // phases: moved into their futures, it would be copied at each.
+        let mut resend = None;
+        let body = rewrite::rewrite(ctx, &mut parts, body, variant, &mut resend)?;
+        forward::forward(ctx, &mut parts, body, variant, &mut resend, total_at).await
     }
 }
 

@@ -225,7 +225,7 @@ impl ObservedBody {
     }
 
     fn finish(&mut self, error: Option<UpstreamErrorKind>) {
-        let Some(observation) = self.observation.take() else {
+        let Some(mut observation) = self.observation.take() else {
             return;
         };
         let (prompt_tokens, completion_tokens, valid) = self.usage.finish();
@@ -233,7 +233,7 @@ impl ObservedBody {
         // though its status says otherwise.
         let error = error.or((!valid).then_some(UpstreamErrorKind::InvalidResponse));
         record(
-            observation,
+            &mut observation,
             Measured {
                 ended_at: self.last_frame_at,
                 first_byte: self.first_byte,
@@ -260,8 +260,9 @@ pub(crate) struct Measured {
 }
 
 /// Records one request: its metrics and its event. The one place a
-/// request is recorded, whether its answer had a body or not.
-pub(crate) fn record(observation: Observation, measured: Measured) {
+/// request is recorded, whether its answer had a body or not. The
+/// observation is lent, not given: moved, it would be copied once more.
+pub(crate) fn record(observation: &mut Observation, measured: Measured) {
     if observation.fallback {
         return;
     }
@@ -288,7 +289,7 @@ pub(crate) fn record(observation: Observation, measured: Measured) {
     } else {
         observation.metrics.record(&record);
     }
-    if let Some((sink, draft)) = observation.event {
+    if let Some((sink, draft)) = observation.event.take() {
         let millis = |d: Duration| d.as_secs_f64() * 1000.0;
         sink.emit(Event {
             timestamp: crate::config::clock::now_rfc3339(),

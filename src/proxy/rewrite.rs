@@ -19,17 +19,18 @@ use super::read::ClientBody;
 use crate::config::Upstream;
 use crate::experiment::assign::Variant;
 
-/// The request as `variant`'s upstream gets it, and what is kept to
-/// resend it to control.
+/// The request as `variant`'s upstream gets it; what is kept to resend
+/// it to control goes in `resend`.
+#[inline]
 pub(crate) fn rewrite(
     ctx: &mut RequestContext<'_>,
     parts: &mut Parts,
     body: ClientBody,
     variant: Variant,
-) -> Result<(Body, Option<Resend>), ProxyError> {
+    resend: &mut Option<Resend>,
+) -> Result<Body, ProxyError> {
     let config = &ctx.live.config;
     let upstream = config.upstream(variant);
-    let mut resend = None;
     let body = match body {
         ClientBody::Json(bytes, fields) => {
             let (rewritten, model) = rewrite_for(upstream, &bytes, &fields);
@@ -37,7 +38,7 @@ pub(crate) fn rewrite(
             if variant == Variant::Treatment && config.fallback_to_control {
                 // Kept as the client sent it: control gets its own model
                 // and credentials.
-                resend = Some(Resend {
+                *resend = Some(Resend {
                     method: parts.method.clone(),
                     uri: parts.uri.clone(),
                     headers: parts.headers.clone(),
@@ -56,7 +57,7 @@ pub(crate) fn rewrite(
         upstream,
         config.gateway_keys.is_some(),
     );
-    Ok((body, resend))
+    Ok(body)
 }
 
 /// A JSON body with `upstream`'s model spliced in (or the client's kept),

@@ -9,6 +9,7 @@ use super::error::ProxyError;
 use crate::telemetry::route::Route;
 
 /// The request's API family, or why it is refused before anything else.
+#[inline]
 pub(crate) fn route(parts: &Parts, max_header_bytes: usize) -> Result<Route, ProxyError> {
     check_method(&parts.method)?;
     check_header_size(parts, max_header_bytes)?;

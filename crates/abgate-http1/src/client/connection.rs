@@ -672,7 +672,13 @@ enum Framer {
 impl AnswerField {
     fn of(name: &[u8], fields: &AnswerFields) -> Self {
         let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-        if is("content-length") {
+        // The caller's fields first: a content type is in almost every
+        // answer. None of them frames the answer (`Pool::new` sees to it).
+        if fields.is_mapped(name) {
+            AnswerField::Read {
+                content_length: false,
+            }
+        } else if is("content-length") {
             AnswerField::Read {
                 content_length: true,
             }
@@ -684,10 +690,6 @@ impl AnswerField {
             AnswerField::HopByHop(Some(Framer::TransferEncoding))
         } else if is_hop_by_hop(name) {
             AnswerField::HopByHop(None)
-        } else if fields.is_mapped(name) {
-            AnswerField::Read {
-                content_length: false,
-            }
         } else if (fields.own)(name) {
             AnswerField::Own
         } else {

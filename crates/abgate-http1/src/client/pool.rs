@@ -34,7 +34,7 @@ use super::connection::{
     self as wire, BodyFraming, Connection, ResponseBody, WireError, WriteFailed,
 };
 use super::{AnswerFields, OutgoingBody, SendError};
-use crate::framing::poll_deadline;
+use crate::framing::{is_hop_by_hop, poll_deadline};
 
 /// Idle connections older than this are closed (by the next reaper tick
 /// after it, so within a third more).
@@ -62,12 +62,22 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for `authority`, connecting within `connect_timeout`, its
-    /// answers' fields sorted by `fields`.
+    /// answers' fields sorted by `fields`; none if the authority is no
+    /// Host value, or `fields` maps one that frames an answer (its
+    /// length, `Date`, a hop-by-hop field), which the wire reads itself.
     pub fn new(
         authority: Authority,
         connect_timeout: Duration,
         fields: AnswerFields,
     ) -> Option<Self> {
+        let frames = |name: &&str| {
+            is_hop_by_hop(name.as_bytes())
+                || name.eq_ignore_ascii_case("content-length")
+                || name.eq_ignore_ascii_case("date")
+        };
+        if fields.mapped.iter().any(frames) {
+            return None;
+        }
         let host = HeaderValue::from_str(authority.as_str()).ok()?;
         Some(Self {
             authority,
@@ -310,6 +320,26 @@ mod tests {
             .header("content-type", "application/json")
             .body(body)
             .unwrap()
+    }
+
+    #[test]
+    fn a_policy_that_maps_a_framing_field_gets_no_pool() {
+        let authority = Authority::from_static("upstream:80");
+        for framing in ["Content-Length", "transfer-encoding", "connection", "date"] {
+            let fields = AnswerFields {
+                mapped: Box::leak(Box::new([framing])),
+                own: |_| false,
+            };
+            assert!(
+                Pool::new(authority.clone(), Duration::from_secs(1), fields).is_none(),
+                "{framing}"
+            );
+        }
+        let fields = AnswerFields {
+            mapped: &["content-type"],
+            own: |_| false,
+        };
+        assert!(Pool::new(authority, Duration::from_secs(1), fields).is_some());
     }
 
     #[tokio::test]
