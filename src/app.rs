@@ -140,8 +140,7 @@ async fn start_with(
         Some(listener) => Some(listener.local_addr().map_err(|e| e.to_string())?),
         None => None,
     };
-    let limits =
-        server::ConnectionLimits::for_max_header_bytes(snapshot.config.limits.max_header_bytes);
+    let limits = server::ConnectionLimits::for_max_header_bytes(snapshot.limits.max_header_bytes);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
     let control = Arc::new(LiveConfig::new(snapshot, metrics, runtime)?);
     let gateway = control.gateway().clone();

@@ -298,9 +298,7 @@ impl Admin {
     fn authorize(&self, headers: &http::HeaderMap) -> Result<(), AdminError> {
         let live = self.control.live();
         let Some(expected) = &live.config.admin_token else {
-            return Err(AdminError::Disabled(
-                live.config.config.admin.token_env.clone(),
-            ));
+            return Err(AdminError::Disabled(live.config.admin_token_env.clone()));
         };
         let offered = headers
             .get(http::header::AUTHORIZATION)
@@ -363,7 +361,7 @@ impl Admin {
     pub(crate) fn stats(&self) -> serde_json::Value {
         let live = self.control.live();
         let mut variants = serde_json::Map::new();
-        let outcomes = &live.config.config.feedback.outcomes;
+        let outcomes = &live.config.feedback.outcomes;
         for variant in crate::telemetry::metrics::VARIANTS {
             let mut stats = serde_json::to_value(live.metrics.arm_stats(variant))
                 .unwrap_or(serde_json::Value::Null);
@@ -409,7 +407,7 @@ impl Admin {
     pub(crate) fn rollout(&self) -> serde_json::Value {
         let live = self.control.live();
         let runtime = self.control.runtime_override();
-        let rollout = &live.config.config.rollout;
+        let rollout = &live.config.rollout;
         let fraction = live.config.treatment_fraction;
         serde_json::json!({
             "experiment": live.config.experiment,

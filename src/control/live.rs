@@ -218,16 +218,14 @@ impl LiveConfig {
         if old.admin_listen != snapshot.admin_listen {
             pending_restart.push("server.admin_listen".to_owned());
         }
-        if old.config.limits.max_header_bytes != snapshot.config.limits.max_header_bytes {
+        if old.limits.max_header_bytes != snapshot.limits.max_header_bytes {
             pending_restart.push("limits.max_header_bytes".to_owned());
         }
         if old
-            .config
             .events
             .as_ref()
             .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
             != snapshot
-                .config
                 .events
                 .as_ref()
                 .map(|e| (&e.path, e.user_id, &e.user_id_key_env, e.queue))
@@ -354,7 +352,7 @@ fn reading(
         metrics,
         bound,
         &config.experiment,
-        &config.config.feedback.outcomes,
-        &config.config.guardrails.completion_outcome,
+        &config.feedback.outcomes,
+        &config.guardrails.completion_outcome,
     )
 }

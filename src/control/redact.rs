@@ -21,9 +21,15 @@ pub(crate) const REDACTED: &str = "<redacted>";
 
 /// The config of `snapshot` with every secret redacted.
 pub(crate) fn config_view(snapshot: &Snapshot) -> Value {
-    let mut config = serde_json::to_value(&snapshot.config).unwrap_or(Value::Null);
+    let mut config = Value::clone(&snapshot.written);
     redact_value(&mut config, false);
-    let file = &snapshot.config;
+    // The env var names the file gives, read from it as written.
+    let file: &Value = &snapshot.written;
+    let env_name = |path: &[&str]| {
+        path.iter()
+            .try_fold(file, |value, key| value.get(key))
+            .and_then(Value::as_str)
+    };
     let loaded = |set: bool| if set { json!(REDACTED) } else { Value::Null };
     let mut secrets = Map::new();
     let mut add = |path: &str, env: Option<&str>, value: Value| {
@@ -36,12 +42,12 @@ pub(crate) fn config_view(snapshot: &Snapshot) -> Value {
     };
     add(
         "admin.token_env",
-        Some(&file.admin.token_env),
+        Some(&snapshot.admin_token_env),
         loaded(snapshot.admin_token.is_some()),
     );
     add(
         "auth.api_keys_env",
-        file.auth.api_keys_env.as_deref(),
+        env_name(&["auth", "api_keys_env"]),
         match &snapshot.gateway_keys {
             Some(keys) => json!(vec![REDACTED; keys.len()]),
             None => Value::Null,
@@ -49,24 +55,25 @@ pub(crate) fn config_view(snapshot: &Snapshot) -> Value {
     );
     add(
         "feedback.key_env",
-        file.feedback.key_env.as_deref(),
+        env_name(&["feedback", "key_env"]),
         loaded(snapshot.feedback_key.is_some()),
     );
     add(
         "events.user_id_key_env",
-        file.events
+        snapshot
+            .events
             .as_ref()
             .and_then(|events| events.user_id_key_env.as_deref()),
         loaded(snapshot.events_user_id_key.is_some()),
     );
     add(
         "variants.control.api_key_env",
-        file.variants.control.api_key_env.as_deref(),
+        env_name(&["variants", "control", "api_key_env"]),
         loaded(snapshot.control.credential.is_some()),
     );
     add(
         "variants.treatment.api_key_env",
-        file.variants.treatment.api_key_env.as_deref(),
+        env_name(&["variants", "treatment", "api_key_env"]),
         loaded(snapshot.treatment.credential.is_some()),
     );
     json!({

@@ -134,7 +134,7 @@ impl Supervisor {
             tracing::error!("scheduled change: {err}");
         }
         let live = self.control.live();
-        let guard = &live.config.config.guardrails;
+        let guard = &live.config.guardrails;
         let due = self
             .state
             .lock()
@@ -175,7 +175,7 @@ impl Supervisor {
 
     /// Runs the checks once and acts on a trip.
     async fn guard(&self, live: &Arc<Live>) {
-        let config = &live.config.config.guardrails;
+        let config = &live.config.guardrails;
         let interval = Duration::from_secs_f64(config.interval_seconds);
         let window = Duration::from_secs_f64(config.window_seconds);
         let epoch = live.epoch.clone();
@@ -185,7 +185,7 @@ impl Supervisor {
                     self.control.metrics(),
                     &live.metrics,
                     &live.config.experiment,
-                    &live.config.config.feedback.outcomes,
+                    &live.config.feedback.outcomes,
                     &config.completion_outcome,
                 );
                 let Ok(mut state) = self.state.lock() else {
@@ -277,7 +277,7 @@ impl Supervisor {
         let from = live.config.treatment_fraction;
         let to = match config.on_breach {
             OnBreach::Rollback => 0.0,
-            OnBreach::PreviousStage => live.config.config.rollout.previous_stage(from),
+            OnBreach::PreviousStage => live.config.rollout.previous_stage(from),
         };
         let details: Vec<String> = self
             .state
@@ -344,7 +344,7 @@ impl Supervisor {
 
     fn auto_promote(&self) {
         let live = self.control.live();
-        let rollout = &live.config.config.rollout;
+        let rollout = &live.config.rollout;
         if !rollout.auto_promote
             || live.config.treatment_fraction <= 0.0
             || self.control.runtime().paused().is_some()
@@ -366,7 +366,7 @@ impl Supervisor {
     /// Why the current stage may not be promoted now (empty: it may).
     pub(crate) fn blockers(&self) -> Vec<String> {
         let live = self.control.live();
-        let rollout = &live.config.config.rollout;
+        let rollout = &live.config.rollout;
         let current = live.config.treatment_fraction;
         let mut blockers = Vec::new();
         if rollout.next_stage(current).is_none() {
@@ -402,7 +402,7 @@ impl Supervisor {
                 split.p_value
             ));
         }
-        if live.config.config.guardrails.enabled {
+        if live.config.guardrails.enabled {
             self.guard_blockers(&live, &mut blockers);
         }
         blockers
@@ -458,7 +458,7 @@ impl Supervisor {
     ) -> Result<(f64, bool), PromoteError> {
         let live = self.control.live();
         let current = live.config.treatment_fraction;
-        let Some(next) = live.config.config.rollout.next_stage(current) else {
+        let Some(next) = live.config.rollout.next_stage(current) else {
             return Err(PromoteError::Blocked(vec![format!(
                 "{current} is already the last stage"
             )]));
@@ -482,8 +482,8 @@ impl Supervisor {
     /// `GET /admin/report`.
     pub(crate) fn report(&self) -> serde_json::Value {
         let live = self.control.live();
-        let rollout = &live.config.config.rollout;
-        let guard = &live.config.config.guardrails;
+        let rollout = &live.config.rollout;
+        let guard = &live.config.guardrails;
         let current = live.config.treatment_fraction;
         let split = live.epoch.counts.check(current);
         self.control

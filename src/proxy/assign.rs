@@ -24,7 +24,7 @@ pub(crate) fn assign(
 ) -> Result<Variant, ProxyError> {
     let (gateway, live) = (ctx.gateway, ctx.live);
     let config = &live.config;
-    let limits = &config.config.limits;
+    let limits = &config.limits;
     ctx.stream = fields.is_some_and(|fields| fields.stream);
     let (hashed, bucket, user_id) = choose_variant(config, parts, fields)?;
     if let (Some(sink), Some(user_id)) = (&gateway.events, user_id) {

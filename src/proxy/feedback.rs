@@ -91,7 +91,7 @@ pub(crate) async fn answer(
             super::access::authenticate(keys, &parts.headers)?;
         }
         let body = super::read::read_body(body, &parts, MAX_BODY_BYTES).await?;
-        let outcomes = &live.config.config.feedback.outcomes;
+        let outcomes = &live.config.feedback.outcomes;
         let (attribution, outcome) = record(&body, &live.request_ids, outcomes, &gateway.metrics)?;
         Ok(serde_json::json!({
             "recorded": true,

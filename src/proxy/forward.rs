@@ -93,7 +93,7 @@ async fn fall_back(
 ) -> Result<Response<Body>, ProxyError> {
     let (gateway, live) = (ctx.gateway, ctx.live);
     let config = &live.config;
-    if let Some(max) = config.config.limits.max_inflight_per_variant {
+    if let Some(max) = config.limits.max_inflight_per_variant {
         match gateway.inflight.admit_to(Variant::Control, max) {
             // Treatment's place is given back as control's is taken.
             Some(place) => ctx.places.upstream = Some(place),

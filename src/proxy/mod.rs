@@ -113,7 +113,7 @@ impl Gateway {
     /// changes from above: the control plane builds each next [`Live`]
     /// and swaps it in ([`Gateway::swap`]).
     pub(crate) fn new(first: Live, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let events = match &first.config.config.events {
+        let events = match &first.config.events {
             Some(config) => Some(
                 EventSink::start(
                     config,
@@ -192,7 +192,7 @@ impl Gateway {
         request: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
         let config = &ctx.live.config;
-        let limits = &config.config.limits;
+        let limits = &config.limits;
         let (mut parts, body) = request.into_parts();
         ctx.route = routing::route(&parts, limits.max_header_bytes)?;
         let forced = access::check(config, &parts.headers)?;
