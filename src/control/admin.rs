@@ -121,7 +121,7 @@ impl From<ChangeError> for AdminError {
     fn from(error: ChangeError) -> Self {
         match error {
             ChangeError::InvalidFraction(_) => AdminError::InvalidRequest(error.to_string()),
-            ChangeError::NotPersisted(why) => AdminError::NotPersisted(why),
+            ChangeError::NotPersisted(why) => AdminError::NotPersisted(why.to_string()),
             ChangeError::Client(_) | ChangeError::Poisoned => {
                 AdminError::Internal(error.to_string())
             }
@@ -280,7 +280,7 @@ impl Admin {
                         ChangeSource::Api,
                         &reason.reason,
                     )
-                    .map_err(AdminError::NotPersisted)
+                    .map_err(|err| AdminError::NotPersisted(err.to_string()))
             }
             Action::Health
             | Action::Ready
@@ -333,7 +333,7 @@ impl Admin {
                 };
                 let persisted = runtime
                     .set_pending(Some(pending), live.config.treatment_fraction)
-                    .map_err(AdminError::NotPersisted);
+                    .map_err(|err| AdminError::NotPersisted(err.to_string()));
                 self.supervisor.notify();
                 return persisted;
             }

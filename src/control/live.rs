@@ -24,7 +24,7 @@ pub enum ChangeError {
     InvalidFraction(String),
     /// The change is in force but did not reach the state file.
     #[error("{0}")]
-    NotPersisted(String),
+    NotPersisted(#[from] super::rollout::StateError),
     /// A new config's upstream client could not be built (its CA files):
     /// nothing changed.
     #[error("{0}")]

@@ -20,6 +20,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::rollout::ChangeSource;
 
+/// Why the runtime state was not written down (it is in force in
+/// memory all the same).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("runtime state lock poisoned")]
+    Poisoned,
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// A split set at run time, in force over the config file's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Override {
@@ -173,7 +186,7 @@ impl RuntimeState {
     /// Records a runtime change of the fraction: persisted atomically,
     /// then audited. Returns whether it reached disk (memory-only state
     /// never does).
-    pub(crate) fn record(&self, state: Override, old: f64) -> Result<bool, String> {
+    pub(crate) fn record(&self, state: Override, old: f64) -> Result<bool, StateError> {
         let entry_state = state.clone();
         self.update(|current| current.fraction = Some(state))?;
         self.audit(&AuditEntry {
@@ -196,7 +209,7 @@ impl RuntimeState {
         fraction: f64,
         source: ChangeSource,
         reason: &str,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StateError> {
         let action = if pause.is_some() { "pause" } else { "resume" };
         self.update(|current| current.paused = pause)?;
         self.audit(&AuditEntry {
@@ -216,7 +229,7 @@ impl RuntimeState {
         &self,
         pending: Option<PendingChange>,
         old: f64,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StateError> {
         if let Some(change) = &pending {
             self.audit(&AuditEntry {
                 time: change.requested_at.clone(),
@@ -232,30 +245,27 @@ impl RuntimeState {
         self.persisted()
     }
 
-    fn persisted(&self) -> Result<bool, String> {
+    fn persisted(&self) -> Result<bool, StateError> {
         Ok(self.state_file.is_some())
     }
 
     /// Changes the state in memory, then writes it down.
-    fn update(&self, change: impl FnOnce(&mut Persisted)) -> Result<(), String> {
+    fn update(&self, change: impl FnOnce(&mut Persisted)) -> Result<(), StateError> {
         {
-            let mut current = self
-                .current
-                .lock()
-                .map_err(|_| "runtime state lock poisoned".to_owned())?;
+            let mut current = self.current.lock().map_err(|_| StateError::Poisoned)?;
             change(&mut current);
         }
         self.persist()
     }
 
-    fn persist(&self) -> Result<(), String> {
+    fn persist(&self) -> Result<(), StateError> {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
         let state = self
             .current
             .lock()
-            .map_err(|_| "runtime state lock poisoned".to_owned())?
+            .map_err(|_| StateError::Poisoned)?
             .clone();
         let written = if state == Persisted::default() {
             // Nothing in force: no file, so the config alone decides.
@@ -266,7 +276,10 @@ impl RuntimeState {
         } else {
             write_atomically(path, &state)
         };
-        written.map_err(|err| format!("{}: {err}", path.display()))
+        written.map_err(|source| StateError::Write {
+            path: path.clone(),
+            source,
+        })
     }
 
     /// Appends one line to the audit log (and the process log).
