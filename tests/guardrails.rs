@@ -179,3 +179,88 @@ async fn an_identical_treatment_is_left_alone() {
         .await
         .contains("abgate_guardrail_trips_total{check=\"error_rate\"} 1"));
 }
+
+/// Waits for `check` to hold of `GET /admin/rollout`; the state when it did.
+async fn rollout_until(
+    gw: &abgate::app::Running,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let found = eventually(Duration::from_secs(10), || async {
+        let state = admin_call(gw.admin_addr.unwrap(), "GET", "/admin/rollout", None, "")
+            .await
+            .json();
+        check(&state).then_some(state)
+    })
+    .await;
+    match found {
+        Some(state) => state,
+        None => panic!(
+            "{what}: {:#}",
+            admin_call(gw.admin_addr.unwrap(), "GET", "/admin/rollout", None, "")
+                .await
+                .json()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guardrail_rollback_holds_against_the_file_until_resumed() {
+    // A file-started gateway reads its secrets from the process: a name
+    // of this test's own.
+    std::env::set_var("ABGATE_LATCH_TEST_TOKEN", TOKEN);
+    let guard = FAST_GUARD.replace(
+        "token_env = \"T\"",
+        "token_env = \"ABGATE_LATCH_TEST_TOKEN\"",
+    );
+    let control = spawn_mock(MockConfig::named("base")).await;
+    let treatment = spawn_mock(MockConfig {
+        fault_rate: 0.10,
+        seed: 7,
+        ..MockConfig::named("fine-tuned")
+    })
+    .await;
+    let path = temp_config(
+        "latch",
+        &config_toml(&control.url(), &treatment.url(), 0.5, &guard),
+    );
+    let gw = abgate::app::start_from_file(&path, None).await.unwrap();
+    traffic(&gw.url(), "user-", 500, 1600, 16).await;
+    let report = wait_for_rollback(&gw, 0.5).await;
+    assert_eq!(report["treatment_fraction"], 0.0, "{report:#}");
+
+    // The file says 0.25 now: a newer intention, but the trip holds.
+    let edited = config_toml(&control.url(), &treatment.url(), 0.25, &guard);
+    let aside = path.with_extension("toml.new");
+    std::fs::write(&aside, edited).unwrap();
+    std::fs::rename(&aside, &path).unwrap();
+    let held = rollout_until(&gw, "the edit was read", |state| {
+        state["config_fraction"] == 0.25
+    })
+    .await;
+    assert_eq!(held["treatment_fraction"], 0.0, "{held:#}");
+    assert_eq!(held["held_by_guardrail"], true, "{held:#}");
+    assert_eq!(held["file_fraction_pending"], 0.25, "{held:#}");
+    assert_eq!(held["paused"]["source"], "guardrail", "{held:#}");
+    for i in 0..20 {
+        let answer = chat(&gw.url(), &format!("user-{i}")).await;
+        assert_eq!(answer.header("x-abgate-variant"), "control");
+    }
+
+    // An operator resumes: the file's fraction applies.
+    let resumed = admin_call(
+        gw.admin_addr.unwrap(),
+        "POST",
+        "/admin/resume",
+        Some(TOKEN),
+        r#"{"reason": "fixed the fine-tune's serving bug"}"#,
+    )
+    .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.text());
+    let state = resumed.json();
+    assert_eq!(state["treatment_fraction"], 0.25, "{state:#}");
+    assert_eq!(state["held_by_guardrail"], false, "{state:#}");
+    assert_eq!(state["file_fraction_pending"], serde_json::Value::Null);
+    assert_eq!(state["paused"], serde_json::Value::Null, "{state:#}");
+    gw.shutdown().await;
+}

@@ -263,24 +263,28 @@ impl Admin {
                     }
                 }
             }
-            Action::Pause | Action::Resume => {
+            Action::Pause => {
                 let reason: Reason = parse(body, r#"{"reason": "..."}"#)?;
                 let live = self.control.live();
-                let pause = (action == Action::Pause).then(|| crate::control::rollout::Pause {
+                let pause = crate::control::rollout::Pause {
                     source: ChangeSource::Api,
                     reason: reason.reason.clone(),
                     at: crate::config::clock::now_rfc3339(),
-                });
+                };
                 self.control
                     .runtime()
                     .set_paused(
-                        pause,
+                        Some(pause),
                         &live.config.experiment,
                         live.config.treatment_fraction,
                         ChangeSource::Api,
                         &reason.reason,
                     )
                     .map_err(|err| AdminError::NotPersisted(err.to_string()))
+            }
+            Action::Resume => {
+                let reason: Reason = parse(body, r#"{"reason": "..."}"#)?;
+                Ok(self.control.resume(&reason.reason)?)
             }
             Action::Health
             | Action::Ready
@@ -407,6 +411,7 @@ impl Admin {
     pub(crate) fn rollout(&self) -> serde_json::Value {
         let live = self.control.live();
         let runtime = self.control.runtime_override();
+        let held = self.control.runtime().latched();
         let rollout = &live.config.rollout;
         let fraction = live.config.treatment_fraction;
         serde_json::json!({
@@ -422,6 +427,13 @@ impl Admin {
                 |o| o.at.clone(),
             ),
             "reason": runtime.as_ref().map(|o| o.reason.clone()),
+            // After a guardrail trip the split holds until a resume; a
+            // fraction the file came to say meanwhile waits.
+            "held_by_guardrail": held,
+            "file_fraction_pending": runtime
+                .as_ref()
+                .filter(|o| held && o.config_fraction != live.file_fraction.0)
+                .map(|_| live.file_fraction.0),
             "paused": self.control.runtime().paused(),
             "pending": self.control.runtime().pending(),
             "config": self.control.config_status(),

@@ -162,16 +162,58 @@ impl LiveConfig {
     /// (dropping any older runtime change) and the change is audited.
     /// Returns whether the split changed.
     pub(crate) fn follow_file_schedule(&self) -> Result<bool, ChangeError> {
+        let latched = self.runtime.latched();
+        let reason = if latched {
+            "a [[rollout.scheduled]] entry in the config file came due; held by the guardrail trip until an operator resumes"
+        } else {
+            "a [[rollout.scheduled]] entry in the config file came due"
+        };
+        self.follow_file(false, ChangeSource::Schedule, reason)
+    }
+
+    /// Lifts a pause (`POST /admin/resume`). After a guardrail trip that
+    /// is also the end of its latch: a fraction the file came to say
+    /// meanwhile (an edit, a scheduled entry) applies now. Returns whether
+    /// the pause's end reached disk.
+    pub(crate) fn resume(&self, reason: &str) -> Result<bool, ChangeError> {
+        let live = self.gateway.live();
+        let persisted = self.runtime.set_paused(
+            None,
+            &live.config.experiment,
+            live.config.treatment_fraction,
+            ChangeSource::Api,
+            reason,
+        )?;
+        self.follow_file(
+            true,
+            ChangeSource::Api,
+            "resumed: the config file's newer fraction applies",
+        )?;
+        Ok(persisted)
+    }
+
+    /// Puts the file's fraction at this instant in force (unless a runtime
+    /// change still applies), when it differs from the last one followed
+    /// or when `always`. Returns whether the split changed.
+    fn follow_file(
+        &self,
+        always: bool,
+        source: ChangeSource,
+        reason: &str,
+    ) -> Result<bool, ChangeError> {
         let _changing = self.changing.lock().map_err(|_| ChangeError::Poisoned)?;
         let previous = self.gateway.live();
         let mut config = previous.config.clone();
         let (now_fraction, _) = config.schedule.fraction_at(std::time::SystemTime::now());
-        if now_fraction == previous.file_fraction.0 {
+        if !always && now_fraction == previous.file_fraction.0 {
             return Ok(false);
         }
         let file_fraction = in_force(&self.runtime, &mut config);
         let old = previous.config.treatment_fraction;
         let new = config.treatment_fraction;
+        if always && old == new {
+            return Ok(false);
+        }
         let (request_ids, client) = (previous.request_ids.clone(), previous.client.clone());
         self.gateway
             .swap(self.next_live(&previous, config, request_ids, client, file_fraction));
@@ -179,10 +221,10 @@ impl LiveConfig {
             time: crate::config::clock::now_rfc3339(),
             experiment: &previous.config.experiment,
             action: "set",
-            source: ChangeSource::Schedule,
+            source,
             old,
             new,
-            reason: "a [[rollout.scheduled]] entry in the config file came due",
+            reason,
         });
         Ok(old != new)
     }

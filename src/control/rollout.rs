@@ -137,7 +137,9 @@ impl RuntimeState {
     /// The override that applies to `experiment` while the file says
     /// `file_fraction`, if any. An override made against another file
     /// fraction (or experiment) has been superseded by the file: it is
-    /// dropped and the drop audited.
+    /// dropped and the drop audited. Except while the guardrail latch
+    /// holds (see [`RuntimeState::latched`]): then the file's newer value
+    /// waits for an operator's resume.
     pub(crate) fn resolve(
         &self,
         experiment: &str,
@@ -147,7 +149,9 @@ impl RuntimeState {
         let state = {
             let mut current = self.current.lock().ok()?;
             let state = current.fraction.clone()?;
-            if state.experiment == experiment && state.config_fraction == file_fraction {
+            if state.experiment == experiment
+                && (state.config_fraction == file_fraction || latched(&current))
+            {
                 return Some(state);
             }
             current.fraction = None;
@@ -166,6 +170,13 @@ impl RuntimeState {
             reason: "the config file's fraction changed after the runtime change: the newer intention wins",
         });
         None
+    }
+
+    /// Whether a guardrail trip holds the split: paused by the guard,
+    /// and neither a file edit nor a scheduled entry re-exposes users
+    /// until an operator resumes (`POST /admin/resume`).
+    pub(crate) fn latched(&self) -> bool {
+        self.current.lock().is_ok_and(|current| latched(&current))
     }
 
     /// The override in force now, if any.
@@ -308,6 +319,13 @@ impl RuntimeState {
     }
 }
 
+fn latched(state: &Persisted) -> bool {
+    state
+        .paused
+        .as_ref()
+        .is_some_and(|pause| pause.source == ChangeSource::Guardrail)
+}
+
 /// The state file, or the bare override an earlier version wrote.
 fn read_state(bytes: &[u8]) -> Result<Persisted, serde_json::Error> {
     serde_json::from_slice::<Persisted>(bytes).or_else(|err| {
@@ -337,4 +355,62 @@ fn write_atomically(path: &Path, state: &Persisted) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rolled_back(runtime: &RuntimeState) {
+        let at = crate::config::clock::now_rfc3339();
+        let state = Override {
+            experiment: "exp".into(),
+            treatment_fraction: 0.0,
+            config_fraction: 0.5,
+            source: ChangeSource::Guardrail,
+            reason: "tripped".into(),
+            at: at.clone(),
+        };
+        runtime.record(state, 0.5).unwrap();
+        let pause = Pause {
+            source: ChangeSource::Guardrail,
+            reason: "tripped".into(),
+            at,
+        };
+        runtime
+            .set_paused(Some(pause), "exp", 0.0, ChangeSource::Guardrail, "tripped")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_guardrail_trip_holds_against_the_file_until_resumed() {
+        let runtime = RuntimeState::in_memory();
+        rolled_back(&runtime);
+        assert!(runtime.latched());
+        // A newer file fraction (an edit, a scheduled entry) waits.
+        let held = runtime.resolve("exp", 0.25, ChangeSource::Schedule);
+        assert_eq!(held.map(|o| o.treatment_fraction), Some(0.0));
+        runtime
+            .set_paused(None, "exp", 0.0, ChangeSource::Api, "resume")
+            .unwrap();
+        assert!(!runtime.latched());
+        assert_eq!(runtime.resolve("exp", 0.25, ChangeSource::Schedule), None);
+    }
+
+    #[test]
+    fn an_operators_pause_does_not_hold_against_the_file() {
+        let runtime = RuntimeState::in_memory();
+        rolled_back(&runtime);
+        let pause = Pause {
+            source: ChangeSource::Api,
+            reason: "looking".into(),
+            at: crate::config::clock::now_rfc3339(),
+        };
+        runtime
+            .set_paused(Some(pause), "exp", 0.0, ChangeSource::Api, "looking")
+            .unwrap();
+        assert!(!runtime.latched());
+        assert_eq!(runtime.resolve("exp", 0.25, ChangeSource::Config), None);
+    }
 }
