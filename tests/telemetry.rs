@@ -329,6 +329,20 @@ async fn feedback_is_attributed_by_the_signed_request_id_on_any_replica() {
     .await;
     assert_eq!(answer.json()["variant"], "control");
 
+    // A report is counted once: replayed, even with another outcome, it
+    // is refused (and the counts below stay at one).
+    for outcome in ["completed", "completed", "abandoned", "completed"] {
+        let replay = post(
+            &second.url(),
+            "/v1/feedback",
+            &[],
+            &report(&treatment_id, outcome, "1"),
+        )
+        .await;
+        assert_eq!(replay.status, 409, "{}", replay.text());
+        assert_eq!(replay.json()["error"]["code"], "duplicate_feedback");
+    }
+
     // A client cannot move its report to the other arm, or invent labels.
     let forged = treatment_id.replacen("abg1_t_", "abg1_c_", 1);
     for (body, mentions) in [

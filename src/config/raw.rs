@@ -107,6 +107,14 @@ pub struct FeedbackConfig {
     /// Accepted `outcome` values (a metric label, so a fixed set).
     #[serde(default = "default_outcomes")]
     pub(crate) outcomes: Vec<String>,
+    /// How long a report is remembered, so that the same request id is
+    /// counted once (a second report gets a 409).
+    #[serde(default = "default_feedback_max_age_seconds")]
+    pub(crate) max_age_seconds: u64,
+}
+
+fn default_feedback_max_age_seconds() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Default for FeedbackConfig {
@@ -114,6 +122,7 @@ impl Default for FeedbackConfig {
         Self {
             key_env: None,
             outcomes: default_outcomes(),
+            max_age_seconds: default_feedback_max_age_seconds(),
         }
     }
 }

@@ -37,6 +37,9 @@ impl std::fmt::Debug for RequestIds {
 pub(crate) struct Attribution {
     pub(crate) variant: Variant,
     pub(crate) experiment: String,
+    /// The id's MAC: unforgeable and unique per id, the key a report is
+    /// remembered by.
+    pub(crate) mac: u64,
 }
 
 /// `abg1_<v>_` + 16 hex digits + `_` + 16 hex digits + `_`: the part of an
@@ -140,6 +143,7 @@ impl RequestIds {
             _ => return None,
         };
         let expected = decode_hex(mac)?;
+        let mac_bits = u64::from_str_radix(mac, 16).ok()?;
         // Constant time: a forger learns nothing from how fast a guess fails.
         self.signing(variant, random.as_bytes(), experiment)
             .verify_truncated_left(&expected)
@@ -147,6 +151,7 @@ impl RequestIds {
         Some(Attribution {
             variant,
             experiment: experiment.to_owned(),
+            mac: mac_bits,
         })
     }
 }
@@ -215,7 +220,8 @@ mod tests {
             ids.verify(&id),
             Some(Attribution {
                 variant: Variant::Treatment,
-                experiment: "support_ft.v3".into()
+                experiment: "support_ft.v3".into(),
+                mac: u64::from_str_radix(id.split('_').nth(3).unwrap_or(""), 16).unwrap_or(0),
             })
         );
         // Each arm's id is signed with its own prefix.

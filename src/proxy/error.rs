@@ -116,6 +116,10 @@ pub enum ProxyError {
     MethodNotForwarded { method: String },
     #[error("{0}")]
     InvalidFeedback(String),
+    #[error("feedback for this request_id was already recorded; a request is reported once")]
+    DuplicateFeedback,
+    #[error("this replica holds as many feedback reports as it can check for duplicates ({limit}); retry once older ones expire (feedback.max_age_seconds)")]
+    FeedbackFull { limit: usize },
     #[error("{path} takes {allowed}")]
     MethodNotAllowed {
         path: &'static str,
@@ -158,6 +162,8 @@ impl ProxyError {
             | ProxyError::InvalidForcedVariant
             | ProxyError::InvalidFeedback(_)
             | ProxyError::InvalidPath { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::DuplicateFeedback => StatusCode::CONFLICT,
+            ProxyError::FeedbackFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::MissingApiKey | ProxyError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ProxyError::ForcedVariantRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::MethodNotAllowed { .. } | ProxyError::MethodNotForwarded { .. } => {
@@ -193,6 +199,8 @@ impl ProxyError {
             ProxyError::NotFound { .. } => "not_found",
             ProxyError::InvalidPath { .. } => "invalid_path",
             ProxyError::InvalidFeedback(_) => "invalid_feedback",
+            ProxyError::DuplicateFeedback => "duplicate_feedback",
+            ProxyError::FeedbackFull { .. } => "feedback_full",
             ProxyError::MissingApiKey => "missing_api_key",
             ProxyError::InvalidApiKey => "invalid_api_key",
             ProxyError::ForcedVariantRefused { .. } => "forced_variant_refused",

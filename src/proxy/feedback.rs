@@ -28,11 +28,73 @@ struct Report {
     rating: Option<serde_json::Value>,
 }
 
-/// Validates a report and counts it; returns what it was attributed to.
+/// Reports this replica remembers at most, to count each request id once:
+/// with its expiry, some 45 bytes each (the set and the queue of
+/// expiries), so at most about 45 MB. Past it,
+/// new reports are refused (503) until old ones expire, rather than
+/// forgetting one that could then be counted twice.
+pub(crate) const MAX_REMEMBERED: usize = 1_000_000;
+
+/// The request ids reported on, each until `feedback.max_age_seconds`
+/// after its first report: one replica's memory. Replicas of a fleet do
+/// not share it, so a report replayed to another replica counts there
+/// too, until the rollout's shared store holds it.
+#[derive(Debug, Default)]
+pub(crate) struct Reported {
+    seen: std::sync::Mutex<Remembered>,
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    macs: std::collections::HashSet<u64>,
+    /// When each is forgotten, oldest first.
+    expiries: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Reported {
+    /// Notes a report on the id whose MAC is `mac`: refused if one was
+    /// noted within `max_age`, or if this replica remembers too many.
+    pub(crate) fn note(&self, mac: u64, max_age: std::time::Duration) -> Result<(), ProxyError> {
+        self.note_at(mac, max_age, std::time::Instant::now(), MAX_REMEMBERED)
+    }
+
+    fn note_at(
+        &self,
+        mac: u64,
+        max_age: std::time::Duration,
+        now: std::time::Instant,
+        limit: usize,
+    ) -> Result<(), ProxyError> {
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| ProxyError::Internal("feedback memory poisoned".into()))?;
+        while let Some(&(expiry, old)) = seen.expiries.front() {
+            if expiry > now {
+                break;
+            }
+            seen.expiries.pop_front();
+            seen.macs.remove(&old);
+        }
+        if seen.macs.contains(&mac) {
+            return Err(ProxyError::DuplicateFeedback);
+        }
+        if seen.macs.len() >= limit {
+            return Err(ProxyError::FeedbackFull { limit });
+        }
+        seen.macs.insert(mac);
+        seen.expiries.push_back((now + max_age, mac));
+        Ok(())
+    }
+}
+
+/// Validates a report, counts it once per request id; returns what it
+/// was attributed to.
 pub(crate) fn record(
     body: &Bytes,
     ids: &RequestIds,
     outcomes: &[String],
+    reported: (&Reported, std::time::Duration),
     metrics: &Metrics,
 ) -> Result<(Attribution, String), ProxyError> {
     let report: Report = serde_json::from_slice(body).map_err(|err| {
@@ -64,6 +126,9 @@ pub(crate) fn record(
             }
         },
     };
+    // Counted once: the last check, so that a refused report does not
+    // use up its request id.
+    reported.0.note(attribution.mac, reported.1)?;
     metrics.feedback(
         &attribution.experiment,
         attribution.variant,
@@ -92,7 +157,14 @@ pub(crate) async fn answer(
         }
         let body = super::read::read_body(body, &parts, MAX_BODY_BYTES).await?;
         let outcomes = &live.config.feedback.outcomes;
-        let (attribution, outcome) = record(&body, &live.request_ids, outcomes, &gateway.metrics)?;
+        let max_age = std::time::Duration::from_secs(live.config.feedback.max_age_seconds);
+        let (attribution, outcome) = record(
+            &body,
+            &live.request_ids,
+            outcomes,
+            (&gateway.reported, max_age),
+            &gateway.metrics,
+        )?;
         Ok(serde_json::json!({
             "recorded": true,
             "experiment": attribution.experiment,
@@ -114,5 +186,45 @@ pub(crate) async fn answer(
             }
             err.to_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_request_id_is_counted_once_until_it_expires() {
+        let reported = Reported::default();
+        let (start, age) = (Instant::now(), Duration::from_secs(60));
+        assert!(reported.note_at(1, age, start, 10).is_ok());
+        assert!(reported.note_at(2, age, start, 10).is_ok());
+        assert!(matches!(
+            reported.note_at(1, age, start + Duration::from_secs(59), 10),
+            Err(ProxyError::DuplicateFeedback)
+        ));
+        // Forgotten at its max age: its memory is freed.
+        assert!(reported.note_at(1, age, start + age, 10).is_ok());
+    }
+
+    #[test]
+    fn past_its_bound_a_replica_refuses_rather_than_forgets() {
+        let reported = Reported::default();
+        let (start, age) = (Instant::now(), Duration::from_secs(60));
+        for mac in 0..3 {
+            assert!(reported.note_at(mac, age, start, 3).is_ok());
+        }
+        assert!(matches!(
+            reported.note_at(9, age, start, 3),
+            Err(ProxyError::FeedbackFull { limit: 3 })
+        ));
+        // The remembered ones are still refused as duplicates.
+        assert!(matches!(
+            reported.note_at(0, age, start, 3),
+            Err(ProxyError::DuplicateFeedback)
+        ));
+        assert!(reported.note_at(9, age, start + age, 3).is_ok());
     }
 }

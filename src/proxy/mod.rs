@@ -87,6 +87,8 @@ pub struct Gateway {
     events: Option<EventSink>,
     /// Requests in flight, against the `[limits]` caps.
     inflight: Arc<Inflight>,
+    /// The request ids feedback was reported on, to count each once.
+    reported: feedback::Reported,
     /// Shutdown: not ready, then cut.
     drain: crate::proxy::drain::Drain,
 }
@@ -133,6 +135,7 @@ impl Gateway {
             metrics,
             events,
             inflight: Arc::default(),
+            reported: feedback::Reported::default(),
             drain: crate::proxy::drain::Drain::default(),
         })
     }
