@@ -549,3 +549,47 @@ async fn tokens_are_read_from_gzip_answers_that_pass_through_compressed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_stats_shows_the_stage_from_each_arms_own_sketch() {
+    let control = spawn_mock(abgate_mock::MockConfig {
+        latency: std::time::Duration::from_millis(20),
+        ..abgate_mock::MockConfig::named("base")
+    })
+    .await;
+    let treatment = spawn_mock(abgate_mock::MockConfig {
+        latency: std::time::Duration::from_millis(60),
+        ..abgate_mock::MockConfig::named("fine-tuned")
+    })
+    .await;
+    let toml = config_toml(&control.url(), &treatment.url(), 0.5, "");
+    let gw = gateway(&toml).await;
+    assert_eq!(traffic(&gw.url(), "user-", 200, 120, 8).await, 120);
+
+    let stats = get_stats(gw.admin_addr.unwrap()).await;
+    let stage = &stats["stage"];
+    let (c, t) = (&stage["control"], &stage["treatment"]);
+    let answers = c["answers"].as_u64().unwrap() + t["answers"].as_u64().unwrap();
+    assert_eq!(answers, 120, "{stage:#}");
+    // The mocks' own latencies, read within the sketch's 1% (plus the
+    // gateway's and the machine's own time).
+    let p95 = |arm: &serde_json::Value| arm["latency_p95_seconds"].as_f64().unwrap();
+    assert!((0.0198..0.05).contains(&p95(c)), "{stage:#}");
+    assert!((0.0594..0.10).contains(&p95(t)), "{stage:#}");
+    assert!(
+        c["mean_completion_tokens"].as_f64().unwrap() > 0.0,
+        "{stage:#}"
+    );
+    assert_eq!(c["answers_with_usage"], c["answers"], "{stage:#}");
+
+    // A new split is a new stage: its sketches start empty.
+    gw.control
+        .set_fraction(0.25, ChangeSource::Api, "next stage")
+        .unwrap();
+    let fresh = get_stats(gw.admin_addr.unwrap()).await;
+    assert_eq!(fresh["stage"]["treatment"]["answers"], 0, "{fresh:#}");
+    assert_eq!(
+        fresh["stage"]["treatment"]["latency_p95_seconds"],
+        serde_json::Value::Null
+    );
+}

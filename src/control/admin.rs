@@ -381,11 +381,25 @@ impl Admin {
             }
             variants.insert(variant.as_str().to_owned(), stats);
         }
+        // The current stage beside the lifetime numbers above: what the
+        // guard compares, read from per-arm sketches kept since the split
+        // last changed.
+        let stage_arm = |variant| {
+            live.epoch
+                .arm(variant)
+                .map(|arm| serde_json::to_value(arm.summary()).unwrap_or_default())
+        };
         serde_json::json!({
             "experiment": live.config.experiment,
             "treatment_fraction": live.config.treatment_fraction,
             "sample_ratio": self.sample_ratio(),
             "variants": variants,
+            "stage": {
+                "since": crate::config::clock::format_rfc3339(live.epoch.since_wall),
+                "age_seconds": live.epoch.age_seconds(),
+                "control": stage_arm(crate::experiment::assign::Variant::Control),
+                "treatment": stage_arm(crate::experiment::assign::Variant::Treatment),
+            },
         })
     }
 }

@@ -131,6 +131,7 @@ impl<'a> RequestContext<'a> {
         });
         Observation {
             metrics: self.live.metrics.clone(),
+            stage: self.live.epoch.clone(),
             // Requests refused before assignment belong to neither arm.
             variant: self.variant.unwrap_or(Variant::Unassigned),
             route: self.route,

@@ -63,6 +63,9 @@ pub(crate) enum UsageFormat {
 /// What is known about a request when its response starts.
 pub(crate) struct Observation {
     pub(crate) metrics: Arc<ExperimentMetrics>,
+    /// The stage the request was assigned in, whose per-arm answers the
+    /// guard's sequential tests read.
+    pub(crate) stage: Arc<crate::telemetry::stage::SplitEpoch>,
     pub(crate) variant: Variant,
     pub(crate) route: Route,
     pub(crate) stream: bool,
@@ -288,6 +291,13 @@ pub(crate) fn record(observation: &mut Observation, measured: Measured) {
             .record_forced(record.variant, record.status);
     } else {
         observation.metrics.record(&record);
+        if let Some(arm) = observation.stage.arm(record.variant) {
+            arm.record(
+                record.duration,
+                record.time_to_first_byte.filter(|_| record.stream),
+                record.completion_tokens,
+            );
+        }
     }
     if let Some((sink, draft)) = observation.event.take() {
         let millis = |d: Duration| d.as_secs_f64() * 1000.0;
