@@ -2,26 +2,10 @@
 //! ratio check and the guardrails. Normal approximations throughout, which
 //! the minimum samples the guardrails demand make sound.
 
-/// Complementary error function, relative error below 1.2e-7
-/// (Numerical Recipes' Chebyshev fit), ample for thresholds like 0.001.
-pub(crate) fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let value = t * poly.exp();
-    if x >= 0.0 {
-        value
-    } else {
-        2.0 - value
-    }
-}
+/// Complementary error function: the one the guard's sequential tests
+/// use (Numerical Recipes' Chebyshev fit, relative error below 1.2e-7),
+/// ample for thresholds like 0.001.
+pub(crate) use abgate_sequential::math::erfc;
 
 /// P(Z > z) for a standard normal Z.
 pub(crate) fn normal_upper_tail(z: f64) -> f64 {

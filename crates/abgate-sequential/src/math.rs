@@ -116,8 +116,9 @@ pub fn normal_cdf(x: f64) -> f64 {
 }
 
 /// Complementary error function, Chebyshev fit from Numerical Recipes
-/// (`erfcc`), fractional error < 1.2e-7 everywhere. Good enough for the
-/// simulator's bucket probabilities; not used by any test statistic.
+/// (`erfcc`), fractional error < 1.2e-7 everywhere: the simulator's
+/// bucket probabilities, and the gateway's fixed-sample sample-ratio and
+/// guardrail p-values (`abgate::experiment::stats`).
 pub fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
