@@ -104,7 +104,11 @@ enum RolloutAction {
     /// Let automatic promotion go on.
     Resume,
     /// Print the comparison of the arms: stage, sample ratio, guardrails.
-    Report,
+    Report {
+        /// The report as JSON (what `GET /admin/report` answers).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,7 +238,8 @@ async fn rollout(
 ) -> Result<(), String> {
     use http::Method;
     let token = std::env::var(&token_env).ok();
-    let needs_token = !matches!(action, RolloutAction::Status | RolloutAction::Report);
+    let needs_token = !matches!(action, RolloutAction::Status | RolloutAction::Report { .. });
+    let as_table = matches!(action, RolloutAction::Report { json: false });
     if needs_token && token.is_none() {
         return Err(format!("set {token_env} to the gateway's admin token"));
     }
@@ -265,7 +270,7 @@ async fn rollout(
             "/admin/resume",
             Some(serde_json::json!({"reason": reason})),
         ),
-        RolloutAction::Report => (Method::GET, "/admin/report", None),
+        RolloutAction::Report { .. } => (Method::GET, "/admin/report", None),
     };
     let (status, json) =
         abgate::control::admin_client::call(&admin_url, method, path, token.as_deref(), body)
@@ -274,10 +279,14 @@ async fn rollout(
         let message = json["error"]["message"].as_str().unwrap_or("no message");
         return Err(format!("{status}: {message}"));
     }
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json).unwrap_or_default()
-    );
+    if as_table {
+        print!("{}", abgate::control::report_table::render(&json));
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -268,6 +268,11 @@ async fn dashboard_and_alerts_work_against_a_real_prometheus() {
         "{raised:?}"
     );
 
+    // A burst, so that the fleet has enough per arm for the sequential
+    // tests at the default alpha, then a scrape or two to record it.
+    traffic(&url, "prom-user-", 40, 800, 16).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
     // A second replica of the same experiment, serving nothing itself,
     // guards on the fleet's numbers from Prometheus and rolls back on them.
     let replica = gateway(&config_toml(

@@ -283,9 +283,19 @@ async fn the_rollout_cli_sets_rolls_back_and_shows_status() {
     let output = cli(&["resume"], Some(TOKEN)).await;
     let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(state["paused"], serde_json::Value::Null);
-    let output = cli(&["report"], None).await;
+    let output = cli(&["report", "--json"], None).await;
     assert!(output.status.success());
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["stage"]["current"], 1);
     assert_eq!(report["stage"]["promotable"], false);
+    // Without --json, a table a person reads.
+    let output = cli(&["report"], None).await;
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("(stage 1 of "), "{table}");
+    assert!(table.contains("promotable: no\n  - "), "{table}");
+    assert!(
+        table.contains("check ") && table.contains(" decision "),
+        "{table}"
+    );
 }

@@ -168,7 +168,9 @@ async fn a_broken_split_blocks_promotion_until_forced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
-    let extra = "[rollout]\nstages = [0.25, 0.5, 1.0]\nmin_stage_seconds = 0.3\nmin_requests_per_arm = 30\nauto_promote = true\n[guardrails]\ninterval_seconds = 0.1\nmin_requests_per_arm = 30";
+    // One check with a wide margin, so that 30 requests an arm show
+    // non-inferiority.
+    let extra = "[rollout]\nstages = [0.25, 0.5, 1.0]\nmin_stage_seconds = 0.3\nmin_requests_per_arm = 30\nauto_promote = true\n[guardrails]\ninterval_seconds = 0.1\nmin_requests_per_arm = 30\nchecks = [\"error_rate\"]\nalpha = 0.2\nmax_error_rate_increase = 0.5";
     let (_mocks, gw) = started(0.25, extra).await;
     // Batches of 20 requests: after a promotion, the rest of a batch cannot
     // make the next stage ready too (30 requests per arm) before it is seen.
@@ -208,6 +210,80 @@ async fn auto_promotion_walks_the_stages_and_pauses_on_request() {
     })
     .await
     .expect("auto promotion to 1.0 after resume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_waits_for_shown_non_inferiority_and_feedback() {
+    let extra = "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 20\n[guardrails]\ninterval_seconds = 0.1\nchecks = [\"error_rate\", \"completion_rate\"]\nmin_requests_per_arm = 100\nmin_feedback_per_arm = 50\nalpha = 0.05\nmax_error_rate_increase = 0.05\nmax_completion_rate_decrease = 0.2";
+    let (_mocks, gw) = started(0.5, extra).await;
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let answer = chat(&gw.url(), &format!("user-{i}")).await;
+        assert!(answer.status.is_success());
+        ids.push(answer.header("x-abgate-request-id").to_owned());
+    }
+    // Requests alone show the error rate within its margin; the completion
+    // check has no reports, which blocks promotion.
+    let blocked = eventually(Duration::from_secs(5), || async {
+        let report = get(&gw, "/admin/report").await;
+        let checks = report["guardrails"]["last_evaluation"]["checks"].clone();
+        let error_rate = checks
+            .as_array()?
+            .iter()
+            .find(|c| c["check"] == "error_rate")?
+            .clone();
+        (error_rate["decision"] == "non_inferior").then_some(report)
+    })
+    .await
+    .expect("the error rate is shown within 5 points");
+    assert_eq!(blocked["stage"]["promotable"], false, "{blocked:#}");
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 409, "{}", answer.text());
+    let reasons = answer.json()["blocked_by"].clone();
+    assert!(
+        reasons.as_array().unwrap().iter().any(|b| {
+            let b = b.as_str().unwrap();
+            b.starts_with("guardrail completion_rate has too little data")
+                && b.contains("needs 50 feedback reports per arm, has 0 treatment")
+                && b.contains("require_feedback = false")
+        }),
+        "{reasons:#}"
+    );
+    assert!(!reasons.to_string().contains("error_rate"), "{reasons:#}");
+
+    // Every answer completed its task, in both arms: now it may go on.
+    for id in &ids {
+        let body = format!(r#"{{"request_id":"{id}","outcome":"completed"}}"#);
+        assert_eq!(
+            post(&gw.url(), "/v1/feedback", &[], &body).await.status,
+            200
+        );
+    }
+    let ready = eventually(Duration::from_secs(5), || async {
+        let report = get(&gw, "/admin/report").await;
+        (report["stage"]["promotable"] == true).then_some(report)
+    })
+    .await;
+    assert!(ready.is_some(), "{:#}", get(&gw, "/admin/report").await);
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["treatment_fraction"], 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_feedback_required_requests_alone_can_promote() {
+    let extra = "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 20\nrequire_feedback = false\n[guardrails]\ninterval_seconds = 0.1\nchecks = [\"error_rate\", \"rating\"]\nmin_requests_per_arm = 100\nalpha = 0.05\nmax_error_rate_increase = 0.05";
+    let (_mocks, gw) = started(0.5, extra).await;
+    traffic(&gw.url(), "user-", 400, 400, 8).await;
+    let ready = eventually(Duration::from_secs(5), || async {
+        let report = get(&gw, "/admin/report").await;
+        (report["stage"]["promotable"] == true).then_some(report)
+    })
+    .await
+    .expect("promotable without feedback");
+    let checks = ready["guardrails"]["last_evaluation"]["checks"].clone();
+    assert_eq!(checks[1]["check"], "rating");
+    assert_eq!(checks[1]["decision"], "insufficient_data");
 }
 
 fn in_a_second() -> String {

@@ -8,18 +8,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Check {
-    /// Error rate above control beyond noise (one-sided two-proportion test).
+    /// Error rate (5xx and upstream 429) above control.
     ErrorRate,
     /// p95 latency more than `max_latency_p95_increase` above control.
     LatencyP95,
     /// p95 time to first token (first byte of a stream) likewise.
     TtftP95,
-    /// Mean response length shifted more than `max_response_length_change`.
+    /// Mean response length (completion tokens, or bytes where usage is
+    /// unknown) shifted more than `max_response_length_change`.
     ResponseLength,
-    /// Completion rate of feedback reports lower than control, by more than
-    /// `max_completion_rate_decrease` (relative) and beyond noise.
+    /// Completion rate of feedback reports more than
+    /// `max_completion_rate_decrease` (relative) below control.
     CompletionRate,
-    /// Mean rating lower than control beyond noise.
+    /// Mean rating below control.
     Rating,
 }
 
@@ -70,7 +71,7 @@ pub(crate) enum OnBreach {
 }
 
 /// `[guardrails]` as written.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GuardrailsConfig {
     #[serde(default = "yes")]
@@ -82,20 +83,24 @@ pub(crate) struct GuardrailsConfig {
     pub(crate) prometheus_url: Option<String>,
     #[serde(default = "default_interval_seconds")]
     pub(crate) interval_seconds: f64,
-    /// Numbers compared: the last window, never from before the split
-    /// last changed.
+    /// With `source = "prometheus"`: how long before its own start a
+    /// replica counts the fleet's stage as begun, when the split was
+    /// already in force as it started (it did not see the change). The
+    /// local source ignores it: a replica's stage is what it saw.
     #[serde(default = "default_window_seconds")]
     pub(crate) window_seconds: f64,
-    /// Checks in a row a breach must hold for before it trips.
+    /// Looks in a row a breach must be seen at before it trips.
     #[serde(default = "default_consecutive_breaches")]
     pub(crate) consecutive_breaches: u32,
-    /// Requests each arm needs in the window before a check judges.
+    /// Requests each arm needs in the stage before a check judges.
     #[serde(default = "default_min_requests_per_arm")]
     pub(crate) min_requests_per_arm: u64,
     /// Feedback reports (or ratings) each arm needs likewise.
     #[serde(default = "default_min_feedback_per_arm")]
     pub(crate) min_feedback_per_arm: u64,
-    /// One-sided significance level of the statistical checks.
+    /// The chance, per stage, that identical arms ever trip a check,
+    /// however often the guard looks; split evenly over the checks that
+    /// run (Bonferroni).
     #[serde(default = "default_alpha")]
     pub(crate) alpha: f64,
     #[serde(default)]
@@ -110,6 +115,14 @@ pub(crate) struct GuardrailsConfig {
     pub(crate) max_response_length_change: f64,
     #[serde(default = "default_five_percent")]
     pub(crate) max_completion_rate_decrease: f64,
+    /// Largest error-rate increase (absolute: 0.01 = one point) treatment
+    /// may show and still be promoted.
+    #[serde(default = "default_one_percent")]
+    pub(crate) max_error_rate_increase: f64,
+    /// Largest drop in mean rating (points of 1–5) treatment may show and
+    /// still be promoted.
+    #[serde(default = "default_rating_decrease")]
+    pub(crate) max_rating_decrease: f64,
     /// The feedback outcome that counts as a completion.
     #[serde(default = "default_completion_outcome")]
     pub(crate) completion_outcome: String,
@@ -133,6 +146,8 @@ impl Default for GuardrailsConfig {
             max_ttft_p95_increase: default_twenty_percent(),
             max_response_length_change: default_thirty_percent(),
             max_completion_rate_decrease: default_five_percent(),
+            max_error_rate_increase: default_one_percent(),
+            max_rating_decrease: default_rating_decrease(),
             completion_outcome: default_completion_outcome(),
         }
     }
@@ -170,6 +185,12 @@ fn default_thirty_percent() -> f64 {
 }
 fn default_five_percent() -> f64 {
     0.05
+}
+fn default_one_percent() -> f64 {
+    0.01
+}
+fn default_rating_decrease() -> f64 {
+    0.1
 }
 fn default_completion_outcome() -> String {
     "completed".to_owned()
@@ -221,6 +242,25 @@ impl GuardrailsConfig {
                 report(
                     &format!("guardrails.{key}"),
                     "must be above 0 (0.2 = 20%)".into(),
+                );
+            }
+        }
+        for (key, value, hint) in [
+            (
+                "max_error_rate_increase",
+                self.max_error_rate_increase,
+                "(0.01 = one percentage point)",
+            ),
+            (
+                "max_rating_decrease",
+                self.max_rating_decrease,
+                "(rating points, 0.1 of 1-5)",
+            ),
+        ] {
+            if !(positive(value) && value < 1.0) {
+                report(
+                    &format!("guardrails.{key}"),
+                    format!("must be between 0 and 1 {hint}"),
                 );
             }
         }

@@ -22,6 +22,10 @@ pub(crate) struct RolloutConfig {
     /// promotion waits for `POST /admin/promote`.
     #[serde(default)]
     pub(crate) auto_promote: bool,
+    /// A feedback check (completion rate, rating) that has no reports yet
+    /// blocks promotion; `false` lets a stage go on without feedback.
+    #[serde(default = "yes")]
+    pub(crate) require_feedback: bool,
     /// Changes of the file's split at fixed instants, the same for every
     /// replica that reads the file.
     #[serde(default)]
@@ -35,6 +39,7 @@ impl Default for RolloutConfig {
             min_stage_seconds: default_min_stage_seconds(),
             min_requests_per_arm: default_min_requests_per_arm(),
             auto_promote: false,
+            require_feedback: true,
             scheduled: Vec::new(),
         }
     }
@@ -49,6 +54,9 @@ pub(crate) struct ScheduledChange {
     pub(crate) treatment_fraction: f64,
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_stages() -> Vec<f64> {
     vec![0.05, 0.25, 0.5, 1.0]
 }

@@ -8,5 +8,6 @@ pub(crate) mod guardrails;
 pub(crate) mod live;
 pub(crate) mod redact;
 pub mod reload;
+pub mod report_table;
 pub(crate) mod rollout;
 pub(crate) mod supervisor;

@@ -13,27 +13,29 @@ use tokio::sync::Notify;
 
 use crate::config::guardrails::{Check, GuardrailsConfig, OnBreach, Source};
 use crate::config::rollout::ChangeSource;
-use crate::control::guardrails::checks::{self, CheckResult, Status, Streaks};
+use abgate_sequential::decision::Verdict;
+
+use crate::control::guardrails::checks::{CheckResult, StageTests, Streaks};
 use crate::control::live::{ChangeError, LiveConfig};
 use crate::control::rollout::Pause;
 use crate::proxy::Live;
-use crate::telemetry::readback::ArmWindow;
-use crate::telemetry::readback::Readings;
+use crate::telemetry::evidence::{EvidenceSummary, StageEvidence};
 use crate::telemetry::stage::SplitEpoch;
 
 /// The longest the task sleeps between looks, so a reload that changes
 /// the guard's interval is noticed soon.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
-/// One run of the guardrails.
+/// One look of the guardrails at the stage.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Evaluation {
     pub(crate) at: String,
     pub(crate) source: Source,
-    /// Span of the numbers compared.
-    pub(crate) window_seconds: f64,
-    pub(crate) control: ArmWindow,
-    pub(crate) treatment: ArmWindow,
+    /// Span of the numbers judged: the stage so far.
+    pub(crate) stage_seconds: f64,
+    /// Each arm's evidence.
+    pub(crate) control: EvidenceSummary,
+    pub(crate) treatment: EvidenceSummary,
     pub(crate) checks: Vec<CheckResult>,
     /// Why there are no numbers (Prometheus unreachable, …).
     pub(crate) error: Option<String>,
@@ -53,7 +55,8 @@ pub(crate) struct Trip {
 
 #[derive(Default)]
 struct GuardState {
-    readings: Readings,
+    /// The stage's sequential tests; built at its first look.
+    tests: Option<StageTests>,
     epoch: Option<Arc<SplitEpoch>>,
     streaks: Streaks,
     last: Option<Evaluation>,
@@ -173,13 +176,12 @@ impl Supervisor {
         }
     }
 
-    /// Runs the checks once and acts on a trip.
+    /// Looks at the stage once and acts on a trip.
     async fn guard(&self, live: &Arc<Live>) {
         let config = &live.config.guardrails;
         let interval = Duration::from_secs_f64(config.interval_seconds);
-        let window = Duration::from_secs_f64(config.window_seconds);
         let epoch = live.epoch.clone();
-        let numbers = match config.source {
+        let evidence = match config.source {
             Source::Local => {
                 let latest = crate::telemetry::readback::Reading::take(
                     self.control.metrics(),
@@ -188,23 +190,18 @@ impl Supervisor {
                     &live.config.feedback.outcomes,
                     &config.completion_outcome,
                 );
-                let Ok(mut state) = self.state.lock() else {
-                    return;
-                };
-                if !state.epoch.as_ref().is_some_and(|e| Arc::ptr_eq(e, &epoch)) {
-                    state.readings.restart(epoch.baseline.clone());
-                }
-                let (control, treatment, span) = state.readings.window(latest, window);
-                Ok((control, treatment, span))
+                Ok(StageEvidence::local(&epoch, &latest))
             }
             Source::Prometheus => {
-                // The fleet's numbers reach back the whole window unless
-                // this replica saw the split change; then not before it.
-                let span = if epoch.at_start {
-                    window
+                // The fleet's numbers since the stage began: the split
+                // change this replica saw, or, if the split was in force
+                // when it started, `window_seconds` before that.
+                let before = if epoch.at_start {
+                    config.window_seconds
                 } else {
-                    window.min(Duration::from_secs_f64(epoch.age_seconds()))
+                    0.0
                 };
+                let span = Duration::from_secs_f64((epoch.age_seconds() + before).max(1.0));
                 let base = config
                     .prometheus_url
                     .as_deref()
@@ -220,7 +217,11 @@ impl Supervisor {
                         interval.max(Duration::from_secs(1)),
                     )
                     .await
-                    .map(|(control, treatment)| (control, treatment, span)),
+                    .map(|(control, treatment)| StageEvidence {
+                        control,
+                        treatment,
+                        seconds: span.as_secs_f64(),
+                    }),
                     Err(err) => Err(err),
                 }
             }
@@ -229,27 +230,25 @@ impl Supervisor {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            if !state.epoch.as_ref().is_some_and(|e| Arc::ptr_eq(e, &epoch)) {
+            let state = &mut *state;
+            let same_stage = state.epoch.as_ref().is_some_and(|e| Arc::ptr_eq(e, &epoch));
+            let same_tests = state.tests.as_ref().is_some_and(|t| t.fits(config));
+            if !same_stage || !same_tests {
                 state.epoch = Some(epoch.clone());
+                state.tests = Some(StageTests::new(config));
                 state.streaks.reset();
             }
             state.next_check = Some(Instant::now() + interval);
-            let (control, treatment, span, error) = match numbers {
-                Ok((control, treatment, span)) => (control, treatment, span, None),
+            let (evidence, error) = match evidence {
+                Ok(evidence) => (evidence, None),
                 Err(err) => {
                     tracing::warn!("guardrails have no numbers: {err}");
-                    (
-                        ArmWindow::default(),
-                        ArmWindow::default(),
-                        Duration::ZERO,
-                        Some(err),
-                    )
+                    (StageEvidence::default(), Some(err))
                 }
             };
-            let mut results = if error.is_some() {
-                Vec::new()
-            } else {
-                checks::evaluate(config, &control, &treatment)
+            let mut results = match (&error, state.tests.as_mut()) {
+                (None, Some(tests)) => tests.evaluate(&evidence),
+                _ => Vec::new(),
             };
             let tripped = state
                 .streaks
@@ -257,9 +256,9 @@ impl Supervisor {
             state.last = Some(Evaluation {
                 at: crate::config::clock::now_rfc3339(),
                 source: config.source,
-                window_seconds: span.as_secs_f64(),
-                control,
-                treatment,
+                stage_seconds: evidence.seconds,
+                control: evidence.control.summary(),
+                treatment: evidence.treatment.summary(),
                 checks: results,
                 error,
                 epoch: Some(epoch),
@@ -291,7 +290,7 @@ impl Supervisor {
                     .filter(|result| tripped.contains(&result.check))
                     .map(|result| {
                         format!(
-                            "{} ({} checks in a row): {}",
+                            "{} (in breach {} looks in a row): {}",
                             result.check.as_str(),
                             result.consecutive,
                             result.detail
@@ -351,11 +350,12 @@ impl Supervisor {
         {
             return;
         }
-        match self.promote(
-            ChangeSource::Schedule,
-            "automatic promotion: the stage met its minimums and every guardrail held",
-            false,
-        ) {
+        let reason = if live.config.guardrails.enabled {
+            "automatic promotion: the stage met its minimums and every guardrail showed non-inferiority"
+        } else {
+            "automatic promotion: the stage met its minimums (guardrails off)"
+        };
+        match self.promote(ChangeSource::Schedule, reason, false) {
             Ok(_) | Err(PromoteError::Blocked(_)) => {}
             Err(PromoteError::Change(err)) => {
                 tracing::error!("promotion not persisted: {err}")
@@ -371,6 +371,13 @@ impl Supervisor {
         let mut blockers = Vec::new();
         if rollout.next_stage(current).is_none() {
             blockers.push(format!("{current} is already the last stage"));
+            return blockers;
+        }
+        if self.control.runtime().latched() {
+            blockers.push(
+                "a guardrail rollback holds the rollout until an operator resumes it (abgate rollout resume)"
+                    .to_owned(),
+            );
             return blockers;
         }
         if current <= 0.0 {
@@ -409,8 +416,11 @@ impl Supervisor {
     }
 
     /// What the guard says against promotion: it has not looked at this
-    /// stage, it has no numbers, a check breaches, or a request-based check
-    /// (these have data once traffic flows) has not judged yet.
+    /// stage, it has no numbers, or a check has not shown non-inferiority
+    /// (a breach, too little data, or an interval still wider than its
+    /// margin). A feedback check without reports blocks only while
+    /// `[rollout] require_feedback` holds; the TTFT check does not block a
+    /// stage that served no stream.
     fn guard_blockers(&self, live: &Live, blockers: &mut Vec<String>) {
         let Ok(state) = self.state.lock() else { return };
         let evaluation = state.last.as_ref().filter(|evaluation| {
@@ -426,23 +436,34 @@ impl Supervisor {
         if let Some(err) = &evaluation.error {
             blockers.push(format!("the guardrails have no numbers: {err}"));
         }
+        let require_feedback = live.config.rollout.require_feedback;
         for result in &evaluation.checks {
-            let request_based = matches!(
-                result.check,
-                Check::ErrorRate | Check::LatencyP95 | Check::ResponseLength
-            );
-            match result.status {
-                Status::Breach => blockers.push(format!(
-                    "guardrail {} is breaching: {}",
-                    result.check.as_str(),
-                    result.detail
+            let feedback = matches!(result.check, Check::CompletionRate | Check::Rating);
+            let name = result.check.as_str();
+            let detail = &result.detail;
+            match result.decision {
+                Verdict::NonInferior => {}
+                Verdict::Breach => {
+                    blockers.push(format!("guardrail {name} is breaching: {detail}"))
+                }
+                Verdict::Undecided => blockers.push(format!(
+                    "guardrail {name} has not shown non-inferiority yet: {detail}"
                 )),
-                Status::InsufficientData if request_based => blockers.push(format!(
-                    "guardrail {} has not judged yet: {}",
-                    result.check.as_str(),
-                    result.detail
+                Verdict::InsufficientData if feedback && !require_feedback => {}
+                // A stage that served no stream has no first tokens to
+                // compare, and nothing a stream could regress.
+                Verdict::InsufficientData
+                    if result.check == Check::TtftP95
+                        && result.observations.control == 0
+                        && result.observations.treatment == 0 => {}
+                Verdict::InsufficientData => blockers.push(format!(
+                    "guardrail {name} has too little data to show non-inferiority: {detail}{}",
+                    if feedback {
+                        " (or set [rollout] require_feedback = false)"
+                    } else {
+                        ""
+                    }
                 )),
-                Status::Ok | Status::InsufficientData => {}
             }
         }
     }
@@ -499,19 +520,24 @@ impl Supervisor {
             None if !guard.enabled => "disabled",
             None => "not_evaluated",
             Some(evaluation) if evaluation.error.is_some() => "no_data",
-            Some(evaluation) if evaluation.checks.iter().any(|r| r.status == Status::Breach) => {
-                "breach"
-            }
-            Some(evaluation)
+            Some(evaluation) => {
+                let all = |verdict| evaluation.checks.iter().all(|r| r.decision == verdict);
                 if evaluation
                     .checks
                     .iter()
-                    .all(|r| r.status == Status::InsufficientData) =>
-            {
-                "insufficient_data"
+                    .any(|r| r.decision == Verdict::Breach)
+                {
+                    "breach"
+                } else if all(Verdict::InsufficientData) {
+                    "insufficient_data"
+                } else if all(Verdict::NonInferior) {
+                    "non_inferior"
+                } else {
+                    "undecided"
+                }
             }
-            Some(_) => "ok",
         };
+        let checks_run = Check::ALL.iter().filter(|c| guard.runs(**c)).count();
         let trips: serde_json::Map<String, serde_json::Value> = Check::ALL
             .iter()
             .map(|check| {
@@ -544,10 +570,24 @@ impl Supervisor {
                 "enabled": guard.enabled,
                 "source": guard.source,
                 "interval_seconds": guard.interval_seconds,
-                "window_seconds": guard.window_seconds,
                 "consecutive_breaches": guard.consecutive_breaches,
+                "alpha": guard.alpha,
+                "alpha_per_check": abgate_sequential::decision::split_alpha(guard.alpha, checks_run),
+                "alpha_split": format!(
+                    "Bonferroni: alpha {} over {checks_run} checks; identical arms trip any check during a stage with probability at most alpha, however often the guard looks",
+                    guard.alpha
+                ),
+                "require_feedback": rollout.require_feedback,
                 "on_breach": guard.on_breach,
                 "verdict": verdict,
+                // Whether the last look was at this stage (a change of the
+                // split starts a new one, judged from its first look).
+                "of_current_stage": last.as_ref().is_some_and(|evaluation| {
+                    evaluation
+                        .epoch
+                        .as_ref()
+                        .is_some_and(|epoch| Arc::ptr_eq(epoch, &live.epoch))
+                }),
                 "last_evaluation": last,
                 "trips_total": trips,
             },

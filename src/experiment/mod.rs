@@ -6,4 +6,3 @@ pub mod assign;
 pub mod hex;
 pub mod request_id;
 pub(crate) mod srm;
-pub(crate) mod stats;

@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::experiment::assign::{is_treatment, Variant, BUCKETS};
-use crate::experiment::stats::erfc;
+use abgate_sequential::math::erfc;
 
 /// p-value below which the split is flagged.
 pub(crate) const MISMATCH_P: f64 = 0.001;

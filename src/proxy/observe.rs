@@ -296,6 +296,7 @@ pub(crate) fn record(observation: &mut Observation, measured: Measured) {
                 record.duration,
                 record.time_to_first_byte.filter(|_| record.stream),
                 record.completion_tokens,
+                record.response_bytes,
             );
         }
     }

@@ -775,22 +775,6 @@ impl Buckets {
         merged
     }
 
-    /// What was observed since `earlier` (an older reading of the same
-    /// histograms).
-    pub(crate) fn since(&self, earlier: &Self) -> Self {
-        Self {
-            bounds: self.bounds.clone(),
-            cumulative: self
-                .cumulative
-                .iter()
-                .enumerate()
-                .map(|(i, now)| now.saturating_sub(earlier.cumulative.get(i).copied().unwrap_or(0)))
-                .collect(),
-            count: self.count.saturating_sub(earlier.count),
-            sum: self.sum - earlier.sum,
-        }
-    }
-
     /// The `q` quantile, interpolated linearly inside its bucket as
     /// PromQL's `histogram_quantile` does, so it agrees with dashboards.
     pub(crate) fn quantile(&self, q: f64) -> Option<f64> {

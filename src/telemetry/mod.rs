@@ -3,6 +3,7 @@
 //! and the per-request events.
 
 pub(crate) mod events;
+pub(crate) mod evidence;
 pub mod metrics;
 pub(crate) mod readback;
 pub mod route;

@@ -6,8 +6,8 @@
 //! It also keeps what the guard's sequential tests need and Prometheus'
 //! buckets cannot give: each arm's latency and time to first token in a
 //! quantile sketch with a bounded relative error (DDSketch buckets at
-//! 0.5%, [`abgate_sequential::sketch`]), and its completion tokens' count,
-//! sum and sum of squares. Recording is lock-free: an atomic add per
+//! 0.5%, [`abgate_sequential::sketch`]), and the count, sum and sum of
+//! squares of its completion tokens and response bytes. Recording is lock-free: an atomic add per
 //! bucket or sum.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +107,9 @@ pub(crate) struct StageArm {
     pub(crate) ttft: AtomicSketch,
     /// Completion tokens of the answers whose usage was read.
     pub(crate) completion_tokens: AtomicMoments,
+    /// Every answer's length on the wire: the length check's measure when
+    /// usage is not known.
+    pub(crate) response_bytes: AtomicMoments,
 }
 
 impl StageArm {
@@ -116,8 +119,10 @@ impl StageArm {
         duration: Duration,
         time_to_first_byte: Option<Duration>,
         completion_tokens: Option<u64>,
+        response_bytes: u64,
     ) {
         self.latency.insert(duration);
+        self.response_bytes.add(response_bytes);
         if let Some(ttft) = time_to_first_byte {
             self.ttft.insert(ttft);
         }
@@ -163,7 +168,7 @@ pub(crate) struct SplitEpoch {
     /// Cumulative metrics when the split began.
     pub(crate) baseline: Reading,
     /// The split was in force when this process started (not changed while
-    /// it ran): a fleet's numbers from before are still this split's.
+    /// it ran): a fleet's stage began before this replica saw it.
     pub(crate) at_start: bool,
     /// Control's and treatment's answers over the stage.
     arms: [StageArm; 2],

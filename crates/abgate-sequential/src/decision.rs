@@ -32,7 +32,7 @@ use crate::mean::{
     diff_of_means, diff_of_proportions, log_ratio_of_means, log_ratio_of_proportions, CountStats,
     Interval, MeanStats, MixtureBoundary, Sequence,
 };
-use crate::quantile::QuantileRatio;
+use crate::quantile::{Bracket, QuantileRatio};
 use crate::sketch::Sketch;
 use crate::srm::SrmTest;
 use serde::Serialize;
@@ -408,7 +408,7 @@ impl Default for ErrorRateConfig {
             breach_threshold: 0.0,
             ni_margin: 0.005,
             min_per_arm: 200,
-            target_n: 1e5,
+            target_n: 1e4,
         }
     }
 }
@@ -511,7 +511,7 @@ impl Default for QuantileIncreaseConfig {
             p: 0.95,
             margin: 0.2,
             min_per_arm: 200,
-            target_n: 1e5,
+            target_n: 2e3,
         }
     }
 }
@@ -556,7 +556,14 @@ impl QuantileIncrease {
 
     /// Look at the two arms' cumulative sketches.
     pub fn observe(&mut self, treatment: &Sketch, control: &Sketch) -> Outcome {
-        let (nt, nc) = (treatment.count(), control.count());
+        self.observe_bracketed(&Bracket::exact(treatment), &Bracket::exact(control))
+    }
+
+    /// Look at two arms known only up to coarse buckets (see [`Bracket`]):
+    /// valid, and wider by the buckets' width, which no amount of data
+    /// removes.
+    pub fn observe_bracketed(&mut self, treatment: &Bracket, control: &Bracket) -> Outcome {
+        let (nt, nc) = (treatment.high.count(), control.high.count());
         if !self.core.enough(nt, nc) {
             let mut o = self.core.base(nt, nc);
             if self.core.tripped {
@@ -564,7 +571,7 @@ impl QuantileIncrease {
             }
             return o;
         }
-        let iv = self.ratio.interval(treatment, control);
+        let iv = self.ratio.interval_bracketed(treatment, control);
         let ln_or = |x: Option<f64>, none: f64| match x {
             Some(v) if v > 0.0 => v.ln(),
             Some(_) => f64::NEG_INFINITY,
@@ -582,6 +589,20 @@ impl QuantileIncrease {
         out
     }
 
+    /// While a side of the interval is unbounded (an arm has too few
+    /// observations above its quantile for an upper bound), what it takes
+    /// for both arms to have one: a lower bound on what a decision needs.
+    fn until_bounded(&self, nt: u64, nc: u64) -> Option<MoreNeeded> {
+        let (t_at, c_at) = self.ratio.first_upper_bounds_at();
+        // Both arms grow together at the stage's split.
+        let scale = |at: Option<u64>, n: u64| at.map(|at| at as f64 / n.max(1) as f64);
+        let k = scale(t_at, nt)?.max(scale(c_at, nc)?).max(1.0);
+        Some(MoreNeeded {
+            treatment: ((k - 1.0) * nt as f64).ceil() as u64,
+            control: ((k - 1.0) * nc as f64).ceil() as u64,
+        })
+    }
+
     /// Approximation: each log half-width w shrinks like
     /// floor + (w − floor)/√k with k-fold data (ignores the boundary's
     /// slowly growing log factor), floor = one sketch bucket per arm.
@@ -592,7 +613,10 @@ impl QuantileIncrease {
             .core
             .to_native(self.core.thresholds.breach_above.unwrap_or(0.0));
         let w = if est > margin { est - lo } else { hi - est };
-        if !w.is_finite() || target <= self.log_floor {
+        if !w.is_finite() {
+            return self.until_bounded(nt, nc);
+        }
+        if target <= self.log_floor {
             return None;
         }
         if w <= target {
@@ -626,7 +650,13 @@ pub struct MeanShiftConfig {
     pub min_per_arm: u64,
     /// Total observations at which the boundary is tightest.
     pub target_n: f64,
+    /// Least per-observation variance an arm is read with (see
+    /// [`MeanStats::with_min_variance`]); 1/12 for whole units.
+    pub min_variance: f64,
 }
+
+/// Rounding error of values recorded in whole units.
+pub const WHOLE_UNIT_VARIANCE: f64 = 1.0 / 12.0;
 
 impl Default for MeanShiftConfig {
     fn default() -> Self {
@@ -634,7 +664,8 @@ impl Default for MeanShiftConfig {
             alpha: default_alpha(),
             margin: 0.3,
             min_per_arm: 200,
-            target_n: 1e5,
+            target_n: 1e4,
+            min_variance: WHOLE_UNIT_VARIANCE,
         }
     }
 }
@@ -646,6 +677,7 @@ impl Default for MeanShiftConfig {
 pub struct MeanShift {
     core: Core,
     boundary: MixtureBoundary,
+    min_variance: f64,
 }
 
 impl MeanShift {
@@ -671,6 +703,7 @@ impl MeanShift {
                 cfg.min_per_arm,
             ),
             boundary: MixtureBoundary::new(cfg.alpha, cfg.target_n),
+            min_variance: cfg.min_variance,
         }
     }
 
@@ -682,8 +715,12 @@ impl MeanShift {
     /// Look at cumulative (n, sum, sum of squares) per arm.
     pub fn observe(&mut self, treatment: &MeanStats, control: &MeanStats) -> Outcome {
         let b = self.boundary;
-        mixture_observe(&mut self.core, &b, treatment.n, control.n, || {
-            log_ratio_of_means(treatment, control, &b)
+        let (t, c) = (
+            treatment.with_min_variance(self.min_variance),
+            control.with_min_variance(self.min_variance),
+        );
+        mixture_observe(&mut self.core, &b, t.n, c.n, || {
+            log_ratio_of_means(&t, &c, &b)
         })
     }
 }
@@ -710,7 +747,7 @@ impl Default for ProportionDecreaseConfig {
             alpha: default_alpha(),
             margin: 0.05,
             min_per_arm: 200,
-            target_n: 1e4,
+            target_n: 2e3,
         }
     }
 }
@@ -772,6 +809,9 @@ pub struct MeanDecreaseConfig {
     pub min_per_arm: u64,
     /// Total reports at which the boundary is tightest.
     pub target_n: f64,
+    /// Least per-observation variance an arm is read with; 1/12 for
+    /// whole rating points.
+    pub min_variance: f64,
 }
 
 impl Default for MeanDecreaseConfig {
@@ -781,7 +821,8 @@ impl Default for MeanDecreaseConfig {
             breach_margin: 0.0,
             ni_margin: 0.1,
             min_per_arm: 200,
-            target_n: 1e4,
+            target_n: 2e3,
+            min_variance: WHOLE_UNIT_VARIANCE,
         }
     }
 }
@@ -791,6 +832,7 @@ impl Default for MeanDecreaseConfig {
 pub struct MeanDecrease {
     core: Core,
     boundary: MixtureBoundary,
+    min_variance: f64,
 }
 
 impl MeanDecrease {
@@ -811,6 +853,7 @@ impl MeanDecrease {
                 cfg.min_per_arm,
             ),
             boundary: MixtureBoundary::new(cfg.alpha, cfg.target_n),
+            min_variance: cfg.min_variance,
         }
     }
 
@@ -822,9 +865,11 @@ impl MeanDecrease {
     /// Look at cumulative (n, sum, sum of squares) per arm.
     pub fn observe(&mut self, treatment: &MeanStats, control: &MeanStats) -> Outcome {
         let b = self.boundary;
-        mixture_observe(&mut self.core, &b, treatment.n, control.n, || {
-            diff_of_means(treatment, control, &b)
-        })
+        let (t, c) = (
+            treatment.with_min_variance(self.min_variance),
+            control.with_min_variance(self.min_variance),
+        );
+        mixture_observe(&mut self.core, &b, t.n, c.n, || diff_of_means(&t, &c, &b))
     }
 }
 
@@ -951,9 +996,16 @@ mod tests {
         let mut m = MeanShift::new(MeanShiftConfig::default());
         let nan = MeanStats::new(1000, f64::NAN, f64::NAN);
         assert_eq!(m.observe(&nan, &nan).verdict, Verdict::InsufficientData);
-        let mut d = MeanDecrease::new(MeanDecreaseConfig::default());
+        let mut d = MeanDecrease::new(MeanDecreaseConfig {
+            min_variance: 0.0,
+            ..MeanDecreaseConfig::default()
+        });
         let c = MeanStats::new(1000, 5000.0, 25000.0);
         assert_eq!(d.observe(&c, &c).verdict, Verdict::InsufficientData);
+        // Read to their resolution, identical constant arms are an interval
+        // around 0.
+        let mut d = MeanDecrease::new(MeanDecreaseConfig::default());
+        assert_eq!(d.observe(&c, &c).verdict, Verdict::NonInferior);
         let mut q = QuantileIncrease::new(QuantileIncreaseConfig::default());
         let s = Sketch::new();
         assert_eq!(q.observe(&s, &s).verdict, Verdict::InsufficientData);

@@ -201,6 +201,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn erfc_matches_known_values() {
+        // scipy.special.erfc
+        for (x, expected) in [
+            (0.0, 1.0),
+            (0.5, 0.479_500_122),
+            (1.0, 0.157_299_207),
+            (2.0, 0.004_677_735),
+            (3.0, 2.209_049_7e-5),
+        ] {
+            let tolerance = 1e-7 * f64::max(expected, 1e-3);
+            assert!((erfc(x) - expected).abs() <= tolerance, "erfc({x})");
+        }
+    }
+
+    #[test]
     fn ln_gamma_exact_values() {
         // ln((n-1)!) for integers.
         let mut fact = 1.0f64;

@@ -77,6 +77,23 @@ impl MeanStats {
         m.is_finite().then_some(m)
     }
 
+    /// The same observations read as varying at least `floor` (sample
+    /// variance): values recorded to a resolution (whole tokens, bytes,
+    /// rating points) carry at least its rounding error, 1/12 of a unit
+    /// squared, so a run of identical values still yields an interval.
+    pub fn with_min_variance(&self, floor: f64) -> MeanStats {
+        match self.variance() {
+            Some(v) if v < floor && floor.is_finite() => {
+                let n = self.n as f64;
+                MeanStats {
+                    sum_sq: self.sum * self.sum / n + floor * (n - 1.0),
+                    ..*self
+                }
+            }
+            _ => *self,
+        }
+    }
+
     /// Unbiased sample variance (clamped at 0), `None` for n < 2.
     pub fn variance(&self) -> Option<f64> {
         if self.n < 2 {
@@ -325,6 +342,10 @@ mod tests {
         assert!(diff_of_means(&nan, &nan, &b).is_none());
         let constant = MeanStats::new(10, 10.0, 10.0);
         assert!(diff_of_means(&constant, &constant, &b).is_none());
+        let floored = constant.with_min_variance(1.0 / 12.0);
+        assert!((floored.variance().unwrap() - 1.0 / 12.0).abs() < 1e-9);
+        assert_eq!(floored.mean(), constant.mean());
+        assert!(diff_of_means(&floored, &floored, &b).is_some());
         let neg = MeanStats::new(10, -10.0, 20.0);
         assert!(log_ratio_of_means(&neg, &neg, &b).is_none());
         let c0 = CountStats::new(0, 0);

@@ -279,20 +279,73 @@ impl QuantileBoundary {
         in_k
     }
 
+    /// The fewest observations at which the CS has an upper bound at all
+    /// (a rank above the count's confidence set); `None` past 10⁹.
+    pub fn first_upper_bound_at(&self) -> Option<u64> {
+        let mut probe = self.clone();
+        probe.hint = None;
+        let mut has = |t: u64| probe.count_bounds(t).upper_rank().is_some();
+        let (mut lo, mut hi) = (1u64, 2u64);
+        while !has(hi) {
+            lo = hi;
+            hi = hi.checked_mul(2).filter(|h| *h <= 1_000_000_000)?;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if has(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
+    }
+
     /// The quantile CS at this look, read from `sketch` (bucket edges).
     pub fn interval(&mut self, sketch: &Sketch) -> QuantileInterval {
-        let t = sketch.count();
+        self.interval_bracketed(&Bracket::exact(sketch))
+    }
+
+    /// The quantile CS at this look from a [`Bracket`]: ranks from the
+    /// count, the lower bound from `low`, the upper from `high`, the
+    /// estimate from `high` (what `histogram_quantile` would read).
+    pub fn interval_bracketed(&mut self, bracket: &Bracket) -> QuantileInterval {
+        let t = bracket.high.count().min(bracket.low.count());
         let cb = self.count_bounds(t);
         QuantileInterval {
-            estimate: sketch.quantile(self.p),
+            estimate: bracket.high.quantile(self.p),
             lower: cb
                 .lower_rank()
-                .and_then(|r| sketch.rank_bounds(r))
+                .and_then(|r| bracket.low.rank_bounds(r))
                 .map(|(lo, _)| lo),
             upper: cb
                 .upper_rank()
-                .and_then(|r| sketch.rank_bounds(r))
+                .and_then(|r| bracket.high.rank_bounds(r))
                 .map(|(_, hi)| hi),
+        }
+    }
+}
+
+/// One arm's values known only up to coarse buckets `(lo, hi]`: `low`
+/// holds each bucket's count at its lower edge and `high` at its upper
+/// edge, so every order statistic of `low` is at most the true one and of
+/// `high` at least. On the CS event the true order statistics bound the
+/// quantile, so `low`'s lower bound and `high`'s upper bound do too. An
+/// exact sketch is the bracket whose two sides are the same.
+#[derive(Debug, Clone, Copy)]
+pub struct Bracket<'a> {
+    /// Values at (or below) their true value.
+    pub low: &'a Sketch,
+    /// Values at (or above) their true value.
+    pub high: &'a Sketch,
+}
+
+impl<'a> Bracket<'a> {
+    /// A sketch that needs no bracket.
+    pub fn exact(sketch: &'a Sketch) -> Self {
+        Bracket {
+            low: sketch,
+            high: sketch,
         }
     }
 }
@@ -333,6 +386,15 @@ impl QuantileRatio {
         }
     }
 
+    /// The fewest observations (treatment, control) at which each arm's
+    /// CS has an upper bound.
+    pub fn first_upper_bounds_at(&self) -> (Option<u64>, Option<u64>) {
+        (
+            self.treatment.first_upper_bound_at(),
+            self.control.first_upper_bound_at(),
+        )
+    }
+
     /// Forget the search hints (new stage). The boundary itself has no
     /// data state.
     pub fn reset(&mut self) {
@@ -342,8 +404,16 @@ impl QuantileRatio {
 
     /// Interval at this look from the two arms' cumulative sketches.
     pub fn interval(&mut self, treatment: &Sketch, control: &Sketch) -> RatioInterval {
-        let t = self.treatment.interval(treatment);
-        let c = self.control.interval(control);
+        self.interval_bracketed(&Bracket::exact(treatment), &Bracket::exact(control))
+    }
+
+    /// Interval at this look when each arm's values are known only to lie
+    /// within coarse buckets (a Prometheus histogram): lower bounds read
+    /// the arm's `low` sketch, upper bounds its `high` one (see
+    /// [`Bracket`]), so the interval stays valid and is only wider.
+    pub fn interval_bracketed(&mut self, treatment: &Bracket, control: &Bracket) -> RatioInterval {
+        let t = self.treatment.interval_bracketed(treatment);
+        let c = self.control.interval_bracketed(control);
         let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(x), Some(y)) if y > 0.0 && x.is_finite() && y.is_finite() => Some(x / y),
             _ => None,
@@ -378,6 +448,43 @@ mod tests {
         let mut b2 = QuantileBoundary::new(0.5, 0.05, 100.0);
         let cb = b2.count_bounds(777);
         assert_eq!((cb.k_lo, cb.k_hi), brute(&b2, 777));
+    }
+
+    #[test]
+    fn a_bracket_from_coarse_buckets_contains_the_exact_interval() {
+        // Values 1..=2000 ms; coarse buckets with edges 1.5× apart.
+        let edges: Vec<f64> = (0..20).map(|i| 0.001 * 1.5f64.powi(i)).collect();
+        let (mut exact, mut low, mut high) = (Sketch::new(), Sketch::new(), Sketch::new());
+        for ms in 1..=2000u32 {
+            let x = f64::from(ms) / 1000.0;
+            exact.insert(x);
+            let i = edges.iter().position(|e| x <= *e).unwrap();
+            low.insert(if i == 0 { 0.0 } else { edges[i - 1] });
+            high.insert(edges[i]);
+        }
+        let mut b = QuantileBoundary::new(0.95, 0.01, 1000.0);
+        let e = b.interval(&exact);
+        let w = b.interval_bracketed(&Bracket {
+            low: &low,
+            high: &high,
+        });
+        assert!(w.lower.unwrap() <= e.lower.unwrap(), "{w:?} {e:?}");
+        assert!(w.upper.unwrap() >= e.upper.unwrap(), "{w:?} {e:?}");
+        // Only as wide as a bucket on each side.
+        assert!(
+            w.upper.unwrap() / w.lower.unwrap() < 1.5 * 1.5 * 1.1,
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn the_first_upper_bound_is_where_the_count_set_leaves_room() {
+        let b = QuantileBoundary::new(0.95, 0.001, 2000.0);
+        let t = b.first_upper_bound_at().unwrap();
+        let mut check = b.clone();
+        assert!(check.count_bounds(t).upper_rank().is_some());
+        assert!(check.count_bounds(t - 1).upper_rank().is_none());
+        assert!((50..2000).contains(&t), "{t}");
     }
 
     #[test]

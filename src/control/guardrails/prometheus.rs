@@ -1,24 +1,34 @@
 //! The guardrails' numbers for a whole fleet, from a Prometheus server
 //! that scrapes every replica. The PromQL is built from the same metric
-//! names the gateway exports, over the same window the local source uses,
-//! so every replica reading the server judges the same numbers and acts
-//! alike.
+//! names the gateway exports and asks for the stage's increase, so every
+//! replica reading the server judges the same numbers and acts alike.
+//!
+//! Prometheus keeps latencies only as histogram buckets about 1.5x apart,
+//! so each arm's latency and time to first token come back as a bracket
+//! (each bucket's count at its lower and at its upper edge): the quantile
+//! tests stay valid, only wider by a bucket. Completion tokens are not
+//! exported per answer, so the length check reads bytes, with a second
+//! moment from the buckets' upper edges (wider, never narrower).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use abgate_sequential::mean::MeanStats;
+use abgate_sequential::sketch::Sketch;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use crate::config::guardrails::GuardrailsConfig;
 use crate::proxy::body::Body;
 use crate::proxy::client::HttpClient;
-use crate::telemetry::readback::ArmWindow;
+use crate::telemetry::evidence::{ArmEvidence, Quantiles};
+use crate::telemetry::readback::ArmCounts;
 
-/// The queries for one window, each answering one number per arm.
-pub(crate) fn queries(experiment: &str, window: Duration) -> Vec<(&'static str, String)> {
+/// The queries for one span, each answering one number per arm (or per
+/// arm and bucket).
+pub(crate) fn queries(experiment: &str, span: Duration) -> Vec<(&'static str, String)> {
     let selector = format!(r#"experiment="{experiment}",variant=~"control|treatment""#);
-    let range = format!("{}s", window.as_secs().max(1));
+    let range = format!("{}s", span.as_secs().max(1));
     let increase = |metric: &str, extra: &str, by: &str| {
         format!("sum by ({by}) (increase({metric}{{{selector}{extra}}}[{range}]))")
     };
@@ -37,38 +47,24 @@ pub(crate) fn queries(experiment: &str, window: Duration) -> Vec<(&'static str, 
             ),
         ),
         (
-            "latency_p95",
-            format!(
-                "histogram_quantile(0.95, {})",
-                increase("abgate_request_duration_seconds_bucket", "", "variant, le")
-            ),
+            "latency",
+            increase("abgate_request_duration_seconds_bucket", "", "variant, le"),
         ),
         (
-            "streams",
+            "ttft",
             increase(
-                "abgate_time_to_first_byte_seconds_count",
+                "abgate_time_to_first_byte_seconds_bucket",
                 r#",stream="true""#,
-                "variant",
+                "variant, le",
             ),
         ),
         (
-            "ttft_p95",
-            format!(
-                "histogram_quantile(0.95, {})",
-                increase(
-                    "abgate_time_to_first_byte_seconds_bucket",
-                    r#",stream="true""#,
-                    "variant, le"
-                )
-            ),
+            "bytes",
+            increase("abgate_response_bytes_bucket", "", "variant, le"),
         ),
         (
-            "mean_response_bytes",
-            format!(
-                "{} / {}",
-                increase("abgate_response_bytes_sum", "", "variant"),
-                increase("abgate_response_bytes_count", "", "variant")
-            ),
+            "bytes_sum",
+            increase("abgate_response_bytes_sum", "", "variant"),
         ),
         (
             "feedback",
@@ -112,9 +108,76 @@ fn parse_answer(body: &[u8]) -> Result<Vec<Sample>, String> {
     }
 }
 
-/// Folds the answers into the two arms' windows.
-fn fold(answers: &[(&str, Vec<Sample>)], config: &GuardrailsConfig) -> (ArmWindow, ArmWindow) {
-    let mut arms = [ArmWindow::default(), ArmWindow::default()];
+/// Cumulative bucket counts by upper edge (`le`), per arm.
+type Cumulative = Vec<(f64, f64)>;
+
+/// Bucket counts: (lower edge, upper edge, count), from cumulative ones.
+fn buckets(mut cumulative: Cumulative) -> Vec<(f64, f64, u64)> {
+    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut lower, mut below) = (0.0, 0.0);
+    let mut out = Vec::with_capacity(cumulative.len());
+    for (le, count) in cumulative {
+        let count = count.max(below);
+        out.push((lower, le, (count - below).round() as u64));
+        (lower, below) = (le, count);
+    }
+    out
+}
+
+/// A bracket of sketches from histogram buckets; the `+Inf` bucket's
+/// values are put at 100 times the last finite edge.
+fn bracket(cumulative: Cumulative) -> Quantiles {
+    let (mut low, mut high) = (Sketch::new(), Sketch::new());
+    let buckets = buckets(cumulative);
+    let last_finite = buckets
+        .iter()
+        .map(|(_, le, _)| *le)
+        .filter(|le| le.is_finite())
+        .fold(0.0, f64::max);
+    for (lower, upper, count) in buckets {
+        let upper = if upper.is_finite() {
+            upper
+        } else {
+            last_finite * 100.0
+        };
+        low.insert_n(lower, count);
+        high.insert_n(upper, count);
+    }
+    Quantiles::Bracketed { low, high }
+}
+
+/// n, sum and an upper bound on the sum of squares from buckets and the
+/// exact sum (`+Inf` counted at twice the last finite edge).
+fn moments(cumulative: Cumulative, sum: f64) -> MeanStats {
+    let mut stats = MeanStats {
+        sum,
+        ..MeanStats::default()
+    };
+    for (lower, upper, count) in buckets(cumulative) {
+        let edge = if upper.is_finite() {
+            upper
+        } else {
+            2.0 * lower
+        };
+        stats.n += count;
+        stats.sum_sq += edge * edge * count as f64;
+    }
+    stats
+}
+
+/// Folds the answers into the two arms' evidence: (control, treatment).
+fn fold(answers: &[(&str, Vec<Sample>)], config: &GuardrailsConfig) -> (ArmEvidence, ArmEvidence) {
+    #[derive(Default)]
+    struct Arm {
+        counts: ArmCounts,
+        ratings: [f64; 5],
+        latency: Cumulative,
+        ttft: Cumulative,
+        bytes: Cumulative,
+        bytes_sum: f64,
+    }
+    let mut arms = [Arm::default(), Arm::default()];
+    let count = |value: f64| value.max(0.0).round() as u64;
     for (name, samples) in answers {
         for sample in samples {
             let index = match sample.metric.get("variant").map(String::as_str) {
@@ -123,56 +186,60 @@ fn fold(answers: &[(&str, Vec<Sample>)], config: &GuardrailsConfig) -> (ArmWindo
                 _ => continue,
             };
             let value: f64 = sample.value.1.parse().unwrap_or(f64::NAN);
-            let finite = value.is_finite().then_some(value);
+            let value = if value.is_finite() { value } else { 0.0 };
+            let le = sample
+                .metric
+                .get("le")
+                .and_then(|le| le.parse::<f64>().ok());
             let arm = &mut arms[index];
-            match *name {
-                "requests" => arm.requests = value.max(0.0),
-                "server_errors" | "rate_limited" => arm.errors += finite.unwrap_or(0.0),
-                "latency_p95" => arm.latency_p95_seconds = finite,
-                "streams" => arm.streams = finite.unwrap_or(0.0),
-                "ttft_p95" => arm.ttft_p95_seconds = finite,
-                "mean_response_bytes" => arm.mean_response_bytes = finite,
-                "feedback" => {
-                    let count = finite.unwrap_or(0.0);
-                    arm.feedback_reports += count;
+            match (*name, le) {
+                ("requests", _) => arm.counts.requests = count(value),
+                ("server_errors" | "rate_limited", _) => arm.counts.errors += count(value),
+                ("latency", Some(le)) => arm.latency.push((le, value)),
+                ("ttft", Some(le)) => arm.ttft.push((le, value)),
+                ("bytes", Some(le)) => arm.bytes.push((le, value)),
+                ("bytes_sum", _) => arm.bytes_sum = value,
+                ("feedback", _) => {
+                    arm.counts.feedback_reports += count(value);
                     if sample.metric.get("outcome") == Some(&config.completion_outcome) {
-                        arm.feedback_completed += count;
+                        arm.counts.feedback_completed += count(value);
                     }
                 }
-                "ratings" => {
-                    // Cumulative buckets le="1".."5": turned into counts below.
-                    let bucket = sample
-                        .metric
-                        .get("le")
-                        .and_then(|le| le.parse::<f64>().ok());
-                    if let Some(le) = bucket.filter(|le| (1.0..=5.0).contains(le)) {
-                        arm.ratings[le as usize - 1] = finite.unwrap_or(0.0);
-                    }
+                // Cumulative buckets le="1".."5": turned into counts below.
+                ("ratings", Some(le)) if (1.0..=5.0).contains(&le) => {
+                    arm.ratings[le as usize - 1] = value;
                 }
                 _ => {}
             }
         }
     }
-    for arm in &mut arms {
+    let [control, treatment] = arms.map(|mut arm| {
         for value in (1..5).rev() {
             arm.ratings[value] = (arm.ratings[value] - arm.ratings[value - 1]).max(0.0);
         }
-    }
-    let [control, treatment] = arms;
+        arm.counts.ratings = arm.ratings.map(count);
+        let mut evidence = ArmEvidence::default();
+        evidence.fill_counts(&arm.counts);
+        evidence.latency = bracket(arm.latency);
+        evidence.ttft = bracket(arm.ttft);
+        evidence.response_bytes = moments(arm.bytes, arm.bytes_sum);
+        evidence
+    });
     (control, treatment)
 }
 
-/// Asks `base_url` for both arms' numbers over `window`.
+/// Asks `base_url` for both arms' numbers over the last `span`:
+/// (control, treatment).
 pub(crate) async fn fetch(
     client: &HttpClient,
     base_url: &str,
     experiment: &str,
-    window: Duration,
+    span: Duration,
     config: &GuardrailsConfig,
     timeout: Duration,
-) -> Result<(ArmWindow, ArmWindow), String> {
+) -> Result<(ArmEvidence, ArmEvidence), String> {
     let mut answers = Vec::new();
-    for (name, query) in queries(experiment, window) {
+    for (name, query) in queries(experiment, span) {
         let uri = format!("{base_url}/api/v1/query?query={}", url_encode(&query));
         let request = http::Request::get(&uri)
             .body(Body::full(Bytes::new()))
@@ -232,7 +299,8 @@ mod tests {
             text[0],
             r#"sum by (variant) (increase(abgate_requests_total{experiment="ft-v3",variant=~"control|treatment"}[300s]))"#
         );
-        assert!(text[3].starts_with("histogram_quantile(0.95, sum by (variant, le) (increase(abgate_request_duration_seconds_bucket{"));
+        assert!(text[3]
+            .starts_with("sum by (variant, le) (increase(abgate_request_duration_seconds_bucket{"));
         assert_eq!(url_encode("a b{\"}"), "a%20b%7B%22%7D");
     }
 
@@ -259,9 +327,22 @@ mod tests {
             ("server_errors", vector(&[("treatment", "", "7")])),
             ("rate_limited", vector(&[("treatment", "", "3")])),
             (
-                "latency_p95",
-                vector(&[("control", "", "0.5"), ("treatment", "", "NaN")]),
+                "latency",
+                vector(&[
+                    ("control", r#","le":"0.1""#, "500"),
+                    ("control", r#","le":"0.2""#, "890"),
+                    ("control", r#","le":"+Inf""#, "900"),
+                    ("treatment", r#","le":"0.1""#, "NaN"),
+                ]),
             ),
+            (
+                "bytes",
+                vector(&[
+                    ("control", r#","le":"1000""#, "900"),
+                    ("control", r#","le":"+Inf""#, "900"),
+                ]),
+            ),
+            ("bytes_sum", vector(&[("control", "", "720000")])),
             (
                 "feedback",
                 vector(&[
@@ -282,15 +363,26 @@ mod tests {
             ),
         ];
         let (control, treatment) = fold(&answers, &GuardrailsConfig::default());
-        assert_eq!((control.requests, treatment.requests), (900.0, 100.0));
-        assert_eq!(treatment.errors, 10.0);
-        assert_eq!(control.latency_p95_seconds, Some(0.5));
-        assert_eq!(treatment.latency_p95_seconds, None);
         assert_eq!(
-            (control.feedback_reports, control.feedback_completed),
-            (50.0, 40.0)
+            (control.requests.trials, treatment.requests.trials),
+            (900, 100)
         );
-        assert_eq!(control.ratings, [1.0, 0.0, 3.0, 2.0, 4.0]);
+        assert_eq!(treatment.requests.events, 10);
+        // 500 answers in (0, 0.1], 390 in (0.1, 0.2], 10 above.
+        let Quantiles::Bracketed { low, high } = &control.latency else {
+            panic!("Prometheus latencies are bracketed");
+        };
+        assert_eq!((low.count(), high.count()), (900, 900));
+        let (p95_low, p95_high) = (low.quantile(0.95).unwrap(), high.quantile(0.95).unwrap());
+        assert!((0.099..=0.101).contains(&p95_low), "{p95_low}");
+        assert!((0.199..=0.201).contains(&p95_high), "{p95_high}");
+        assert_eq!(treatment.latency.count(), 0);
+        assert_eq!(control.response_bytes.n, 900);
+        assert_eq!(control.response_bytes.mean(), Some(800.0));
+        assert_eq!(control.response_bytes.sum_sq, 900.0 * 1e6);
+        assert_eq!((control.feedback.trials, control.feedback.events), (50, 40));
+        assert_eq!(control.ratings.n, 10);
+        assert_eq!(control.ratings.sum, 1.0 + 3.0 * 3.0 + 4.0 * 2.0 + 5.0 * 4.0);
         let failed =
             parse_answer(br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#);
         assert_eq!(failed.unwrap_err(), "parse error");

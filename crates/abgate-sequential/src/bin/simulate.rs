@@ -318,42 +318,40 @@ fn run_stage(
     day_look: u64,
 ) -> [CheckRecord; 7] {
     let day_n = sc.rate * 86_400.0;
-    let t_share = sc.split.min(1.0 - sc.split);
     let mut checks_err = ErrorRate::new(ErrorRateConfig {
         alpha,
         breach_threshold: 0.0,
-        ni_margin: 0.005,
-        min_per_arm: 200,
-        target_n: day_n,
+        ni_margin: 0.01,
+        min_per_arm: 500,
+        target_n: ErrorRateConfig::default().target_n,
     });
     let qcfg = QuantileIncreaseConfig {
         alpha,
         p: 0.95,
         margin: 0.2,
-        min_per_arm: 200,
-        target_n: day_n * t_share,
+        min_per_arm: 500,
+        target_n: QuantileIncreaseConfig::default().target_n,
     };
     let mut chk_lat = QuantileIncrease::new(qcfg);
     let mut chk_ttft = QuantileIncrease::new(qcfg);
     let mut chk_tok = MeanShift::new(MeanShiftConfig {
         alpha,
         margin: 0.3,
-        min_per_arm: 200,
-        target_n: day_n,
+        min_per_arm: 500,
+        ..MeanShiftConfig::default()
     });
-    let fb_n = day_n * sc.feedback;
     let mut chk_comp = ProportionDecrease::new(ProportionDecreaseConfig {
         alpha,
         margin: 0.05,
-        min_per_arm: 200,
-        target_n: fb_n,
+        min_per_arm: 100,
+        target_n: ProportionDecreaseConfig::default().target_n,
     });
     let mut chk_rate = MeanDecrease::new(MeanDecreaseConfig {
         alpha,
         breach_margin: 0.0,
         ni_margin: 0.1,
-        min_per_arm: 200,
-        target_n: fb_n,
+        min_per_arm: 100,
+        ..MeanDecreaseConfig::default()
     });
     let mut chk_srm = SampleRatio::new(SampleRatioConfig {
         alpha,
