@@ -77,7 +77,7 @@ fn assert_served_by_control(answer: &Answer, control: &MockHandle) {
     assert_eq!(answer.header("x-abgate-variant"), "treatment");
     assert_eq!(answer.header("x-abgate-served-by"), "control");
     assert_eq!(answer.header("x-abgate-model"), "base-model");
-    assert!(answer.header("x-abgate-request-id").starts_with("abg1_"));
+    assert!(answer.header("x-abgate-request-id").starts_with("abg2_"));
     let seen = control.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].headers["authorization"], "Bearer sk-control");

@@ -1012,7 +1012,7 @@ fn judge(expect: &Expect, client: &Client, seen: &Seen) -> Vec<String> {
                     if answer.header("connection") != "close" {
                         problems.push("no `connection: close`".to_owned());
                     }
-                } else if !answer.header("x-abgate-request-id").starts_with("abg1_") {
+                } else if !answer.header("x-abgate-request-id").starts_with("abg2_") {
                     problems.push("no x-abgate-request-id".to_owned());
                 }
             }

@@ -33,7 +33,7 @@ async fn users_are_routed_by_their_hash_and_the_model_is_rewritten() {
             _ => ("base-model", "base"),
         };
         assert_eq!(answer.header("x-abgate-model"), model);
-        assert!(answer.header("x-abgate-request-id").starts_with("abg1_"));
+        assert!(answer.header("x-abgate-request-id").starts_with("abg2_"));
         assert_eq!(answer.header("x-abgate-experiment"), "test-exp");
         let json = answer.json();
         assert_eq!(json["model"], model, "the upstream saw the rewritten model");

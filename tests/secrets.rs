@@ -277,7 +277,7 @@ async fn no_secret_reaches_an_answer_a_log_a_metric_or_a_file() {
             "feedback",
             vec![("authorization", bearer.as_str())],
             "/v1/feedback",
-            r#"{"request_id":"abg1_c_0_0_x","outcome":"completed"}"#,
+            r#"{"request_id":"abg2_c_0_0_0_x","outcome":"completed"}"#,
         ),
     ] {
         let answer = post(&url, path, &headers, body).await;

@@ -290,7 +290,7 @@ async fn forcing_an_arm_needs_qa_override_and_the_token() {
     assert_eq!(forced.status, 200, "{}", forced.text());
     assert_eq!(forced.header("x-abgate-variant"), "treatment");
     assert_eq!(forced.header("x-abgate-forced"), "true");
-    assert!(forced.header("x-abgate-request-id").starts_with("abg1_u_"));
+    assert!(forced.header("x-abgate-request-id").starts_with("abg2_u_"));
     let plain = chat(&url, "qa-user").await;
     assert_eq!(plain.header("x-abgate-variant"), "control");
     assert_eq!(plain.header("x-abgate-forced"), "");

@@ -305,7 +305,7 @@ async fn feedback_is_attributed_by_the_signed_request_id_on_any_replica() {
         )
         .await,
     );
-    assert!(treatment_id.starts_with("abg1_t_") && treatment_id.ends_with("_test-exp"));
+    assert!(treatment_id.starts_with("abg2_t_") && treatment_id.ends_with("_test-exp"));
 
     // Reported to the other replica: no shared state, same attribution.
     let report = |id: &str, outcome: &str, rating: &str| {
@@ -344,7 +344,7 @@ async fn feedback_is_attributed_by_the_signed_request_id_on_any_replica() {
     }
 
     // A client cannot move its report to the other arm, or invent labels.
-    let forged = treatment_id.replacen("abg1_t_", "abg1_c_", 1);
+    let forged = treatment_id.replacen("abg2_t_", "abg2_c_", 1);
     for (body, mentions) in [
         (report(&forged, "completed", "5"), "request_id"),
         (report("abg-123", "completed", "5"), "request_id"),

@@ -1,11 +1,17 @@
 //! Request ids that carry their own attribution.
 //!
-//! `abg1_<v>_<random>_<mac>_<experiment>`: `v` is the variant (`c`, `t`,
-//! `u`), `random` 64 bits in hex, `mac` the first 64 bits of
-//! HMAC-SHA256(key, "abg1|v|random|experiment") in hex, and the experiment
-//! name last (it may contain `_`). Feedback quoting an id is attributed to
-//! that arm by any replica holding the same key, with no shared state, and a
-//! client cannot move its feedback to the other arm without the key.
+//! `abg2_<v>_<issued>_<random>_<mac>_<experiment>`: `v` is the variant
+//! (`c`, `t`, `u`), `issued` the Unix time in seconds it was issued as 8
+//! hex digits, `random` 64 bits in hex, `mac` the first 64 bits of
+//! HMAC-SHA256(key, "abg2|v|issued|random|experiment") in hex, and the
+//! experiment name last (it may contain `_`). Feedback quoting an id is
+//! attributed to that arm, and its age known, by any replica holding the
+//! same key, with no shared state; a client cannot move its feedback to the
+//! other arm, or make it younger, without the key.
+//!
+//! Ids of the earlier format, `abg1_<v>_<random>_<mac>_<experiment>`
+//! (HMAC over "abg1|v|random|experiment"), still verify, with no issue
+//! time, so that feedback on answers served before an upgrade counts.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -14,16 +20,19 @@ use crate::experiment::assign::Variant;
 
 type HmacSha256 = Hmac<Sha256>;
 
-const PREFIX: &str = "abg1";
+const PREFIX: &str = "abg2";
+const PREFIX_V1: &str = "abg1";
 
 /// Signs and verifies request ids.
 #[derive(Clone)]
 pub struct RequestIds {
-    /// HMAC already keyed, with `abg1|<v>|` already fed, for control,
+    /// HMAC already keyed, with `abg2|<v>|` already fed, for control,
     /// treatment and unassigned in that order: signing an id clones one and
     /// feeds only what varies (the key's two SHA-256 blocks are not hashed
     /// again per id).
     prefixed: [HmacSha256; 3],
+    /// The same with `abg1|<v>|`, to verify ids of the earlier format.
+    prefixed_v1: [HmacSha256; 3],
 }
 
 impl std::fmt::Debug for RequestIds {
@@ -40,11 +49,14 @@ pub(crate) struct Attribution {
     /// The id's MAC: unforgeable and unique per id, the key a report is
     /// remembered by.
     pub(crate) mac: u64,
+    /// When it was issued (Unix seconds); none for an id of the earlier
+    /// format.
+    pub(crate) issued_at: Option<u64>,
 }
 
-/// `abg1_<v>_` + 16 hex digits + `_` + 16 hex digits + `_`: the part of an
-/// id before its experiment, always this long.
-const HEAD_LEN: usize = PREFIX.len() + 3 + 16 + 1 + 16 + 1;
+/// `abg2_<v>_` + 8, 16 and 16 hex digits each followed by `_`: the part of
+/// an id before its experiment, always this long.
+const HEAD_LEN: usize = PREFIX.len() + 3 + 8 + 1 + 16 + 1 + 16 + 1;
 
 impl RequestIds {
     /// Ids signed with `key` (shared by every replica of a fleet).
@@ -53,14 +65,19 @@ impl RequestIds {
         // HMAC takes keys of any length: this cannot fail.
         let keyed = HmacSha256::new_from_slice(&key)
             .unwrap_or_else(|_| <HmacSha256 as Mac>::new(&Default::default()));
-        let prefixed = [Variant::Control, Variant::Treatment, Variant::Unassigned].map(|variant| {
-            let mut hmac = keyed.clone();
-            for part in [PREFIX, "|", variant_code(variant), "|"] {
-                hmac.update(part.as_bytes());
-            }
-            hmac
-        });
-        Self { prefixed }
+        let prefixed_with = |prefix: &str| {
+            [Variant::Control, Variant::Treatment, Variant::Unassigned].map(|variant| {
+                let mut hmac = keyed.clone();
+                for part in [prefix, "|", variant_code(variant), "|"] {
+                    hmac.update(part.as_bytes());
+                }
+                hmac
+            })
+        };
+        Self {
+            prefixed: prefixed_with(PREFIX),
+            prefixed_v1: prefixed_with(PREFIX_V1),
+        }
     }
 
     /// Ids signed with a random key: only this process can verify them.
@@ -72,12 +89,22 @@ impl RequestIds {
     /// A fresh id for a request served by `variant` in `experiment`, built
     /// in one allocation.
     pub fn issue(&self, variant: Variant, experiment: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.issue_at(variant, experiment, now)
+    }
+
+    /// An id issued at `unix_seconds` (kept to 32 bits: until 2106).
+    pub(crate) fn issue_at(&self, variant: Variant, experiment: &str, unix_seconds: u64) -> String {
+        let mut issued = [0u8; 8];
+        hex_into(&(unix_seconds as u32).to_be_bytes(), &mut issued);
         let mut random = [0u8; 16];
         hex_into(&fastrand::u64(..).to_be_bytes(), &mut random);
-        let digest = self
-            .signing(variant, &random, experiment)
-            .finalize()
-            .into_bytes();
+        let mut hmac = self.signing(&self.prefixed, variant, &issued);
+        hmac.update(b"|");
+        hmac.update(&random);
+        let digest = finish(hmac, experiment).finalize().into_bytes();
         let mut mac = [0u8; 16];
         hex_into(&digest[..8], &mut mac);
         // The fixed-length head assembled on the stack, then one copy.
@@ -88,6 +115,8 @@ impl RequestIds {
             PREFIX.as_bytes(),
             b"_",
             code,
+            b"_",
+            &issued,
             b"_",
             &random,
             b"_",
@@ -106,54 +135,83 @@ impl RequestIds {
         id
     }
 
-    /// The HMAC of `abg1|<v>|<random>|<experiment>`, all fed but the end:
-    /// what an id's mac is the first 64 bits of.
-    fn signing(&self, variant: Variant, random: &[u8], experiment: &str) -> HmacSha256 {
-        let [control, treatment, unassigned] = &self.prefixed;
+    /// An HMAC from `prefixed` (one per arm) fed `first`: the first field
+    /// after the prefix and arm.
+    fn signing(&self, prefixed: &[HmacSha256; 3], variant: Variant, first: &[u8]) -> HmacSha256 {
+        let [control, treatment, unassigned] = prefixed;
         let mut hmac = match variant {
             Variant::Control => control,
             Variant::Treatment => treatment,
             Variant::Unassigned => unassigned,
         }
         .clone();
-        hmac.update(random);
-        hmac.update(b"|");
-        hmac.update(experiment.as_bytes());
+        hmac.update(first);
         hmac
     }
 
-    /// The arm and experiment of an id this key signed; `None` for anything
-    /// else (malformed, forged, or signed with another key).
+    /// The arm, experiment and issue time of an id this key signed; `None`
+    /// for anything else (malformed, forged, or signed with another key).
     pub(crate) fn verify(&self, id: &str) -> Option<Attribution> {
-        let mut parts = id.splitn(5, '_');
-        let (prefix, code, random, mac, experiment) = (
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-        );
-        if prefix != PREFIX || random.len() != 16 || mac.len() != 16 || experiment.is_empty() {
-            return None;
-        }
+        let (prefix, rest) = id.split_once('_')?;
+        let (code, rest) = rest.split_once('_')?;
         let variant = match code {
             "c" => Variant::Control,
             "t" => Variant::Treatment,
             "u" => Variant::Unassigned,
             _ => return None,
         };
+        let (hmac, issued_at, mac, experiment) = match prefix {
+            PREFIX => {
+                let mut parts = rest.splitn(4, '_');
+                let (issued, random, mac, experiment) =
+                    (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+                if issued.len() != 8 || random.len() != 16 || !is_hex(issued) || !is_hex(random) {
+                    return None;
+                }
+                let mut hmac = self.signing(&self.prefixed, variant, issued.as_bytes());
+                hmac.update(b"|");
+                hmac.update(random.as_bytes());
+                let issued_at = u64::from_str_radix(issued, 16).ok()?;
+                (hmac, Some(issued_at), mac, experiment)
+            }
+            PREFIX_V1 => {
+                let mut parts = rest.splitn(3, '_');
+                let (random, mac, experiment) = (parts.next()?, parts.next()?, parts.next()?);
+                if random.len() != 16 {
+                    return None;
+                }
+                let hmac = self.signing(&self.prefixed_v1, variant, random.as_bytes());
+                (hmac, None, mac, experiment)
+            }
+            _ => return None,
+        };
+        if mac.len() != 16 || experiment.is_empty() {
+            return None;
+        }
         let expected = decode_hex(mac)?;
         let mac_bits = u64::from_str_radix(mac, 16).ok()?;
         // Constant time: a forger learns nothing from how fast a guess fails.
-        self.signing(variant, random.as_bytes(), experiment)
+        finish(hmac, experiment)
             .verify_truncated_left(&expected)
             .ok()?;
         Some(Attribution {
             variant,
             experiment: experiment.to_owned(),
             mac: mac_bits,
+            issued_at,
         })
     }
+}
+
+/// Feeds the experiment, the signed message's last field.
+fn finish(mut hmac: HmacSha256, experiment: &str) -> HmacSha256 {
+    hmac.update(b"|");
+    hmac.update(experiment.as_bytes());
+    hmac
+}
+
+fn is_hex(text: &str) -> bool {
+    text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Lowercase hex of `bytes` into `out` (twice as long).
@@ -196,34 +254,51 @@ mod tests {
             (Variant::Treatment, "t"),
             (Variant::Unassigned, "u"),
         ] {
-            let id = ids.issue(variant, "exp_a.v1");
-            let parts: Vec<&str> = id.splitn(5, '_').collect();
+            let id = ids.issue_at(variant, "exp_a.v1", 1_764_806_400);
+            let parts: Vec<&str> = id.splitn(6, '_').collect();
             assert_eq!(
-                (parts[0], parts[1], parts[4]),
-                ("abg1", code, "exp_a.v1"),
+                (parts[0], parts[1], parts[2], parts[5]),
+                ("abg2", code, "6930cf00", "exp_a.v1"),
                 "{id}"
             );
             let mut hmac = HmacSha256::new_from_slice(key).unwrap();
-            hmac.update(format!("abg1|{code}|{}|exp_a.v1", parts[2]).as_bytes());
+            hmac.update(format!("abg2|{code}|6930cf00|{}|exp_a.v1", parts[3]).as_bytes());
             let digest = hmac.finalize().into_bytes();
             let expected: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(parts[3], expected, "{id}");
+            assert_eq!(parts[4], expected, "{id}");
+            assert_eq!(ids.verify(&id).unwrap().issued_at, Some(1_764_806_400));
         }
+        // An id of the earlier format, signed as its doc says, still
+        // verifies, with no issue time.
+        let mut hmac = HmacSha256::new_from_slice(key).unwrap();
+        hmac.update(b"abg1|t|0123456789abcdef|exp");
+        let digest = hmac.finalize().into_bytes();
+        let mac: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let old = ids
+            .verify(&format!("abg1_t_0123456789abcdef_{mac}_exp"))
+            .unwrap();
+        assert_eq!((old.variant, old.issued_at), (Variant::Treatment, None));
     }
 
     #[test]
     fn issued_ids_verify_and_forgeries_do_not() {
         let ids = RequestIds::new(b"fleet-key".to_vec());
         let id = ids.issue(Variant::Treatment, "support_ft.v3");
-        assert!(id.starts_with("abg1_t_"));
+        assert!(id.starts_with("abg2_t_"));
+        let found = ids.verify(&id).unwrap();
         assert_eq!(
-            ids.verify(&id),
-            Some(Attribution {
-                variant: Variant::Treatment,
-                experiment: "support_ft.v3".into(),
-                mac: u64::from_str_radix(id.split('_').nth(3).unwrap_or(""), 16).unwrap_or(0),
-            })
+            (found.variant, found.experiment.as_str()),
+            (Variant::Treatment, "support_ft.v3")
         );
+        assert_eq!(
+            found.mac,
+            u64::from_str_radix(id.split('_').nth(4).unwrap_or(""), 16).unwrap_or(0)
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(found.issued_at.unwrap().abs_diff(now) <= 2);
         // Each arm's id is signed with its own prefix.
         for variant in [Variant::Control, Variant::Treatment, Variant::Unassigned] {
             let id = ids.issue(variant, "exp_a");
@@ -237,14 +312,19 @@ mod tests {
         // Another replica with the same key agrees; one with another key does not.
         assert!(RequestIds::new(b"fleet-key".to_vec()).verify(&id).is_some());
         assert!(RequestIds::new(b"other".to_vec()).verify(&id).is_none());
-        // Flipping the arm breaks the signature.
-        assert!(ids.verify(&id.replacen("abg1_t_", "abg1_c_", 1)).is_none());
+        // Flipping the arm, or making the id younger, breaks the signature.
+        assert!(ids.verify(&id.replacen("abg2_t_", "abg2_c_", 1)).is_none());
+        let issued = id.split('_').nth(2).unwrap();
+        let younger = format!("{:08x}", u64::from_str_radix(issued, 16).unwrap() + 86_400);
+        assert!(ids.verify(&id.replacen(issued, &younger, 1)).is_none());
         assert!(ids.verify(&format!("{id}x")).is_none());
         for junk in [
             "",
-            "abg1",
+            "abg2",
+            "abg2_t_00_00_00_x",
+            "abg2_x_00000000_0000000000000000_0000000000000000_e",
+            "abg2_t_0000000g_0000000000000000_0000000000000000_e",
             "abg1_t_00_00_x",
-            "abg1_x_0000000000000000_0000000000000000_e",
             "é_t_1",
         ] {
             assert!(ids.verify(junk).is_none(), "{junk}");

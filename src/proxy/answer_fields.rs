@@ -82,7 +82,7 @@ mod tests {
             fallback: true,
             model: Some(HeaderValue::from_static("ft:m")),
             experiment: Some(HeaderValue::from_static("exp")),
-            request_id: Some(HeaderValue::from_static("abg1_t_00_11_exp")),
+            request_id: Some(HeaderValue::from_static("abg2_t_00_11_22_exp")),
         };
         let mut out = Vec::new();
         fields.write(&mut out);
@@ -91,7 +91,7 @@ mod tests {
             "x-abgate-forced: true\r\nx-abgate-variant: treatment\r\n\
              x-abgate-fallback: true\r\nx-abgate-served-by: control\r\n\
              x-abgate-model: ft:m\r\nx-abgate-experiment: exp\r\n\
-             x-abgate-request-id: abg1_t_00_11_exp\r\n"
+             x-abgate-request-id: abg2_t_00_11_22_exp\r\n"
         );
         let mut headers = HeaderMap::new();
         headers.insert("x-abgate-variant", HeaderValue::from_static("forged"));

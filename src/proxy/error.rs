@@ -118,6 +118,11 @@ pub enum ProxyError {
     InvalidFeedback(String),
     #[error("feedback for this request_id was already recorded; a request is reported once")]
     DuplicateFeedback,
+    #[error("this request was served {age_seconds} s ago; feedback is accepted for {max_age_seconds} s after a request (feedback.max_age_seconds)")]
+    FeedbackExpired {
+        age_seconds: u64,
+        max_age_seconds: u64,
+    },
     #[error("this replica holds as many feedback reports as it can check for duplicates ({limit}); retry once older ones expire (feedback.max_age_seconds)")]
     FeedbackFull { limit: usize },
     #[error("{path} takes {allowed}")]
@@ -161,6 +166,7 @@ impl ProxyError {
             | ProxyError::UserIdRequired { .. }
             | ProxyError::InvalidForcedVariant
             | ProxyError::InvalidFeedback(_)
+            | ProxyError::FeedbackExpired { .. }
             | ProxyError::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             ProxyError::DuplicateFeedback => StatusCode::CONFLICT,
             ProxyError::FeedbackFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -200,6 +206,7 @@ impl ProxyError {
             ProxyError::InvalidPath { .. } => "invalid_path",
             ProxyError::InvalidFeedback(_) => "invalid_feedback",
             ProxyError::DuplicateFeedback => "duplicate_feedback",
+            ProxyError::FeedbackExpired { .. } => "feedback_expired",
             ProxyError::FeedbackFull { .. } => "feedback_full",
             ProxyError::MissingApiKey => "missing_api_key",
             ProxyError::InvalidApiKey => "invalid_api_key",

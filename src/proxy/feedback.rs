@@ -11,6 +11,7 @@ use super::body::Body;
 use super::error::ProxyError;
 use super::{Gateway, Live};
 use crate::experiment::request_id::{Attribution, RequestIds};
+use crate::telemetry::events::{FeedbackEvent, Line};
 use crate::telemetry::metrics::Metrics;
 
 /// The path feedback is posted to on the proxy port.
@@ -36,7 +37,9 @@ struct Report {
 pub(crate) const MAX_REMEMBERED: usize = 1_000_000;
 
 /// The request ids reported on, each until `feedback.max_age_seconds`
-/// after its first report: one replica's memory. Replicas of a fleet do
+/// after the request (after which a report is refused for its age anyway;
+/// ids of the earlier format, which carry no issue time, until that long
+/// after their first report): one replica's memory. Replicas of a fleet do
 /// not share it, so a report replayed to another replica counts there
 /// too, until the rollout's shared store holds it.
 #[derive(Debug, Default)]
@@ -88,15 +91,23 @@ impl Reported {
     }
 }
 
-/// Validates a report, counts it once per request id; returns what it
-/// was attributed to.
+/// A report as counted.
+pub(crate) struct Recorded {
+    pub(crate) attribution: Attribution,
+    pub(crate) request_id: String,
+    pub(crate) outcome: String,
+    pub(crate) rating: Option<u8>,
+}
+
+/// Validates a report, counts it once per request id and only within
+/// `max_age` of the request; returns what it was attributed to.
 pub(crate) fn record(
     body: &Bytes,
     ids: &RequestIds,
     outcomes: &[String],
-    reported: (&Reported, std::time::Duration),
+    (reported, max_age): (&Reported, std::time::Duration),
     metrics: &Metrics,
-) -> Result<(Attribution, String), ProxyError> {
+) -> Result<Recorded, ProxyError> {
     let report: Report = serde_json::from_slice(body).map_err(|err| {
         ProxyError::InvalidFeedback(format!(
             "feedback must be {{\"request_id\": \"...\", \"outcome\": \"...\", \"rating\": 1-5}}: {err}"
@@ -126,16 +137,41 @@ pub(crate) fn record(
             }
         },
     };
+    let age = attribution
+        .issued_at
+        .map(|issued| unix_now().saturating_sub(issued));
+    if let Some(age_seconds) = age.filter(|age| *age > max_age.as_secs()) {
+        return Err(ProxyError::FeedbackExpired {
+            age_seconds,
+            max_age_seconds: max_age.as_secs(),
+        });
+    }
+    // Remembered as long as a replay could still be accepted.
+    let remember = max_age.saturating_sub(std::time::Duration::from_secs(age.unwrap_or(0)));
     // Counted once: the last check, so that a refused report does not
     // use up its request id.
-    reported.0.note(attribution.mac, reported.1)?;
+    reported.note(
+        attribution.mac,
+        remember.max(std::time::Duration::from_secs(1)),
+    )?;
     metrics.feedback(
         &attribution.experiment,
         attribution.variant,
         &report.outcome,
         rating,
     );
-    Ok((attribution, report.outcome))
+    Ok(Recorded {
+        attribution,
+        request_id: report.request_id,
+        outcome: report.outcome,
+        rating,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// Answers `POST /v1/feedback`; never forwarded.
@@ -158,18 +194,35 @@ pub(crate) async fn answer(
         let body = super::read::read_body(body, &parts, MAX_BODY_BYTES).await?;
         let outcomes = &live.config.feedback.outcomes;
         let max_age = std::time::Duration::from_secs(live.config.feedback.max_age_seconds);
-        let (attribution, outcome) = record(
+        let recorded = record(
             &body,
             &live.request_ids,
             outcomes,
             (&gateway.reported, max_age),
             &gateway.metrics,
         )?;
+        let attribution = &recorded.attribution;
+        if let Some(events) = &gateway.events {
+            events.emit(Line::Feedback(FeedbackEvent {
+                event: "feedback",
+                timestamp: crate::config::clock::now_rfc3339(),
+                request_id: recorded.request_id.clone(),
+                experiment: attribution.experiment.clone(),
+                variant: attribution.variant.as_str(),
+                outcome: recorded.outcome.clone(),
+                rating: recorded.rating,
+                request_issued_at: attribution.issued_at.map(|secs| {
+                    crate::config::clock::format_rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                    )
+                }),
+            }));
+        }
         Ok(serde_json::json!({
             "recorded": true,
             "experiment": attribution.experiment,
             "variant": attribution.variant.as_str(),
-            "outcome": outcome,
+            "outcome": recorded.outcome,
         }))
     };
     match answer.await {
@@ -191,8 +244,9 @@ pub(crate) async fn answer(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::experiment::assign::Variant;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -207,6 +261,50 @@ mod tests {
         ));
         // Forgotten at its max age: its memory is freed.
         assert!(reported.note_at(1, age, start + age, 10).is_ok());
+    }
+
+    #[test]
+    fn a_report_is_accepted_only_within_its_max_age_of_the_request() {
+        let ids = RequestIds::new(b"key".to_vec());
+        let metrics = Metrics::new().unwrap();
+        let reported = Reported::default();
+        let outcomes = vec!["completed".to_owned()];
+        let week = Duration::from_secs(7 * 86_400);
+        let report =
+            |id: &str| Bytes::from(format!(r#"{{"request_id":"{id}","outcome":"completed"}}"#));
+        let old = ids.issue_at(Variant::Treatment, "exp", unix_now() - 8 * 86_400);
+        match record(&report(&old), &ids, &outcomes, (&reported, week), &metrics) {
+            Err(ProxyError::FeedbackExpired {
+                age_seconds,
+                max_age_seconds,
+            }) => {
+                assert!((8 * 86_400..8 * 86_400 + 5).contains(&age_seconds));
+                assert_eq!(max_age_seconds, 7 * 86_400);
+            }
+            _ => panic!("an 8-day-old request takes no feedback"),
+        }
+        let recent = ids.issue_at(Variant::Treatment, "exp", unix_now() - 86_400);
+        let recorded = record(
+            &report(&recent),
+            &ids,
+            &outcomes,
+            (&reported, week),
+            &metrics,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(recorded.attribution.variant, Variant::Treatment);
+        assert_eq!(recorded.request_id, recent);
+        assert!(matches!(
+            record(
+                &report(&recent),
+                &ids,
+                &outcomes,
+                (&reported, week),
+                &metrics
+            ),
+            Err(ProxyError::DuplicateFeedback)
+        ));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::proxy::deadline::Deadlines;
 use crate::proxy::drain::CutSignal;
 use crate::proxy::error::{ProxyError, Timeout};
 use crate::proxy::usage_json;
-use crate::telemetry::events::{Event, EventSink};
+use crate::telemetry::events::{Event, EventSink, Line};
 use crate::telemetry::metrics::{
     ExperimentMetrics, InflightGuard, RequestRecord, UpstreamErrorKind,
 };
@@ -302,7 +302,8 @@ pub(crate) fn record(observation: &mut Observation, measured: Measured) {
     }
     if let Some((sink, draft)) = observation.event.take() {
         let millis = |d: Duration| d.as_secs_f64() * 1000.0;
-        sink.emit(Event {
+        sink.emit(Line::Request(Event {
+            event: "request",
             timestamp: crate::config::clock::now_rfc3339(),
             request_id: draft.request_id,
             experiment: draft.experiment,
@@ -319,7 +320,7 @@ pub(crate) fn record(observation: &mut Observation, measured: Measured) {
             error_kind: record.error.map(UpstreamErrorKind::as_str),
             user_id: draft.user_id,
             forced: draft.forced,
-        });
+        }));
     }
 }
 

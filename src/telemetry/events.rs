@@ -1,5 +1,7 @@
-//! Per-request events: one JSON line per finished request, the analytics
-//! feed a warehouse joins on.
+//! Events: one JSON line per finished request (`"event": "request"`) and
+//! one per feedback report counted (`"event": "feedback"`), the analytics
+//! feed a warehouse joins on, and from which the guard's report can be
+//! recomputed offline (`tools/recompute_report.py`).
 //!
 //! The request path hands an event to a bounded queue with `try_send` and
 //! moves on; a writer task serialises and writes. If the writer falls
@@ -20,6 +22,8 @@ use crate::config::events::{EventsConfig, UserIdMode};
 /// One finished request.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Event {
+    /// Always `"request"`.
+    pub(crate) event: &'static str,
     pub(crate) timestamp: String,
     pub(crate) request_id: String,
     pub(crate) experiment: String,
@@ -40,10 +44,33 @@ pub(crate) struct Event {
     pub(crate) forced: bool,
 }
 
+/// One feedback report, as counted (a refused one writes no line).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FeedbackEvent {
+    /// Always `"feedback"`.
+    pub(crate) event: &'static str,
+    pub(crate) timestamp: String,
+    pub(crate) request_id: String,
+    pub(crate) experiment: String,
+    pub(crate) variant: &'static str,
+    pub(crate) outcome: String,
+    pub(crate) rating: Option<u8>,
+    /// When the request id was issued (ids of the earlier format: none).
+    pub(crate) request_issued_at: Option<String>,
+}
+
+/// A line of the events file.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub(crate) enum Line {
+    Request(Event),
+    Feedback(FeedbackEvent),
+}
+
 /// The sending side, cheap to clone into every request's recorder.
 #[derive(Clone)]
 pub(crate) struct EventSink {
-    sender: mpsc::Sender<Event>,
+    sender: mpsc::Sender<Line>,
     user_id: UserIdMode,
     /// HMAC key for hashed user IDs; none means plain SHA-256.
     user_id_key: Option<Arc<[u8]>>,
@@ -91,7 +118,7 @@ impl EventSink {
     }
 
     /// Queues an event; drops and counts it if the writer is behind.
-    pub(crate) fn emit(&self, event: Event) {
+    pub(crate) fn emit(&self, event: Line) {
         if self.sender.try_send(event).is_err() {
             self.metrics.event_dropped();
         }
@@ -110,10 +137,10 @@ impl EventSink {
     }
 }
 
-fn write_events(mut receiver: mpsc::Receiver<Event>, writer: Box<dyn Write + Send>) {
+fn write_events(mut receiver: mpsc::Receiver<Line>, writer: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::new(writer);
     while let Some(event) = receiver.blocking_recv() {
-        let mut write_one = |event: &Event| -> std::io::Result<()> {
+        let mut write_one = |event: &Line| -> std::io::Result<()> {
             serde_json::to_writer(&mut out, event)?;
             out.write_all(b"\n")
         };

@@ -237,7 +237,7 @@ pub fn assert_error(answer: &Answer, status: u16, code: &str, mentions: &str) {
         message.contains(mentions),
         "{message:?} should mention {mentions:?}"
     );
-    assert!(answer.header("x-abgate-request-id").starts_with("abg1_"));
+    assert!(answer.header("x-abgate-request-id").starts_with("abg2_"));
 }
 
 pub async fn get(url: String) -> Answer {
