@@ -126,14 +126,24 @@ async fn a_broken_split_blocks_promotion_until_forced() {
         assert!(chat(&gw.url(), user).await.status.is_success());
     }
     let report = get(&gw, "/admin/report").await;
-    assert_eq!(report["sample_ratio"]["mismatch"], true, "{report:#}");
+    let split = &report["sample_ratio"];
+    eprintln!("200 control users, 20 treatment users: {split}");
+    assert_eq!(split["mismatch"], true, "{report:#}");
+    assert_eq!(
+        (split["control"].as_u64(), split["treatment"].as_u64()),
+        (Some(200), Some(20))
+    );
     assert_eq!(
         (
-            report["sample_ratio"]["control"].as_u64(),
-            report["sample_ratio"]["treatment"].as_u64()
+            split["users"]["control"].as_u64(),
+            split["users"]["treatment"].as_u64()
         ),
         (Some(200), Some(20))
     );
+    assert_eq!(split["capped"], false);
+    assert!(split["p_value"].as_f64().unwrap() < 0.001, "{split}");
+    assert!(split["method"].as_str().unwrap().contains("distinct users"));
+    assert!(split.get("chi_square").is_none() && split.get("dispersion").is_none());
     let metrics = admin_call(gw.admin_addr.unwrap(), "GET", "/metrics", None, "")
         .await
         .text();
@@ -142,10 +152,13 @@ async fn a_broken_split_blocks_promotion_until_forced() {
     let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
     assert_eq!(answer.status, 409);
     assert!(
-        answer.text().contains("sample ratio mismatch"),
+        answer
+            .text()
+            .contains("sample ratio mismatch: 200 control / 20 treatment users"),
         "{}",
         answer.text()
     );
+    assert!(answer.text().contains("always-valid p = "));
     let answer = post_admin(
         &gw,
         "/admin/promote",
@@ -164,6 +177,157 @@ async fn a_broken_split_blocks_promotion_until_forced() {
     let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), r#"{"force":true}"#).await;
     assert_eq!(answer.status, 409);
     assert!(answer.text().contains("already the last stage"));
+}
+
+/// Sends each `(user, requests)` pair's requests, 8 at a time; all must
+/// be answered.
+async fn requests_from(gw: &abgate::app::Running, users: Vec<(String, usize)>) {
+    let queue: Vec<String> = users
+        .into_iter()
+        .flat_map(|(user, requests)| std::iter::repeat(user).take(requests))
+        .collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(queue));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (base, queue) = (gw.url(), queue.clone());
+        workers.spawn(async move {
+            loop {
+                let Some(user) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let answer = chat(&base, &user).await;
+                assert!(answer.status.is_success(), "{user}: {}", answer.status);
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heavy_user_does_not_make_a_healthy_split_look_broken() {
+    let (_mocks, gw) = started(0.5, "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 10\n[guardrails]\nenabled = false").await;
+    // 300 users in each arm send three requests each, and one control user
+    // sends 200: a tenth of the 2,000 requests, all in one arm.
+    let control = users_in(
+        "hc-",
+        abgate::experiment::assign::Variant::Control,
+        0.5,
+        301,
+    );
+    let treatment = users_in(
+        "ht-",
+        abgate::experiment::assign::Variant::Treatment,
+        0.5,
+        300,
+    );
+    let mut users: Vec<(String, usize)> = control[1..]
+        .iter()
+        .chain(&treatment)
+        .map(|user| (user.clone(), 3))
+        .collect();
+    users.push((control[0].clone(), 200));
+    requests_from(&gw, users).await;
+
+    let report = get(&gw, "/admin/report").await;
+    let split = &report["sample_ratio"];
+    eprintln!("one heavy user: {split}");
+    // By requests the arms are 1,100 to 900, which a test of requests would
+    // flag; by users they are even.
+    assert_eq!(
+        (split["control"].as_u64(), split["treatment"].as_u64()),
+        (Some(1100), Some(900)),
+        "{split}"
+    );
+    assert_eq!(
+        (
+            split["users"]["control"].as_u64(),
+            split["users"]["treatment"].as_u64()
+        ),
+        (Some(301), Some(300))
+    );
+    assert_eq!(split["mismatch"], false, "{split}");
+    assert!(split["p_value"].as_f64().unwrap() > 0.1, "{split}");
+    let metrics = admin_call(gw.admin_addr.unwrap(), "GET", "/metrics", None, "")
+        .await
+        .text();
+    assert!(metrics.contains(r#"abgate_sample_ratio_mismatch{experiment="test-exp"} 0"#));
+    // Nothing stands in the way of the next stage.
+    assert_eq!(
+        report["stage"]["blocked_by"],
+        serde_json::json!([]),
+        "{report:#}"
+    );
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_that_loses_treatment_users_is_flagged() {
+    let (_mocks, gw) = started(0.5, "[rollout]\nstages = [0.5, 1.0]\nmin_stage_seconds = 0\nmin_requests_per_arm = 10\n[guardrails]\nenabled = false").await;
+    // 400 users in each arm, two requests each, but only every other
+    // treatment user's requests arrive (a client that drops them, say).
+    let control = users_in(
+        "lc-",
+        abgate::experiment::assign::Variant::Control,
+        0.5,
+        400,
+    );
+    let treatment = users_in(
+        "lt-",
+        abgate::experiment::assign::Variant::Treatment,
+        0.5,
+        400,
+    );
+    let users: Vec<(String, usize)> = control
+        .iter()
+        .chain(treatment.iter().step_by(2))
+        .map(|user| (user.clone(), 2))
+        .collect();
+    requests_from(&gw, users).await;
+
+    let split = get(&gw, "/admin/stats").await["sample_ratio"].clone();
+    eprintln!("half of treatment's users lost: {split}");
+    assert_eq!(
+        (
+            split["users"]["control"].as_u64(),
+            split["users"]["treatment"].as_u64()
+        ),
+        (Some(400), Some(200))
+    );
+    assert_eq!(
+        (split["control"].as_u64(), split["treatment"].as_u64()),
+        (Some(800), Some(400))
+    );
+    assert_eq!(split["mismatch"], true, "{split}");
+    assert!(split["p_value"].as_f64().unwrap() < 0.001, "{split}");
+    let metrics = admin_call(gw.admin_addr.unwrap(), "GET", "/metrics", None, "")
+        .await
+        .text();
+    assert!(metrics.contains(r#"abgate_sample_ratio_mismatch{experiment="test-exp"} 1"#));
+
+    // The missing users turning up later does not clear it: the p-value is
+    // the least over the stage's looks, so the mismatch holds the stage.
+    let late: Vec<(String, usize)> = treatment
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|user| (user.clone(), 1))
+        .collect();
+    requests_from(&gw, late).await;
+    let report = get(&gw, "/admin/report").await;
+    assert_eq!(report["sample_ratio"]["users"]["treatment"], 400);
+    assert_eq!(report["sample_ratio"]["mismatch"], true, "{report:#}");
+    let answer = post_admin(&gw, "/admin/promote", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 409);
+    assert!(
+        answer
+            .text()
+            .contains("sample ratio mismatch: 400 control / 400 treatment users"),
+        "{}",
+        answer.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,17 +32,28 @@ pub fn render(report: &Value) -> String {
     let split = &report["sample_ratio"];
     let _ = writeln!(
         out,
-        "requests: control {}, treatment {}; sample ratio {} (p = {})",
+        "requests: control {}, treatment {}; users: control {}, treatment {}{}; sample ratio {} (always-valid p = {})",
         split["control"],
         split["treatment"],
+        split["users"]["control"],
+        split["users"]["treatment"],
+        if split["capped"] == true {
+            " (counted up to the stage's cap)"
+        } else {
+            ""
+        },
         if split["mismatch"] == true {
             "MISMATCH"
         } else {
             "ok"
         },
-        split["p_value"]
-            .as_f64()
-            .map_or("n/a".to_owned(), |p| format!("{p:.2}")),
+        split["p_value"].as_f64().map_or("n/a".to_owned(), |p| {
+            if p >= 0.01 {
+                format!("{p:.2}")
+            } else {
+                format!("{p:.1e}")
+            }
+        }),
     );
     if let Some(paused) = stage["paused"].as_object() {
         let _ = writeln!(
@@ -229,7 +240,8 @@ mod tests {
             "stage": {"stages": [0.05, 0.25, 0.5, 1.0], "current": 1, "next": 0.25,
                       "seconds_in_stage": 41.2, "paused": null,
                       "blocked_by": ["guardrail latency_p95 has not shown non-inferiority yet: ..."]},
-            "sample_ratio": {"control": 7479, "treatment": 521, "mismatch": false, "p_value": 0.31},
+            "sample_ratio": {"control": 7479, "treatment": 521, "mismatch": false, "p_value": 0.31,
+                             "users": {"control": 570, "treatment": 30}, "capped": false},
             "guardrails": {"verdict": "undecided", "alpha": 0.05, "alpha_per_check": 0.0083,
                            "source": "local",
                 "last_evaluation": {"checks": [
@@ -249,6 +261,12 @@ mod tests {
         assert!(
             text.starts_with(
                 "experiment demo: treatment 5% (stage 1 of 4, next 25%), 41 s in the stage\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "users: control 570, treatment 30; sample ratio ok (always-valid p = 0.31)"
             ),
             "{text}"
         );

@@ -402,9 +402,14 @@ impl Supervisor {
         }
         if split.mismatch {
             blockers.push(format!(
-                "sample ratio mismatch: {} control / {} treatment does not fit a {:.1}% split (p = {:.1e}); a broken split invalidates every comparison",
-                split.control,
-                split.treatment,
+                "sample ratio mismatch: {} control / {} treatment users{} do not fit a {:.1}% split (always-valid p = {:.1e}); a broken split invalidates every comparison",
+                split.users.control,
+                split.users.treatment,
+                if split.capped {
+                    " (counted up to the stage's cap)"
+                } else {
+                    ""
+                },
                 split.expected_treatment_share * 100.0,
                 split.p_value
             ));

@@ -78,6 +78,22 @@ impl std::fmt::Display for Variant {
 /// ID that came from a header or JSON; the `assign` CLI hashes stdin lines
 /// exactly as read).
 pub fn bucket(user_id: &[u8], salt: Option<&str>) -> u32 {
+    user_hash(user_id, salt).bucket
+}
+
+/// A user ID's digest read two ways: its bucket, and a key naming the
+/// user within a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UserHash {
+    /// The bucket in `0..1000`, as [`bucket`] gives it.
+    pub(crate) bucket: u32,
+    /// The digest's first 8 bytes, big-endian: what the sample ratio test
+    /// counts distinct users by, without hashing the ID again.
+    pub(crate) key: u64,
+}
+
+/// The bucket and the user key of a user ID, from one md5 (see [`bucket`]).
+pub(crate) fn user_hash(user_id: &[u8], salt: Option<&str>) -> UserHash {
     let mut hasher = Md5::new();
     if let Some(salt) = salt {
         hasher.update(salt.as_bytes());
@@ -85,8 +101,13 @@ pub fn bucket(user_id: &[u8], salt: Option<&str>) -> u32 {
     }
     hasher.update(user_id);
     let digest: [u8; 16] = hasher.finalize().into();
-    // The remainder is < 1000, so the narrowing cannot lose anything.
-    (u128::from_be_bytes(digest) % u128::from(BUCKETS)) as u32
+    let value = u128::from_be_bytes(digest);
+    UserHash {
+        // The remainder is < 1000, so the narrowing cannot lose anything.
+        bucket: (value % u128::from(BUCKETS)) as u32,
+        // The high 64 bits of 128: exactly the first 8 bytes.
+        key: (value >> 64) as u64,
+    }
 }
 
 /// Whether a bucket falls in the treatment arm at `treatment_fraction`.
@@ -138,6 +159,22 @@ mod tests {
         assert_eq!(bucket(b"", None), 366);
         assert_eq!(bucket(b"user-1", None), 820);
         assert_eq!(bucket("ユーザー".as_bytes(), None), 906);
+    }
+
+    #[test]
+    fn the_user_key_is_the_digests_first_eight_bytes() {
+        // md5("") = d41d8cd98f00b204e9800998ecf8427e.
+        assert_eq!(
+            user_hash(b"", None),
+            UserHash {
+                bucket: 366,
+                key: 0xd41d_8cd9_8f00_b204
+            }
+        );
+        assert_eq!(
+            user_hash(b"user-1", Some("exp-42")),
+            user_hash(b"exp-42:user-1", None)
+        );
     }
 
     #[test]

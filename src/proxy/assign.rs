@@ -1,8 +1,8 @@
 //! Phase 5, **assign**: the user ID picks the arm by the reference hash;
 //! none means `unassigned`, served by control. A forced arm replaces the
-//! hashed one and is counted apart (the split's counts skip it). Past
-//! `limits.max_inflight_per_variant` requests to that upstream, a 503
-//! naming the arm.
+//! hashed one and is counted apart (the split's counts of requests and
+//! distinct users skip it). Past `limits.max_inflight_per_variant`
+//! requests to that upstream, a 503 naming the arm.
 
 use http::request::Parts;
 
@@ -26,7 +26,7 @@ pub(crate) fn assign(
     let config = &live.config;
     let limits = &config.limits;
     ctx.stream = fields.is_some_and(|fields| fields.stream);
-    let (hashed, bucket, user_id) = choose_variant(config, parts, fields)?;
+    let (hashed, user_key, user_id) = choose_variant(config, parts, fields)?;
     if let (Some(sink), Some(user_id)) = (&gateway.events, user_id) {
         ctx.event_user_id = sink.user_id_field(user_id);
     }
@@ -36,8 +36,8 @@ pub(crate) fn assign(
             forced
         }
         None => {
-            if let Some(bucket) = bucket {
-                live.epoch.counts.count(hashed, bucket);
+            if let Some(user_key) = user_key {
+                live.epoch.counts.count(hashed, user_key);
             }
             hashed
         }
@@ -56,12 +56,13 @@ pub(crate) fn assign(
     Ok(variant)
 }
 
-/// Finds the user ID and hashes it into an arm.
+/// Finds the user ID and hashes it into an arm; the same md5 gives the key
+/// the stage counts the user's first request by.
 fn choose_variant<'a>(
     config: &Snapshot,
     parts: &'a Parts,
     fields: Option<&'a BodyFields>,
-) -> Result<(Variant, Option<u32>, Option<&'a str>), ProxyError> {
+) -> Result<(Variant, Option<u64>, Option<&'a str>), ProxyError> {
     let rules = IdentityRules {
         header: &config.user_header,
         max_bytes: config.max_user_id_bytes,
@@ -69,9 +70,9 @@ fn choose_variant<'a>(
     let header = identity::from_header(&parts.headers, rules)?;
     match identity::resolve(header, fields, rules)? {
         Some(user) => {
-            let bucket = assign::bucket(user.id.as_bytes(), config.salt.as_deref());
-            let variant = assign::variant_of(bucket, config.treatment_fraction);
-            Ok((variant, Some(bucket), Some(user.id)))
+            let hash = assign::user_hash(user.id.as_bytes(), config.salt.as_deref());
+            let variant = assign::variant_of(hash.bucket, config.treatment_fraction);
+            Ok((variant, Some(hash.key), Some(user.id)))
         }
         None if config.require_user => Err(ProxyError::UserIdRequired {
             header: config.user_header.to_string(),

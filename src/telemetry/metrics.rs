@@ -302,14 +302,14 @@ impl Metrics {
         let sample_ratio_p_value = GaugeVec::new(
             Opts::new(
                 "abgate_sample_ratio_p_value",
-                "Chi-square p-value of the per-arm request counts against the split, since the fraction last changed.",
+                "Always-valid p-value of the distinct users per arm against the split (anytime-valid sample ratio test), since the fraction last changed.",
             ),
             &["experiment"],
         )?;
         let sample_ratio_mismatch = IntGaugeVec::new(
             Opts::new(
                 "abgate_sample_ratio_mismatch",
-                "1 when the arms' request counts do not fit the split (p < 0.001).",
+                "1 when the arms' distinct users do not fit the split (always-valid p < 0.001).",
             ),
             &["experiment"],
         )?;

@@ -163,7 +163,9 @@ pub(crate) struct StageSummary {
 pub(crate) struct SplitEpoch {
     pub(crate) since: Instant,
     pub(crate) since_wall: SystemTime,
-    /// Requests per arm from assigned users.
+    /// Requests and distinct users per arm from assigned users, and the
+    /// sample ratio test's state for the stage (its always-valid p-value is
+    /// a running minimum over the stage's looks).
     pub(crate) counts: ArmCounts,
     /// Cumulative metrics when the split began.
     pub(crate) baseline: Reading,
