@@ -156,6 +156,12 @@ async fn start_with(
     let mut tasks = vec![tokio::spawn(
         supervisor.clone().run(stop_signal(stopped.clone())),
     )];
+    // With [state]: follow the fleet's store (a no-op without one).
+    let follower = control.clone();
+    let store_stop = stop_signal(stopped.clone());
+    tasks.push(tokio::spawn(async move {
+        follower.follow_store(store_stop).await;
+    }));
     if let Some(listener) = admin_listener {
         let admin = Arc::new(Admin::new(control.clone(), supervisor.clone()));
         tasks.push(tokio::spawn(server::serve(

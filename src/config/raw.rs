@@ -51,6 +51,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub(crate) qa: QaConfig,
+    /// The fleet's shared rollout state; none: a state file per replica.
+    #[serde(default)]
+    pub(crate) state: Option<crate::config::state::StateConfig>,
 }
 
 /// `[auth]`: who may use the proxy port.

@@ -77,6 +77,8 @@ pub struct Snapshot {
     pub(crate) rollout: crate::config::rollout::RolloutConfig,
     /// `[events]`, if on.
     pub(crate) events: Option<crate::config::events::EventsConfig>,
+    /// `[state]`, if the fleet shares its rollout state.
+    pub(crate) state: Option<crate::config::state::StateStoreSettings>,
     /// The env var the admin token is read from, for messages that say
     /// where to set it.
     pub(crate) admin_token_env: String,

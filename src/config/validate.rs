@@ -246,6 +246,10 @@ impl Config {
             .validate(experiment.treatment_fraction, &mut report);
         self.guardrails
             .validate(&self.feedback.outcomes, &mut report);
+        let state = self.state.as_ref().and_then(|state| {
+            let password = state.password_env.as_deref().and_then(|name| env.var(name));
+            state.validate(password, &mut report)
+        });
 
         if self.variants.control.fallback_to_control {
             report(
@@ -307,6 +311,7 @@ impl Config {
                     guardrails: self.guardrails.clone(),
                     rollout: self.rollout.clone(),
                     events: self.events.clone(),
+                    state,
                     admin_token_env: self.admin.token_env.clone(),
                     written: std::sync::Arc::new(
                         serde_json::to_value(self).unwrap_or(serde_json::Value::Null),

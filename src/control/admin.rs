@@ -113,6 +113,12 @@ pub(crate) enum AdminError {
     /// The change is in force but did not reach the state file.
     #[error("applied but not persisted: {0}")]
     NotPersisted(String),
+    /// The fleet's state store could not be reached: nothing changed.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// Another change reached the fleet's store first.
+    #[error("{0}")]
+    StateConflict(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -125,6 +131,8 @@ impl From<ChangeError> for AdminError {
             ChangeError::Client(_) | ChangeError::Poisoned => {
                 AdminError::Internal(error.to_string())
             }
+            ChangeError::StoreUnavailable(_) => AdminError::StoreUnavailable(error.to_string()),
+            ChangeError::Conflict { .. } => AdminError::StateConflict(error.to_string()),
         }
     }
 }
@@ -137,7 +145,8 @@ impl AdminError {
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            AdminError::PromotionBlocked(_) => StatusCode::CONFLICT,
+            AdminError::PromotionBlocked(_) | AdminError::StateConflict(_) => StatusCode::CONFLICT,
+            AdminError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::NotPersisted(_) | AdminError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -154,6 +163,8 @@ impl AdminError {
             AdminError::InvalidRequest(_) => ("invalid_request_error", "invalid_request"),
             AdminError::PromotionBlocked(_) => ("conflict", "promotion_blocked"),
             AdminError::NotPersisted(_) => ("api_error", "not_persisted"),
+            AdminError::StoreUnavailable(_) => ("api_error", "state_store_unavailable"),
+            AdminError::StateConflict(_) => ("conflict", "state_conflict"),
             AdminError::Internal(_) => ("api_error", "internal"),
         }
     }
@@ -224,7 +235,13 @@ impl Admin {
             Action::Config => crate::control::redact::config_view(&self.control.live().config),
             Action::Set | Action::Rollback | Action::Promote | Action::Pause | Action::Resume => {
                 let body = read_body(request).await?;
-                let persisted = self.change(action, &body)?;
+                let expected = serde_json::from_slice::<Expected>(&body)
+                    .ok()
+                    .and_then(|expected| expected.expected_version);
+                let persisted = self
+                    .control
+                    .transact(expected, || self.change(action, &body))
+                    .await?;
                 let mut state = self.rollout();
                 if let Some(object) = state.as_object_mut() {
                     object.insert("persisted".into(), persisted.into());
@@ -451,8 +468,20 @@ impl Admin {
             "paused": self.control.runtime().paused(),
             "pending": self.control.runtime().pending(),
             "config": self.control.config_status(),
+            // With [state]: where the fleet's state lives, whether it
+            // answers, and the version in force here.
+            "state_store": self.control.store_status(),
         })
     }
+}
+
+/// The version of the fleet's state a change was made against, if the
+/// caller names one (`"expected_version": N`): refused with a 409 if the
+/// store has moved on.
+#[derive(serde::Deserialize)]
+struct Expected {
+    #[serde(default)]
+    expected_version: Option<u64>,
 }
 
 /// Largest admin request body.
@@ -467,6 +496,9 @@ struct SetRollout {
     /// RFC 3339: apply at this instant rather than now.
     #[serde(default)]
     effective_at: Option<String>,
+    /// Read by [`Expected`].
+    #[serde(default, rename = "expected_version")]
+    _expected_version: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -477,6 +509,9 @@ struct Promote {
     /// Promote even though the stage is not ready (the reasons are audited).
     #[serde(default)]
     force: bool,
+    /// Read by [`Expected`].
+    #[serde(default, rename = "expected_version")]
+    _expected_version: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -484,6 +519,9 @@ struct Promote {
 struct Reason {
     #[serde(default)]
     reason: String,
+    /// Read by [`Expected`].
+    #[serde(default, rename = "expected_version")]
+    _expected_version: Option<serde::de::IgnoredAny>,
 }
 
 /// Reads a change's body, up to [`MAX_ADMIN_BODY`].

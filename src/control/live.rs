@@ -4,9 +4,12 @@
 //! [`Live`] whole and swapping it in; requests already started finish on
 //! the one they started with.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::rollout::RuntimeState;
+use super::store::{StateStore, Stored, Written};
 use crate::config::rollout::ChangeSource;
 use crate::config::Snapshot;
 use crate::experiment::assign::Fraction;
@@ -32,7 +35,18 @@ pub enum ChangeError {
     /// An earlier change panicked while holding the lock.
     #[error("config lock poisoned")]
     Poisoned,
+    /// The fleet's state store could not be reached: nothing changed,
+    /// here or anywhere.
+    #[error("{0}; nothing changed (the fleet keeps the state it has)")]
+    StoreUnavailable(String),
+    /// Another change reached the fleet's store first (or the version the
+    /// change expected is not the store's): nothing changed.
+    #[error("the fleet's rollout state is at version {current}{}; nothing changed: read it again and retry", .expected.map(|v| format!(", not {v}")).unwrap_or_default())]
+    Conflict { current: u64, expected: Option<u64> },
 }
+
+/// How often the fleet's store is re-read without a change notice.
+const STORE_REREAD: Duration = Duration::from_secs(1);
 
 /// When the running config was applied, and how the last reload went.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,6 +72,26 @@ pub struct LiveConfig {
     runtime: RuntimeState,
     /// Serialises changes of the live config (reloads and API calls).
     changing: Mutex<()>,
+    /// The fleet's shared state, with `[state]`.
+    store: Option<Arc<StateStore>>,
+    /// The store's version the runtime state is at (0: never written).
+    store_version: AtomicU64,
+    /// One change through the store at a time on this replica.
+    transaction: tokio::sync::Mutex<()>,
+    /// Woken by the store's change notices.
+    store_changed: Arc<tokio::sync::Notify>,
+    /// A change was made here while the store could not be reached (a
+    /// guardrail rollback does not wait): written once it answers.
+    unsynced: std::sync::atomic::AtomicBool,
+}
+
+/// The fleet's state store as `/admin/rollout` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct StoreStatus {
+    pub(crate) url: String,
+    pub(crate) up: bool,
+    /// The version this replica's state is at.
+    pub(crate) version: u64,
 }
 
 impl LiveConfig {
@@ -68,6 +102,11 @@ impl LiveConfig {
         metrics: Arc<Metrics>,
         runtime: RuntimeState,
     ) -> Result<Self, String> {
+        let store = snapshot
+            .state
+            .as_ref()
+            .map(|settings| StateStore::new(settings, &snapshot.experiment).map(Arc::new))
+            .transpose()?;
         let file_fraction = in_force(&runtime, &mut snapshot);
         let client = crate::proxy::client::build(&snapshot)?;
         let process_ids = RequestIds::with_random_key();
@@ -97,7 +136,181 @@ impl LiveConfig {
             }),
             runtime,
             changing: Mutex::new(()),
+            store,
+            store_version: AtomicU64::new(0),
+            transaction: tokio::sync::Mutex::new(()),
+            store_changed: Arc::new(tokio::sync::Notify::new()),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Notes that the runtime state changed here without reaching the
+    /// store: the next time it answers, this state is written to it (if
+    /// nothing newer was written there meanwhile).
+    pub(crate) fn write_to_store_later(&self) {
+        if self.store.is_some() {
+            self.unsynced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The fleet's store, as `/admin/rollout` shows it; none without one.
+    pub(crate) fn store_status(&self) -> Option<StoreStatus> {
+        self.store.as_ref().map(|store| StoreStatus {
+            url: store.url().to_owned(),
+            up: store.is_up(),
+            version: self.store_version.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Makes a change of the runtime state (`change`, the same code with or
+    /// without a store) under the fleet's store: the latest state is read
+    /// first, the change applied on it, then written by compare-and-set on
+    /// the version read (or `expected`, if the caller names one). If the
+    /// write does not happen, the change is undone here and the error says
+    /// why: the store could not be reached (nothing changed anywhere), or
+    /// another change came first. Without a store, `change` alone.
+    pub(crate) async fn transact<T, E: From<ChangeError>>(
+        &self,
+        expected: Option<u64>,
+        change: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let Some(store) = self.store.clone() else {
+            return change();
+        };
+        let _one = self.transaction.lock().await;
+        let stored = store
+            .load()
+            .await
+            .map_err(|err| ChangeError::StoreUnavailable(err.to_string()))?;
+        self.adopt(&stored);
+        if expected.is_some_and(|expected| expected != stored.version) {
+            return Err(ChangeError::Conflict {
+                current: stored.version,
+                expected,
+            }
+            .into());
+        }
+        let before = self.runtime.snapshot();
+        self.runtime.capture_audit(true);
+        let result = change();
+        let audit = self.runtime.capture_audit(false);
+        let after = self.runtime.snapshot();
+        let value = result?;
+        if after == before {
+            return Ok(value);
+        }
+        let writer = self.gateway.live().config.listen.to_string();
+        match store
+            .compare_and_set(stored.version, &after, &writer, &audit)
+            .await
+        {
+            Ok(Written::Version(version)) => {
+                self.store_version.store(version, Ordering::Relaxed);
+                Ok(value)
+            }
+            Ok(Written::Conflict(current)) => {
+                self.adopt(&current);
+                Err(ChangeError::Conflict {
+                    current: current.version,
+                    expected: Some(stored.version),
+                }
+                .into())
+            }
+            Err(err) => {
+                self.adopt(&Stored {
+                    version: stored.version,
+                    state: before,
+                });
+                Err(ChangeError::StoreUnavailable(err.to_string()).into())
+            }
+        }
+    }
+
+    /// Reads the store and puts its state in force if it is newer than
+    /// this replica's (a change another replica made). Returns whether the
+    /// store answered.
+    pub(crate) async fn sync_from_store(&self) -> bool {
+        let Some(store) = self.store.clone() else {
+            return true;
+        };
+        let _one = self.transaction.lock().await;
+        match store.load().await {
+            Ok(stored) => {
+                let local = self.store_version.load(Ordering::Relaxed);
+                if self.unsynced.load(Ordering::Relaxed) && stored.version == local {
+                    let state = self.runtime.snapshot();
+                    let writer = self.gateway.live().config.listen.to_string();
+                    let reason = vec![
+                        "a change made while the store could not be reached (a guardrail rollback)"
+                            .to_owned(),
+                    ];
+                    match store.compare_and_set(local, &state, &writer, &reason).await {
+                        Ok(Written::Version(version)) => {
+                            self.store_version.store(version, Ordering::Relaxed);
+                            self.unsynced.store(false, Ordering::Relaxed);
+                        }
+                        Ok(Written::Conflict(current)) => {
+                            tracing::error!("a change made here while the store was unreachable was overtaken by a newer one in the store");
+                            self.unsynced.store(false, Ordering::Relaxed);
+                            self.adopt(&current);
+                        }
+                        Err(err) => tracing::warn!("{err}"),
+                    }
+                } else if stored.version > local {
+                    if self.unsynced.swap(false, Ordering::Relaxed) {
+                        tracing::error!("a change made here while the store was unreachable was overtaken by a newer one in the store");
+                    }
+                    self.adopt(&stored);
+                }
+                true
+            }
+            Err(err) => {
+                tracing::warn!("{err}");
+                false
+            }
+        }
+    }
+
+    /// Follows the store: its change notices and a re-read every second,
+    /// until `stop`.
+    pub(crate) async fn follow_store(&self, stop: impl std::future::Future<Output = ()>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let notices = {
+            let notify = self.store_changed.clone();
+            tokio::spawn(async move { store.changes(&notify).await })
+        };
+        tokio::pin!(stop);
+        loop {
+            let up = self.sync_from_store().await;
+            self.gateway.metrics().set_state_store_up(up);
+            tokio::select! {
+                () = &mut stop => break,
+                () = self.store_changed.notified() => {}
+                () = tokio::time::sleep(STORE_REREAD) => {}
+            }
+        }
+        notices.abort();
+    }
+
+    /// Puts a state read from the store in force here: the runtime state
+    /// (and its local copy), then the split it implies.
+    fn adopt(&self, stored: &Stored) {
+        self.store_version.store(stored.version, Ordering::Relaxed);
+        if self.runtime.snapshot() == stored.state {
+            return;
+        }
+        if let Err(err) = self.runtime.replace(stored.state.clone()) {
+            tracing::error!("the fleet's state is in force but not cached: {err}");
+        }
+        if let Err(err) = self.follow_file(
+            true,
+            ChangeSource::Api,
+            "the fleet's shared state changed (another replica, or a change undone)",
+        ) {
+            tracing::error!("the fleet's state: {err}");
+        }
     }
 
     /// The data path this config serves.
@@ -262,6 +475,12 @@ impl LiveConfig {
         }
         if old.limits.max_header_bytes != snapshot.limits.max_header_bytes {
             pending_restart.push("limits.max_header_bytes".to_owned());
+        }
+        if old.state != snapshot.state
+            || old.experiment != snapshot.experiment && old.state.is_some()
+        {
+            // The store (and its keys, named by the experiment) is bound at start.
+            pending_restart.push("state".to_owned());
         }
         if old
             .events

@@ -10,4 +10,5 @@ pub(crate) mod redact;
 pub mod reload;
 pub mod report_table;
 pub(crate) mod rollout;
+pub(crate) mod store;
 pub(crate) mod supervisor;

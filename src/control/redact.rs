@@ -67,6 +67,16 @@ pub(crate) fn config_view(snapshot: &Snapshot) -> Value {
         loaded(snapshot.events_user_id_key.is_some()),
     );
     add(
+        "state.password_env",
+        env_name(&["state", "password_env"]),
+        loaded(
+            snapshot
+                .state
+                .as_ref()
+                .is_some_and(|state| state.password.is_some()),
+        ),
+    );
+    add(
         "variants.control.api_key_env",
         env_name(&["variants", "control", "api_key_env"]),
         loaded(snapshot.control.credential.is_some()),

@@ -96,6 +96,9 @@ pub(crate) struct RuntimeState {
     state_file: Option<PathBuf>,
     audit_file: Option<PathBuf>,
     current: Mutex<Persisted>,
+    /// Audit lines of the change being made, kept for the fleet's store
+    /// while a change runs under [`RuntimeState::capture_audit`].
+    captured: Mutex<Option<Vec<String>>>,
 }
 
 impl RuntimeState {
@@ -105,6 +108,7 @@ impl RuntimeState {
             state_file: None,
             audit_file: None,
             current: Mutex::new(Persisted::default()),
+            captured: Mutex::new(None),
         }
     }
 
@@ -131,6 +135,7 @@ impl RuntimeState {
             state_file: Some(state_file),
             audit_file: Some(dir.join(format!("{stem}.audit.jsonl"))),
             current: Mutex::new(current),
+            captured: Mutex::new(None),
         }
     }
 
@@ -177,6 +182,35 @@ impl RuntimeState {
     /// until an operator resumes (`POST /admin/resume`).
     pub(crate) fn latched(&self) -> bool {
         self.current.lock().is_ok_and(|current| latched(&current))
+    }
+
+    /// Everything in force now.
+    pub(crate) fn snapshot(&self) -> Persisted {
+        self.current
+            .lock()
+            .map(|current| current.clone())
+            .unwrap_or_default()
+    }
+
+    /// Puts `state` in force as a whole (the fleet's store holds it): kept
+    /// in the local state file too, so a restart while the store cannot be
+    /// reached starts from it.
+    pub(crate) fn replace(&self, state: Persisted) -> Result<(), StateError> {
+        self.update(|current| *current = state)
+    }
+
+    /// Starts (`true`) or ends keeping the audit lines of a change.
+    pub(crate) fn capture_audit(&self, on: bool) -> Vec<String> {
+        match self.captured.lock() {
+            Ok(mut captured) => {
+                let lines = captured.take().unwrap_or_default();
+                if on {
+                    *captured = Some(Vec::new());
+                }
+                lines
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The override in force now, if any.
@@ -303,11 +337,16 @@ impl RuntimeState {
             reason = entry.reason,
             "rollout changed"
         );
-        let Some(path) = &self.audit_file else { return };
         let line = match serde_json::to_string(entry) {
             Ok(line) => line,
             Err(_) => return,
         };
+        if let Ok(mut captured) = self.captured.lock() {
+            if let Some(lines) = captured.as_mut() {
+                lines.push(line.clone());
+            }
+        }
+        let Some(path) = &self.audit_file else { return };
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

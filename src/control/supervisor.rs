@@ -132,7 +132,18 @@ impl Supervisor {
 
     /// One look: due changes, then the guard, then promotion.
     pub(crate) async fn tick(&self) {
-        self.apply_due_pending();
+        // With [state], changes the supervisor makes go through the fleet's
+        // store like an operator's (see LiveConfig::transact).
+        let due = self
+            .control
+            .transact(None, || {
+                self.apply_due_pending();
+                Ok::<(), ChangeError>(())
+            })
+            .await;
+        if let Err(err) = due {
+            tracing::warn!("a due change waits: {err}");
+        }
         if let Err(err) = self.control.follow_file_schedule() {
             tracing::error!("scheduled change: {err}");
         }
@@ -147,7 +158,16 @@ impl Supervisor {
         if guard.enabled && due {
             self.guard(&live).await;
         }
-        self.auto_promote();
+        if let Err(err) = self
+            .control
+            .transact(None, || {
+                self.auto_promote();
+                Ok::<(), ChangeError>(())
+            })
+            .await
+        {
+            tracing::warn!("automatic promotion waits: {err}");
+        }
     }
 
     fn apply_due_pending(&self) {
@@ -266,7 +286,20 @@ impl Supervisor {
             tripped
         };
         if !tripped.is_empty() {
-            self.trip(live, config, &tripped);
+            let through_store = self
+                .control
+                .transact(None, || {
+                    self.trip(live, config, &tripped);
+                    Ok::<(), ChangeError>(())
+                })
+                .await;
+            if let Err(err) = through_store {
+                // A rollback does not wait for the store: it applies here
+                // now and is written to the store once it answers.
+                tracing::error!("guardrail rollback applied on this replica only for now: {err}");
+                self.trip(live, config, &tripped);
+                self.control.write_to_store_later();
+            }
         }
     }
 

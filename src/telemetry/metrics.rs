@@ -189,6 +189,10 @@ pub struct Metrics {
     tokens: IntCounterVec,
     treatment_fraction: GaugeVec,
     config_reloads: IntCounterVec,
+    /// `abgate_state_store_up`, registered once a `[state]` store is
+    /// followed (a gateway without one exports none).
+    state_store_up: prometheus::IntGauge,
+    state_store_registered: std::sync::Once,
     inflight: IntGaugeVec,
     events_dropped: IntCounter,
     feedback: IntCounterVec,
@@ -395,6 +399,11 @@ impl Metrics {
             tokens,
             treatment_fraction,
             config_reloads,
+            state_store_up: prometheus::IntGauge::new(
+                "abgate_state_store_up",
+                "Whether the fleet's shared rollout state store answered the last call (1) or not (0).",
+            )?,
+            state_store_registered: std::sync::Once::new(),
             inflight,
             events_dropped,
             feedback,
@@ -621,6 +630,19 @@ impl Metrics {
     }
 
     /// Counts a config reload.
+    /// Whether the fleet's state store answered its last call.
+    pub(crate) fn set_state_store_up(&self, up: bool) {
+        self.state_store_registered.call_once(|| {
+            if let Err(err) = self
+                .registry
+                .register(Box::new(self.state_store_up.clone()))
+            {
+                tracing::error!("abgate_state_store_up: {err}");
+            }
+        });
+        self.state_store_up.set(i64::from(up));
+    }
+
     pub(crate) fn config_reloaded(&self, ok: bool) {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "error" }])

@@ -1,0 +1,253 @@
+//! The fleet's shared rollout state: three gateways on one real Redis
+//! (Debian's `redis-server`, started here on a loopback port). A change
+//! on one reaches the others within a second; concurrent changes are
+//! settled by version; with the store stopped, traffic goes on, changes
+//! are refused, and the replicas resync once it returns.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A redis-server on a free loopback port, stopped when dropped.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn fleet(
+    redis: &Redis,
+    count: usize,
+) -> (
+    Vec<abgate::app::Running>,
+    abgate_mock::MockHandle,
+    abgate_mock::MockHandle,
+) {
+    let (control, treatment) = mocks().await;
+    let extra = format!(
+        "[admin]\ntoken_env = \"T\"\n[state]\nurl = \"redis://127.0.0.1:{}/0\"\n",
+        redis.port
+    );
+    let toml = config_toml(&control.url(), &treatment.url(), 0.05, &extra);
+    let mut replicas = Vec::new();
+    for _ in 0..count {
+        replicas.push(gateway_with_env(&toml, token_env()).await);
+    }
+    (replicas, control, treatment)
+}
+
+/// An admin API error: its status, string code, and a message that
+/// mentions `mentions`.
+fn admin_error(answer: &Answer, status: u16, code: &str, mentions: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    let error = &answer.json()["error"];
+    assert_eq!(error["code"], code, "{}", answer.text());
+    assert!(
+        error["message"].as_str().unwrap().contains(mentions),
+        "{}",
+        answer.text()
+    );
+}
+
+async fn rollout(replica: &abgate::app::Running) -> Value {
+    admin_call(
+        replica.admin_addr.unwrap(),
+        "GET",
+        "/admin/rollout",
+        None,
+        "",
+    )
+    .await
+    .json()
+}
+
+async fn put(replica: &abgate::app::Running, body: &str) -> Answer {
+    admin_call(
+        replica.admin_addr.unwrap(),
+        "PUT",
+        "/admin/rollout",
+        Some(TOKEN),
+        body,
+    )
+    .await
+}
+
+/// Waits until every replica shows `fraction`; how long the last took.
+async fn all_at(replicas: &[abgate::app::Running], fraction: f64, since: Instant) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for replica in replicas {
+        let seen = eventually(Duration::from_secs(3), || async {
+            (rollout(replica).await["treatment_fraction"] == fraction).then(|| since.elapsed())
+        })
+        .await;
+        let Some(seen) = seen else {
+            panic!(
+                "a replica did not apply {fraction}: {:#}",
+                rollout(replica).await
+            );
+        };
+        slowest = slowest.max(seen);
+    }
+    slowest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_replica_reaches_every_replica_within_a_second() {
+    let redis = Redis::start();
+    let (replicas, _control, _treatment) = fleet(&redis, 3).await;
+    let started = Instant::now();
+    let answer = put(
+        &replicas[0],
+        r#"{"treatment_fraction": 0.25, "reason": "stage 2"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let took = all_at(&replicas, 0.25, started).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    eprintln!("set on one replica: every replica applied it within {took:?}");
+    let state = rollout(&replicas[2]).await;
+    assert_eq!(state["state_store"]["up"], true, "{state:#}");
+    assert_eq!(state["state_store"]["version"], 1, "{state:#}");
+    assert_eq!(
+        (state["source"].as_str(), state["reason"].as_str()),
+        (Some("api"), Some("stage 2"))
+    );
+
+    // A rollback on another replica reaches the first.
+    let started = Instant::now();
+    let answer = admin_call(
+        replicas[2].admin_addr.unwrap(),
+        "POST",
+        "/admin/rollback",
+        Some(TOKEN),
+        r#"{"reason": "errors"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let took = all_at(&replicas, 0.0, started).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    eprintln!("rollback on another: every replica applied it within {took:?}");
+    for i in 0..20 {
+        let answer = chat(&replicas[0].url(), &format!("user-{i}")).await;
+        assert_eq!(answer.header("x-abgate-variant"), "control");
+    }
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_are_settled_by_version_and_the_loser_is_told() {
+    let redis = Redis::start();
+    let (replicas, _control, _treatment) = fleet(&redis, 2).await;
+    let version = rollout(&replicas[0]).await["state_store"]["version"]
+        .as_u64()
+        .unwrap();
+    // Two operators read the same version and each changes the split.
+    let first = put(
+        &replicas[0],
+        &format!(r#"{{"treatment_fraction": 0.25, "expected_version": {version}}}"#),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = put(
+        &replicas[1],
+        &format!(r#"{{"treatment_fraction": 0.5, "expected_version": {version}}}"#),
+    )
+    .await;
+    admin_error(
+        &second,
+        409,
+        "state_conflict",
+        &format!("version {}", version + 1),
+    );
+    // The loser's replica shows the winner's change, not its own.
+    all_at(&replicas, 0.25, Instant::now()).await;
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_stopped_traffic_goes_on_and_changes_wait() {
+    let redis = Redis::start();
+    let (replicas, _control, _treatment) = fleet(&redis, 2).await;
+    let answer = put(&replicas[0], r#"{"treatment_fraction": 0.25}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    all_at(&replicas, 0.25, Instant::now()).await;
+
+    redis.signal("STOP");
+    // Every request is answered, on the state the replicas had.
+    let ok = traffic(&replicas[1].url(), "user-", 200, 400, 8).await;
+    assert_eq!(ok, 400);
+    let refused = put(&replicas[0], r#"{"treatment_fraction": 0.5}"#).await;
+    admin_error(&refused, 503, "state_store_unavailable", "nothing changed");
+    let state = rollout(&replicas[0]).await;
+    assert_eq!(state["treatment_fraction"], 0.25, "{state:#}");
+    assert_eq!(state["state_store"]["up"], false, "{state:#}");
+    let admin = replicas[1].admin_addr.unwrap();
+    let gauge = |up: &'static str| async move {
+        eventually(Duration::from_secs(6), || async {
+            scrape(admin)
+                .await
+                .contains(&format!("abgate_state_store_up {up}"))
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("abgate_state_store_up never read {up}"));
+    };
+    gauge("0").await;
+
+    redis.signal("CONT");
+    // Back: the replicas resync on their own, and changes go through.
+    gauge("1").await;
+    let started = Instant::now();
+    let answer = put(&replicas[1], r#"{"treatment_fraction": 0.5}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    all_at(&replicas, 0.5, started).await;
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
