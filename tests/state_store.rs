@@ -67,13 +67,15 @@ async fn fleet(
 ) {
     let (control, treatment) = mocks().await;
     let extra = format!(
-        "[admin]\ntoken_env = \"T\"\n[state]\nurl = \"redis://127.0.0.1:{}/0\"\n",
+        "[admin]\ntoken_env = \"T\"\n[feedback]\nkey_env = \"FLEET_KEY\"\n[state]\nurl = \"redis://127.0.0.1:{}/0\"\n",
         redis.port
     );
     let toml = config_toml(&control.url(), &treatment.url(), 0.05, &extra);
     let mut replicas = Vec::new();
     for _ in 0..count {
-        replicas.push(gateway_with_env(&toml, token_env()).await);
+        let mut env = token_env();
+        env.insert("FLEET_KEY".into(), "fleet-feedback-key-0123456789".into());
+        replicas.push(gateway_with_env(&toml, env).await);
     }
     (replicas, control, treatment)
 }
@@ -247,6 +249,27 @@ async fn with_the_store_stopped_traffic_goes_on_and_changes_wait() {
     let answer = put(&replicas[1], r#"{"treatment_fraction": 0.5}"#).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     all_at(&replicas, 0.5, started).await;
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_replayed_to_another_replica_is_refused() {
+    let redis = Redis::start();
+    let (replicas, _control, _treatment) = fleet(&redis, 2).await;
+    let answer = chat(&replicas[0].url(), "user-1").await;
+    let id = answer.header("x-abgate-request-id").to_owned();
+    let report = format!(r#"{{"request_id":"{id}","outcome":"completed","rating":5}}"#);
+    let first = post(&replicas[1].url(), "/v1/feedback", &[], &report).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The same report to the replica that served it, and to the first
+    // again: the fleet has counted it.
+    for replica in [&replicas[0], &replicas[1]] {
+        let replay = post(&replica.url(), "/v1/feedback", &[], &report).await;
+        assert_eq!(replay.status, 409, "{}", replay.text());
+        assert_eq!(replay.json()["error"]["code"], "duplicate_feedback");
+    }
     for replica in replicas {
         replica.shutdown().await;
     }

@@ -124,8 +124,12 @@ impl LiveConfig {
             epoch,
             file_fraction,
         };
+        let gateway = Arc::new(Gateway::new(live, metrics)?);
+        if let Some(store) = &store {
+            gateway.share_reports(store.clone());
+        }
         Ok(Self {
-            gateway: Arc::new(Gateway::new(live, metrics)?),
+            gateway,
             process_ids,
             status: Mutex::new(ConfigStatus {
                 generation: 1,

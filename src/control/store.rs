@@ -23,6 +23,7 @@ use redis::AsyncCommands;
 
 use crate::config::state::{redacted_url, StateStoreSettings};
 use crate::control::rollout::Persisted;
+use crate::proxy::feedback::SharedReports;
 
 /// The longest any call to the store may take.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -74,6 +75,8 @@ pub(crate) struct StateStore {
     client: redis::Client,
     manager: tokio::sync::Mutex<Option<ConnectionManager>>,
     url: String,
+    /// `<prefix>:<experiment>`.
+    base: String,
     state_key: String,
     audit_key: String,
     channel: String,
@@ -108,6 +111,7 @@ impl StateStore {
             state_key: format!("{base}:rollout"),
             audit_key: format!("{base}:audit"),
             channel: format!("{base}:changes"),
+            base,
             up: AtomicBool::new(false),
             script: redis::Script::new(COMPARE_AND_SET),
         })
@@ -227,6 +231,32 @@ impl StateStore {
         }
     }
 
+    /// Notes a feedback report on the request id whose MAC is `mac`, for
+    /// `remember` (set-if-absent with an expiry): whether it is the first.
+    pub(crate) async fn note_feedback(
+        &self,
+        mac: u64,
+        remember: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = format!("{}:feedback:{mac:016x}", self.base);
+        let millis = u64::try_from(remember.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let set: Option<String> = self
+            .call(|mut connection| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Forwards every change notice on the channel to `notify`, for as
     /// long as it runs; resubscribes when the subscription is lost (and
     /// notifies then too, so that a change missed meanwhile is read).
@@ -252,5 +282,21 @@ impl StateStore {
             notify.notify_one();
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// Feedback counted once per request id across the fleet.
+impl SharedReports for StateStore {
+    fn note(
+        &self,
+        mac: u64,
+        remember: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            self.note_feedback(mac, remember)
+                .await
+                .map_err(|err| err.to_string())
+        })
     }
 }

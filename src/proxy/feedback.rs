@@ -91,6 +91,19 @@ impl Reported {
     }
 }
 
+/// A fleet-wide memory of the request ids reported on (the rollout's
+/// shared store), asked before this replica's own.
+pub(crate) trait SharedReports: Send + Sync {
+    /// Notes a report on the id whose MAC is `mac`, remembered for
+    /// `remember`: `Ok(true)` if it is the first, `Ok(false)` if the fleet
+    /// has counted one, `Err` if the store did not answer.
+    fn note(
+        &self,
+        mac: u64,
+        remember: std::time::Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + '_>>;
+}
+
 /// A report as counted.
 pub(crate) struct Recorded {
     pub(crate) attribution: Attribution,
@@ -108,6 +121,54 @@ pub(crate) fn record(
     (reported, max_age): (&Reported, std::time::Duration),
     metrics: &Metrics,
 ) -> Result<Recorded, ProxyError> {
+    let (recorded, remember) = validate(body, ids, outcomes, max_age)?;
+    // Counted once: the last check, so that a refused report does not
+    // use up its request id.
+    reported.note(recorded.attribution.mac, remember)?;
+    count(&recorded, metrics);
+    Ok(recorded)
+}
+
+/// As [`record`], with the fleet's memory deciding what is a duplicate;
+/// while it does not answer, this replica's own.
+async fn record_shared(
+    body: &Bytes,
+    ids: &RequestIds,
+    outcomes: &[String],
+    (reported, max_age): (&Reported, std::time::Duration),
+    metrics: &Metrics,
+    shared: &dyn SharedReports,
+) -> Result<Recorded, ProxyError> {
+    let (recorded, remember) = validate(body, ids, outcomes, max_age)?;
+    match shared.note(recorded.attribution.mac, remember).await {
+        Ok(true) => {}
+        Ok(false) => return Err(ProxyError::DuplicateFeedback),
+        Err(err) => {
+            tracing::warn!("feedback counted against this replica's memory only: {err}");
+            reported.note(recorded.attribution.mac, remember)?;
+        }
+    }
+    count(&recorded, metrics);
+    Ok(recorded)
+}
+
+fn count(recorded: &Recorded, metrics: &Metrics) {
+    metrics.feedback(
+        &recorded.attribution.experiment,
+        recorded.attribution.variant,
+        &recorded.outcome,
+        recorded.rating,
+    );
+}
+
+/// A report checked: well formed, for an id this key signed, within its
+/// age; with how long its id must be remembered.
+fn validate(
+    body: &Bytes,
+    ids: &RequestIds,
+    outcomes: &[String],
+    max_age: std::time::Duration,
+) -> Result<(Recorded, std::time::Duration), ProxyError> {
     let report: Report = serde_json::from_slice(body).map_err(|err| {
         ProxyError::InvalidFeedback(format!(
             "feedback must be {{\"request_id\": \"...\", \"outcome\": \"...\", \"rating\": 1-5}}: {err}"
@@ -147,25 +208,18 @@ pub(crate) fn record(
         });
     }
     // Remembered as long as a replay could still be accepted.
-    let remember = max_age.saturating_sub(std::time::Duration::from_secs(age.unwrap_or(0)));
-    // Counted once: the last check, so that a refused report does not
-    // use up its request id.
-    reported.note(
-        attribution.mac,
-        remember.max(std::time::Duration::from_secs(1)),
-    )?;
-    metrics.feedback(
-        &attribution.experiment,
-        attribution.variant,
-        &report.outcome,
-        rating,
-    );
-    Ok(Recorded {
-        attribution,
-        request_id: report.request_id,
-        outcome: report.outcome,
-        rating,
-    })
+    let remember = max_age
+        .saturating_sub(std::time::Duration::from_secs(age.unwrap_or(0)))
+        .max(std::time::Duration::from_secs(1));
+    Ok((
+        Recorded {
+            attribution,
+            request_id: report.request_id,
+            outcome: report.outcome,
+            rating,
+        },
+        remember,
+    ))
 }
 
 fn unix_now() -> u64 {
@@ -194,13 +248,26 @@ pub(crate) async fn answer(
         let body = super::read::read_body(body, &parts, MAX_BODY_BYTES).await?;
         let outcomes = &live.config.feedback.outcomes;
         let max_age = std::time::Duration::from_secs(live.config.feedback.max_age_seconds);
-        let recorded = record(
-            &body,
-            &live.request_ids,
-            outcomes,
-            (&gateway.reported, max_age),
-            &gateway.metrics,
-        )?;
+        let recorded = match gateway.shared_reports.get() {
+            Some(shared) => {
+                record_shared(
+                    &body,
+                    &live.request_ids,
+                    outcomes,
+                    (&gateway.reported, max_age),
+                    &gateway.metrics,
+                    shared.as_ref(),
+                )
+                .await?
+            }
+            None => record(
+                &body,
+                &live.request_ids,
+                outcomes,
+                (&gateway.reported, max_age),
+                &gateway.metrics,
+            )?,
+        };
         let attribution = &recorded.attribution;
         if let Some(events) = &gateway.events {
             events.emit(Line::Feedback(FeedbackEvent {

@@ -89,6 +89,8 @@ pub struct Gateway {
     inflight: Arc<Inflight>,
     /// The request ids feedback was reported on, to count each once.
     reported: feedback::Reported,
+    /// The fleet's memory of them, when the control plane has one.
+    shared_reports: std::sync::OnceLock<Arc<dyn feedback::SharedReports>>,
     /// Shutdown: not ready, then cut.
     drain: crate::proxy::drain::Drain,
 }
@@ -136,8 +138,15 @@ impl Gateway {
             events,
             inflight: Arc::default(),
             reported: feedback::Reported::default(),
+            shared_reports: std::sync::OnceLock::new(),
             drain: crate::proxy::drain::Drain::default(),
         })
+    }
+
+    /// Counts feedback once per request id across the fleet, through
+    /// `shared` (set once, at start).
+    pub(crate) fn share_reports(&self, shared: Arc<dyn feedback::SharedReports>) {
+        let _ = self.shared_reports.set(shared);
     }
 
     /// Serves `live` to requests that start from now on.
