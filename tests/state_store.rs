@@ -57,20 +57,34 @@ impl Drop for Redis {
     }
 }
 
-async fn fleet(
-    redis: &Redis,
-    count: usize,
-) -> (
+async fn fleet(redis: &Redis, count: usize) -> Fleet {
+    let (control, treatment) = mocks().await;
+    fleet_of(redis, count, control, treatment, "").await
+}
+
+type Fleet = (
     Vec<abgate::app::Running>,
     abgate_mock::MockHandle,
     abgate_mock::MockHandle,
-) {
-    let (control, treatment) = mocks().await;
+);
+
+async fn fleet_of(
+    redis: &Redis,
+    count: usize,
+    control: abgate_mock::MockHandle,
+    treatment: abgate_mock::MockHandle,
+    more: &str,
+) -> Fleet {
     let extra = format!(
         "[admin]\ntoken_env = \"T\"\n[feedback]\nkey_env = \"FLEET_KEY\"\n[state]\nurl = \"redis://127.0.0.1:{}/0\"\n",
         redis.port
     );
-    let toml = config_toml(&control.url(), &treatment.url(), 0.05, &extra);
+    let toml = config_toml(
+        &control.url(),
+        &treatment.url(),
+        0.05,
+        &format!("{extra}{more}"),
+    );
     let mut replicas = Vec::new();
     for _ in 0..count {
         let mut env = token_env();
@@ -270,6 +284,74 @@ async fn feedback_replayed_to_another_replica_is_refused() {
         assert_eq!(replay.status, 409, "{}", replay.text());
         assert_eq!(replay.json()["error"]["code"], "duplicate_feedback");
     }
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_guards_the_fleet_and_hands_the_lease_over() {
+    let redis = Redis::start();
+    let control = spawn_mock(abgate_mock::MockConfig::named("base")).await;
+    let treatment = spawn_mock(abgate_mock::MockConfig {
+        fault_rate: 0.10,
+        seed: 7,
+        ..abgate_mock::MockConfig::named("fine-tuned")
+    })
+    .await;
+    let guard = "[guardrails]\ninterval_seconds = 0.2\nmin_requests_per_arm = 150\n";
+    let (mut replicas, _control, _treatment) = fleet_of(&redis, 3, control, treatment, guard).await;
+    let answer = put(&replicas[0], r#"{"treatment_fraction": 0.5}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    all_at(&replicas, 0.5, Instant::now()).await;
+    let leaders = |replicas: &[abgate::app::Running]| {
+        let admins: Vec<_> = replicas.iter().map(|r| r.admin_addr.unwrap()).collect();
+        async move {
+            let mut found = Vec::new();
+            for (i, admin) in admins.into_iter().enumerate() {
+                let report = admin_call(admin, "GET", "/admin/report", None, "")
+                    .await
+                    .json();
+                if report["guardrails"]["leader"] == true {
+                    found.push(i);
+                }
+            }
+            found
+        }
+    };
+    let one = eventually(Duration::from_secs(3), || async {
+        let found = leaders(&replicas).await;
+        (found.len() == 1).then_some(found)
+    })
+    .await;
+    assert!(one.is_some(), "exactly one replica holds the guard's lease");
+
+    // Every replica sees the failing treatment; one trips, all roll back.
+    for replica in &replicas {
+        traffic(&replica.url(), "user-", 500, 800, 16).await;
+    }
+    all_at(&replicas, 0.0, Instant::now()).await;
+    let mut trips = 0.0;
+    for replica in &replicas {
+        let text = scrape(replica.admin_addr.unwrap()).await;
+        trips +=
+            sample(&text, r#"abgate_guardrail_trips_total{check="error_rate"}"#).unwrap_or(0.0);
+        let state = rollout(replica).await;
+        assert_eq!(state["held_by_guardrail"], true, "{state:#}");
+    }
+    assert_eq!(trips, 1.0, "one trip for the fleet");
+
+    // The leader goes away: another takes the lease within its expiry.
+    let leader = leaders(&replicas).await[0];
+    let gone = replicas.remove(leader);
+    gone.shutdown().await;
+    let started = Instant::now();
+    let took = eventually(Duration::from_secs(8), || async {
+        (leaders(&replicas).await.len() == 1).then(|| started.elapsed())
+    })
+    .await
+    .expect("a replica takes the lease over");
+    eprintln!("the lease moved to another replica within {took:?}");
     for replica in replicas {
         replica.shutdown().await;
     }

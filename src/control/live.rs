@@ -45,6 +45,10 @@ pub enum ChangeError {
     Conflict { current: u64, expected: Option<u64> },
 }
 
+/// How long the guard's lease lasts unrenewed; the supervisor renews it at
+/// every tick (at least every second).
+const LEASE_EXPIRY: Duration = Duration::from_secs(5);
+
 /// How often the fleet's store is re-read without a change notice.
 const STORE_REREAD: Duration = Duration::from_secs(1);
 
@@ -83,6 +87,8 @@ pub struct LiveConfig {
     /// A change was made here while the store could not be reached (a
     /// guardrail rollback does not wait): written once it answers.
     unsynced: std::sync::atomic::AtomicBool,
+    /// This replica's name in the guard's lease.
+    replica: String,
 }
 
 /// The fleet's state store as `/admin/rollout` shows it.
@@ -145,7 +151,27 @@ impl LiveConfig {
             transaction: tokio::sync::Mutex::new(()),
             store_changed: Arc::new(tokio::sync::Notify::new()),
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            replica: format!("{:016x}", fastrand::u64(..)),
         })
+    }
+
+    /// Whether this replica runs the guard and automatic promotion now.
+    /// Without a store, always. With one, only the holder of the fleet's
+    /// lease, taken or renewed here for [`LEASE_EXPIRY`]: a replica that
+    /// stops renewing hands it over within that. While the store does not
+    /// answer, every replica guards itself: a rollback matters more than
+    /// a single one.
+    pub(crate) async fn leads_the_guard(&self) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        match store.hold_lease(&self.replica, LEASE_EXPIRY).await {
+            Ok(held) => held,
+            Err(err) => {
+                tracing::warn!("guarding on this replica's own while the store is away: {err}");
+                true
+            }
+        }
     }
 
     /// Notes that the runtime state changed here without reaching the

@@ -45,6 +45,17 @@ redis.call('PUBLISH', KEYS[3], version)
 return {1, version, ''}
 ";
 
+/// Takes or renews the guard's lease: KEYS = lease; ARGV = this replica,
+/// expiry in ms. 1 if this replica holds it now.
+const HOLD_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Why the store did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("state store {url}: {why}")]
@@ -82,6 +93,7 @@ pub(crate) struct StateStore {
     channel: String,
     up: AtomicBool,
     script: redis::Script,
+    lease_script: redis::Script,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -114,6 +126,7 @@ impl StateStore {
             base,
             up: AtomicBool::new(false),
             script: redis::Script::new(COMPARE_AND_SET),
+            lease_script: redis::Script::new(HOLD_LEASE),
         })
     }
 
@@ -229,6 +242,24 @@ impl StateStore {
                 state: self.parse(Some(&current))?,
             })))
         }
+    }
+
+    /// Takes the guard's lease for `replica`, or renews it if it holds it
+    /// already, for `expiry`: whether `replica` holds it now.
+    pub(crate) async fn hold_lease(
+        &self,
+        replica: &str,
+        expiry: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut invocation = self.lease_script.prepare_invoke();
+        invocation
+            .key(format!("{}:guard", self.base))
+            .arg(replica)
+            .arg(u64::try_from(expiry.as_millis()).unwrap_or(u64::MAX));
+        let held: u8 = self
+            .call(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        Ok(held == 1)
     }
 
     /// Notes a feedback report on the request id whose MAC is `mac`, for

@@ -62,6 +62,9 @@ struct GuardState {
     last: Option<Evaluation>,
     last_trip: Option<Trip>,
     next_check: Option<Instant>,
+    /// Whether this replica ran the guard at its last tick (always,
+    /// without a fleet store).
+    leader: bool,
 }
 
 /// Runs the rollout on its own; shared with the admin API.
@@ -134,15 +137,22 @@ impl Supervisor {
     pub(crate) async fn tick(&self) {
         // With [state], changes the supervisor makes go through the fleet's
         // store like an operator's (see LiveConfig::transact).
-        let due = self
-            .control
-            .transact(None, || {
-                self.apply_due_pending();
-                Ok::<(), ChangeError>(())
-            })
-            .await;
-        if let Err(err) = due {
-            tracing::warn!("a due change waits: {err}");
+        if self.control.runtime().pending().is_some() {
+            let due = self
+                .control
+                .transact(None, || {
+                    self.apply_due_pending();
+                    Ok::<(), ChangeError>(())
+                })
+                .await;
+            if let Err(err) = due {
+                tracing::warn!("a due change waits: {err}");
+            }
+        }
+        // One replica of a fleet guards and promotes: the lease's holder.
+        let leader = self.control.leads_the_guard().await;
+        if let Ok(mut state) = self.state.lock() {
+            state.leader = leader;
         }
         if let Err(err) = self.control.follow_file_schedule() {
             tracing::error!("scheduled change: {err}");
@@ -156,17 +166,21 @@ impl Supervisor {
             .map(|state| state.next_check.map_or(true, |at| Instant::now() >= at))
             .unwrap_or(false);
         if guard.enabled && due {
-            self.guard(&live).await;
+            // Every replica judges (its report and blockers need it); only
+            // the lease's holder acts on a trip.
+            self.guard(&live, leader).await;
         }
-        if let Err(err) = self
-            .control
-            .transact(None, || {
-                self.auto_promote();
-                Ok::<(), ChangeError>(())
-            })
-            .await
-        {
-            tracing::warn!("automatic promotion waits: {err}");
+        if leader && live.config.rollout.auto_promote {
+            if let Err(err) = self
+                .control
+                .transact(None, || {
+                    self.auto_promote();
+                    Ok::<(), ChangeError>(())
+                })
+                .await
+            {
+                tracing::warn!("automatic promotion waits: {err}");
+            }
         }
     }
 
@@ -197,7 +211,7 @@ impl Supervisor {
     }
 
     /// Looks at the stage once and acts on a trip.
-    async fn guard(&self, live: &Arc<Live>) {
+    async fn guard(&self, live: &Arc<Live>, act: bool) {
         let config = &live.config.guardrails;
         let interval = Duration::from_secs_f64(config.interval_seconds);
         let epoch = live.epoch.clone();
@@ -285,7 +299,7 @@ impl Supervisor {
             });
             tripped
         };
-        if !tripped.is_empty() {
+        if !tripped.is_empty() && act {
             let through_store = self
                 .control
                 .transact(None, || {
@@ -618,6 +632,9 @@ impl Supervisor {
                 "require_feedback": rollout.require_feedback,
                 "on_breach": guard.on_breach,
                 "verdict": verdict,
+                // With [state]: whether this replica holds the fleet's
+                // guard lease (the others leave the guard to it).
+                "leader": self.state.lock().map(|state| state.leader).unwrap_or(false),
                 // Whether the last look was at this stage (a change of the
                 // split starts a new one, judged from its first look).
                 "of_current_stage": last.as_ref().is_some_and(|evaluation| {
