@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -355,4 +356,61 @@ async fn one_replica_guards_the_fleet_and_hands_the_lease_over() {
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_while_the_store_is_down_keeps_the_fleets_rollback() {
+    std::env::set_var("ABGATE_STORE_TEST_TOKEN", TOKEN);
+    let redis = Redis::start();
+    let (control, treatment) = mocks().await;
+    let extra = format!(
+        "[admin]\ntoken_env = \"ABGATE_STORE_TEST_TOKEN\"\n[state]\nurl = \"redis://127.0.0.1:{}/0\"\n",
+        redis.port
+    );
+    let path = temp_config(
+        "store-restart",
+        &config_toml(&control.url(), &treatment.url(), 0.05, &extra),
+    );
+    let dir = fresh_dir("store-restart-state");
+    let start = || abgate::app::start_from_file(&path, Some(&dir));
+    let replica = start().await.unwrap();
+    let other = gateway_with_env(
+        &std::fs::read_to_string(&path).unwrap(),
+        BTreeMap::from([("ABGATE_STORE_TEST_TOKEN".to_owned(), TOKEN.to_owned())]),
+    )
+    .await;
+    // A rollout, then a fleet rollback made on the other replica.
+    let answer = put(&other, r#"{"treatment_fraction": 0.25}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    all_at(std::slice::from_ref(&replica), 0.25, Instant::now()).await;
+    let answer = admin_call(
+        other.admin_addr.unwrap(),
+        "POST",
+        "/admin/rollback",
+        Some(TOKEN),
+        r#"{"reason":"errors"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    all_at(std::slice::from_ref(&replica), 0.0, Instant::now()).await;
+
+    // The store goes away, and the replica restarts meanwhile: it starts
+    // from the state it cached, not from the file's 5%.
+    redis.signal("STOP");
+    replica.shutdown().await;
+    let replica = start().await.unwrap();
+    let state = rollout(&replica).await;
+    assert_eq!(state["treatment_fraction"], 0.0, "{state:#}");
+    assert_eq!(state["config_fraction"], 0.05, "{state:#}");
+    for i in 0..20 {
+        let answer = chat(&replica.url(), &format!("user-{i}")).await;
+        assert_eq!(answer.header("x-abgate-variant"), "control");
+    }
+    redis.signal("CONT");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let state = rollout(&replica).await;
+    assert_eq!(state["treatment_fraction"], 0.0, "{state:#}");
+    assert_eq!(state["state_store"]["version"], 2, "{state:#}");
+    replica.shutdown().await;
+    other.shutdown().await;
 }
