@@ -563,3 +563,26 @@ async fn api_bodies_are_json_whatever_their_content_type_says() {
         b"--x\r\nnot json\r\n--x--\r\n"
     );
 }
+
+#[tokio::test]
+async fn health_is_answered_on_the_traffic_port_and_never_forwarded() {
+    let (control, treatment) = mocks().await;
+    let gw = gateway(&config_toml(&control.url(), &treatment.url(), 0.5, "")).await;
+    let health = get(format!("{}/healthz", gw.url())).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+    let ready = get(format!("{}/readyz", gw.url())).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "ready");
+    let posted = post(&gw.url(), "/healthz", &[], "{}").await;
+    assert_eq!(posted.status, 405, "{}", posted.text());
+    // Neither upstream saw them, and no arm counted them.
+    let metrics = scrape(gw.admin_addr.unwrap()).await;
+    let requests: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("abgate_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(requests, 0.0, "{metrics}");
+    gw.shutdown().await;
+}

@@ -36,6 +36,7 @@ pub(crate) mod fallback;
 pub(crate) mod feedback;
 pub(crate) mod forward;
 pub(crate) mod headers;
+pub(crate) mod health;
 pub mod identity;
 pub mod json;
 pub(crate) mod json_scan;
@@ -174,6 +175,9 @@ impl Gateway {
         let started = Instant::now();
         // One config per request, start to finish, whatever swaps meanwhile.
         let live = self.live.load_full();
+        if health::is_health(request.uri().path()) {
+            return health::answer(self, &request);
+        }
         if request.uri().path() == feedback::PATH {
             // Boxed, like the fallback: a rare path kept out of the
             // request's future, which is moved by value.
