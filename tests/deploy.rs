@@ -161,6 +161,13 @@ fn secrets_named(config: &Config) -> Vec<(&'static str, String)> {
     );
     named.extend(
         config
+            .state
+            .as_ref()
+            .and_then(|state| state.password_env.clone())
+            .map(|name| ("state.password_env", name)),
+    );
+    named.extend(
+        config
             .variants
             .control
             .api_key_env
@@ -240,6 +247,22 @@ fn configmap_config_is_valid_with_the_deployments_secrets() {
     assert!(snapshot.admin_token.is_some());
     // The proxy port is reachable from the whole cluster: it takes keys.
     assert!(snapshot.gateway_keys.is_some());
+    // The fleet shares its rollout state, through the example Redis.
+    let state = config.state.as_ref().expect("the fleet's [state]");
+    assert!(
+        state.url.starts_with("redis://abgate-redis:"),
+        "{}",
+        state.url
+    );
+    let redis = repo_file("deploy/kubernetes/redis.yaml");
+    assert!(
+        redis.contains("name: abgate-redis"),
+        "redis.yaml names its Service"
+    );
+    assert!(
+        redis.contains("key: ABGATE_STATE_PASSWORD"),
+        "redis.yaml takes its password from the Secret the gateway reads"
+    );
 }
 
 #[test]
@@ -249,7 +272,7 @@ fn every_secret_the_config_names_is_given_by_the_deployment() {
     let secret_example = repo_file("deploy/kubernetes/secret.example.yaml");
 
     let named = secrets_named(&config);
-    assert_eq!(named.len(), 5, "{named:?}");
+    assert_eq!(named.len(), 6, "{named:?}");
     for (key, name) in named {
         match env.get(&name) {
             Some(EnvSource::Secret {

@@ -18,7 +18,7 @@ pub(crate) mod guardrails;
 mod raw;
 pub mod rollout;
 mod snapshot;
-pub(crate) mod state;
+pub mod state;
 mod validate;
 
 pub use raw::*;

@@ -53,7 +53,7 @@ pub struct Config {
     pub(crate) qa: QaConfig,
     /// The fleet's shared rollout state; none: a state file per replica.
     #[serde(default)]
-    pub(crate) state: Option<crate::config::state::StateConfig>,
+    pub state: Option<crate::config::state::StateConfig>,
 }
 
 /// `[auth]`: who may use the proxy port.

@@ -7,15 +7,15 @@ use serde::{Deserialize, Serialize};
 /// `[state]` as written.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct StateConfig {
+pub struct StateConfig {
     /// `redis://HOST:PORT/DB`, or `rediss://` for TLS.
-    pub(crate) url: String,
+    pub url: String,
     /// Env var holding the store's password, kept out of the file.
     #[serde(default)]
-    pub(crate) password_env: Option<String>,
+    pub password_env: Option<String>,
     /// Keys are `<key_prefix>:<experiment>:...`.
     #[serde(default = "default_key_prefix")]
-    pub(crate) key_prefix: String,
+    pub key_prefix: String,
 }
 
 fn default_key_prefix() -> String {
