@@ -241,7 +241,7 @@ async fn dashboard_and_alerts_work_against_a_real_prometheus() {
             rule_count += 1;
         }
     }
-    assert_eq!(rule_count, 11);
+    assert_eq!(rule_count, 15);
 
     // A treatment that fails and is slow raises the error and latency flags
     // (pending: their `for` is minutes), and nothing else.
