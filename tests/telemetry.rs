@@ -593,3 +593,39 @@ async fn admin_stats_shows_the_stage_from_each_arms_own_sketch() {
         serde_json::Value::Null
     );
 }
+
+#[tokio::test]
+async fn tokens_are_read_from_responses_api_streams() {
+    let (control, _) = mocks().await;
+    let events = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"r\",\"status\":\"in_progress\",\"usage\":null}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"r\",\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"output_tokens\":34,\"total_tokens\":46}}}\n\n",
+    );
+    let upstream = raw_upstream(raw_answer(
+        "content-type: text/event-stream\r\n",
+        events.as_bytes(),
+    ))
+    .await;
+    let gw = gateway(&config_toml(&control.url(), &upstream, 1.0, "")).await;
+    let answer = post(
+        &gw.url(),
+        "/v1/responses",
+        &[("x-user-id", "u")],
+        r#"{"model":"m","input":"hi","stream":true}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.as_ref(), events.as_bytes(), "streamed as sent");
+    metrics_until(gw.admin_addr.unwrap(), |text| {
+        sample(
+            text,
+            r#"abgate_tokens_total{experiment="test-exp",kind="completion",variant="treatment"}"#,
+        ) == Some(34.0)
+            && sample(
+                text,
+                r#"abgate_tokens_total{experiment="test-exp",kind="prompt",variant="treatment"}"#,
+            ) == Some(12.0)
+    })
+    .await;
+}

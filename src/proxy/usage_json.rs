@@ -2,7 +2,8 @@
 //! pass without building a tree of the document: `usage` (OpenAI's
 //! `prompt_tokens`/`completion_tokens`, Anthropic's
 //! `input_tokens`/`output_tokens`) at the top, or inside `message`
-//! (Anthropic's `message_start`). Everything else is checked as JSON and
+//! (Anthropic's `message_start`) or `response` (the Responses API's
+//! `response.completed` event). Everything else is checked as JSON and
 //! skipped. Of keys given twice, the last wins, as in a parsed tree.
 
 use std::fmt;
@@ -50,7 +51,8 @@ fn scan(document: &[u8]) -> Scanned<Option<Usage>> {
             let mut buffer = [0; 32];
             match key(raw, escaped, &mut buffer).map(Key::of) {
                 Some(Key::Usage) => usage = scan_usage(scanner)?,
-                Some(Key::Message) => message = scan_message(scanner)?,
+                // One slot for both: an event carries one or the other.
+                Some(Key::Message | Key::Response) => message = scan_message(scanner)?,
                 _ => scanner.skip()?,
             }
             Ok(())
@@ -60,7 +62,8 @@ fn scan(document: &[u8]) -> Scanned<Option<Usage>> {
     Ok(usage.or(message))
 }
 
-/// `message`'s usage (Anthropic's `message_start`).
+/// The usage inside `message` (Anthropic's `message_start`) or
+/// `response` (the Responses API's `response.completed`).
 fn scan_message(scanner: &mut Scanner<'_>) -> Scanned<Option<Usage>> {
     if scanner.kind()? != Kind::Object {
         return skip_any(scanner).map(|()| None);
@@ -145,6 +148,7 @@ struct Message {
 enum Key {
     Usage,
     Message,
+    Response,
     PromptTokens,
     CompletionTokens,
     InputTokens,
@@ -157,6 +161,7 @@ impl Key {
         match key {
             b"usage" => Key::Usage,
             b"message" => Key::Message,
+            b"response" => Key::Response,
             b"prompt_tokens" => Key::PromptTokens,
             b"completion_tokens" => Key::CompletionTokens,
             b"input_tokens" => Key::InputTokens,
@@ -181,7 +186,9 @@ impl Fields for Top {
     fn read<'de, A: MapAccess<'de>>(&mut self, key: Key, map: &mut A) -> Result<(), A::Error> {
         match key {
             Key::Usage => self.usage = map.next_value::<Shaped<Usage>>()?.0,
-            Key::Message => self.message = map.next_value::<Shaped<Message>>()?.0,
+            Key::Message | Key::Response => {
+                self.message = map.next_value::<Shaped<Message>>()?.0;
+            }
             _ => skip(map)?,
         }
         Ok(())
@@ -385,14 +392,23 @@ mod tests {
             &br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"message":{"usage":{"input_tokens":9}}}"#[..],
             br#"{"message":{"usage":{"input_tokens":9,"output_tokens":8}}}"#,
             br#"{"usage":{"prompt_tokens":18446744073709551615}}"#,
+            // The Responses API's stream: usage inside `response`, null
+            // until `response.completed`.
+            br#"{"type":"response.created","response":{"id":"r","status":"in_progress","usage":null}}"#,
+            br#"{"type":"response.completed","sequence_number":9,"response":{"id":"r","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":12,"output_tokens":34,"total_tokens":46,"output_tokens_details":{"reasoning_tokens":0}}}}"#,
         ];
         for document in documents {
             let value: serde_json::Value = serde_json::from_slice(document).unwrap();
             let expected = value
                 .get("usage")
                 .filter(|u| u.is_object())
-                .or_else(|| value.get("message").and_then(|m| m.get("usage")));
-            let got = read(document).unwrap().unwrap();
+                .or_else(|| value.get("message").and_then(|m| m.get("usage")))
+                .or_else(|| value.get("response").and_then(|r| r.get("usage")))
+                .filter(|u| u.is_object());
+            let Some(got) = read(document).unwrap() else {
+                assert!(expected.is_none(), "{document:?}");
+                continue;
+            };
             let field = |name: &str| expected.and_then(|u| u.get(name)).and_then(|v| v.as_u64());
             assert_eq!(got.prompt_tokens, field("prompt_tokens"));
             assert_eq!(got.input_tokens, field("input_tokens"));
@@ -413,6 +429,7 @@ mod agreement {
             &br#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":13,"total_tokens":32,"prompt_tokens_details":{"cached_tokens":0}}}"#[..],
             br#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":5,"output_tokens":1}}}"#,
             br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            br#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":12,"output_tokens":34}}}"#,
         ] {
             assert!(scan(document).is_ok(), "{document:?}");
         }
