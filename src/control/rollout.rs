@@ -82,7 +82,8 @@ pub(crate) struct Persisted {
 pub(crate) struct AuditEntry<'a> {
     pub(crate) time: String,
     pub(crate) experiment: &'a str,
-    /// `set`, `pause`, `resume`, `pending`, `cancel_pending`.
+    /// `set`, `rollback` (a set to 0 from above it), `pause`, `resume`,
+    /// `pending`.
     pub(crate) action: &'a str,
     pub(crate) source: ChangeSource,
     pub(crate) old: f64,
@@ -234,10 +235,11 @@ impl RuntimeState {
     pub(crate) fn record(&self, state: Override, old: f64) -> Result<bool, StateError> {
         let entry_state = state.clone();
         self.update(|current| current.fraction = Some(state))?;
+        let rollback = entry_state.treatment_fraction == 0.0 && old > 0.0;
         self.audit(&AuditEntry {
             time: entry_state.at.clone(),
             experiment: &entry_state.experiment,
-            action: "set",
+            action: if rollback { "rollback" } else { "set" },
             source: entry_state.source,
             old,
             new: entry_state.treatment_fraction,
@@ -400,6 +402,26 @@ fn write_atomically(path: &Path, state: &Persisted) -> std::io::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_set_to_zero_is_audited_as_a_rollback() {
+        let runtime = RuntimeState::in_memory();
+        let change = |fraction: f64| Override {
+            experiment: "exp".into(),
+            treatment_fraction: fraction,
+            config_fraction: 0.05,
+            source: ChangeSource::Api,
+            reason: "r".into(),
+            at: crate::config::clock::now_rfc3339(),
+        };
+        runtime.capture_audit(true);
+        runtime.record(change(0.25), 0.05).unwrap();
+        runtime.record(change(0.0), 0.25).unwrap();
+        let lines = runtime.capture_audit(false);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].contains(r#""action":"set""#), "{}", lines[0]);
+        assert!(lines[1].contains(r#""action":"rollback""#), "{}", lines[1]);
+    }
 
     fn rolled_back(runtime: &RuntimeState) {
         let at = crate::config::clock::now_rfc3339();
