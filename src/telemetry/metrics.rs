@@ -849,19 +849,6 @@ pub(crate) struct FeedbackTotals {
     pub(crate) ratings: [u64; 5],
 }
 
-/// One arm's request-side numbers, cumulative: guardrail windows are
-/// differences of two readings.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct ArmTotals {
-    pub(crate) requests: u64,
-    /// 5xx answers plus upstream 429s, as in [`ArmStats`].
-    pub(crate) errors: u64,
-    pub(crate) latency: Buckets,
-    /// Time to first byte of streamed answers: time to first token.
-    pub(crate) stream_first_byte: Buckets,
-    pub(crate) response_bytes: Buckets,
-}
-
 /// One arm's outcome reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct FeedbackStats {
@@ -887,35 +874,27 @@ pub(crate) struct ArmStats {
 }
 
 impl ExperimentMetrics {
-    /// One arm's cumulative numbers for the guardrails.
-    pub(crate) fn arm_totals(&self, variant: Variant) -> ArmTotals {
+    /// One arm's cumulative requests and errors (5xx answers plus
+    /// upstream 429s, as in [`ArmStats`]): the guard's counts.
+    pub(crate) fn arm_counts(&self, variant: Variant) -> (u64, u64) {
         let arm = &self.arms[variant_index(variant)];
         let requests: u64 = arm.requests.iter().flatten().map(IntCounter::get).sum();
         let server_errors: u64 = arm.requests.iter().map(|classes| classes[2].get()).sum();
         let rate_limited = arm.upstream_errors[UpstreamErrorKind::Status429.index()].get();
-        ArmTotals {
-            requests,
-            errors: server_errors + rate_limited,
-            latency: Buckets::of(arm.duration.iter().flatten()),
-            stream_first_byte: Buckets::of(
-                arm.time_to_first_byte.iter().map(|by_stream| &by_stream[1]),
-            ),
-            response_bytes: Buckets::of(arm.response_bytes.iter()),
-        }
+        (requests, server_errors + rate_limited)
     }
 
     /// The numbers of one arm since the gateway started.
     pub(crate) fn arm_stats(&self, variant: Variant) -> ArmStats {
         let arm = &self.arms[variant_index(variant)];
-        let totals = self.arm_totals(variant);
-        let (requests, errors) = (totals.requests, totals.errors);
+        let (requests, errors) = self.arm_counts(variant);
         ArmStats {
             requests,
             errors,
             error_rate: (requests > 0).then(|| errors as f64 / requests as f64),
-            latency_seconds: totals.latency.summary(),
+            latency_seconds: Buckets::of(arm.duration.iter().flatten()).summary(),
             time_to_first_byte_seconds: Distribution::of(arm.time_to_first_byte.iter().flatten()),
-            mean_response_bytes: totals.response_bytes.mean(),
+            mean_response_bytes: Buckets::of(arm.response_bytes.iter()).mean(),
             prompt_tokens: arm.prompt_tokens.get(),
             completion_tokens: arm.completion_tokens.get(),
             upstream_errors: UpstreamErrorKind::ALL

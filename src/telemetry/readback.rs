@@ -37,10 +37,10 @@ impl Reading {
         completion_outcome: &str,
     ) -> Self {
         let arm = |variant| {
-            let totals = bound.arm_totals(variant);
+            let (requests, errors) = bound.arm_counts(variant);
             (
-                totals.requests,
-                totals.errors,
+                requests,
+                errors,
                 metrics.feedback_totals(experiment, variant, outcomes, completion_outcome),
             )
         };
