@@ -658,6 +658,15 @@ pub struct MeanShiftConfig {
 /// Rounding error of values recorded in whole units.
 pub const WHOLE_UNIT_VARIANCE: f64 = 1.0 / 12.0;
 
+/// Both arms read with at least `floor` variance (see
+/// [`MeanStats::with_min_variance`]).
+fn floored(treatment: &MeanStats, control: &MeanStats, floor: f64) -> (MeanStats, MeanStats) {
+    (
+        treatment.with_min_variance(floor),
+        control.with_min_variance(floor),
+    )
+}
+
 impl Default for MeanShiftConfig {
     fn default() -> Self {
         MeanShiftConfig {
@@ -715,10 +724,7 @@ impl MeanShift {
     /// Look at cumulative (n, sum, sum of squares) per arm.
     pub fn observe(&mut self, treatment: &MeanStats, control: &MeanStats) -> Outcome {
         let b = self.boundary;
-        let (t, c) = (
-            treatment.with_min_variance(self.min_variance),
-            control.with_min_variance(self.min_variance),
-        );
+        let (t, c) = floored(treatment, control, self.min_variance);
         mixture_observe(&mut self.core, &b, t.n, c.n, || {
             log_ratio_of_means(&t, &c, &b)
         })
@@ -865,10 +871,7 @@ impl MeanDecrease {
     /// Look at cumulative (n, sum, sum of squares) per arm.
     pub fn observe(&mut self, treatment: &MeanStats, control: &MeanStats) -> Outcome {
         let b = self.boundary;
-        let (t, c) = (
-            treatment.with_min_variance(self.min_variance),
-            control.with_min_variance(self.min_variance),
-        );
+        let (t, c) = floored(treatment, control, self.min_variance);
         mixture_observe(&mut self.core, &b, t.n, c.n, || diff_of_means(&t, &c, &b))
     }
 }
