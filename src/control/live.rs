@@ -49,6 +49,10 @@ pub enum ChangeError {
 /// every tick (at least every second).
 const LEASE_EXPIRY: Duration = Duration::from_secs(5);
 
+/// Logged when a change made here during an outage loses to a newer one.
+const OVERTAKEN: &str =
+    "a change made here while the store was unreachable was overtaken by a newer one in the store";
+
 /// How often the fleet's store is re-read without a change notice.
 const STORE_REREAD: Duration = Duration::from_secs(1);
 
@@ -229,7 +233,7 @@ impl LiveConfig {
         if after == before {
             return Ok(value);
         }
-        let writer = self.gateway.live().config.listen.to_string();
+        let writer = self.writer();
         match store
             .compare_and_set(stored.version, &after, &writer, &audit)
             .await
@@ -256,6 +260,12 @@ impl LiveConfig {
         }
     }
 
+    /// How this replica signs what it writes to the store: its proxy
+    /// address.
+    fn writer(&self) -> String {
+        self.gateway.live().config.listen.to_string()
+    }
+
     /// Reads the store and puts its state in force if it is newer than
     /// this replica's (a change another replica made). Returns whether the
     /// store answered.
@@ -269,7 +279,7 @@ impl LiveConfig {
                 let local = self.store_version.load(Ordering::Relaxed);
                 if self.unsynced.load(Ordering::Relaxed) && stored.version == local {
                     let state = self.runtime.snapshot();
-                    let writer = self.gateway.live().config.listen.to_string();
+                    let writer = self.writer();
                     let reason = vec![
                         "a change made while the store could not be reached (a guardrail rollback)"
                             .to_owned(),
@@ -280,7 +290,7 @@ impl LiveConfig {
                             self.unsynced.store(false, Ordering::Relaxed);
                         }
                         Ok(Written::Conflict(current)) => {
-                            tracing::error!("a change made here while the store was unreachable was overtaken by a newer one in the store");
+                            tracing::error!("{OVERTAKEN}");
                             self.unsynced.store(false, Ordering::Relaxed);
                             self.adopt(&current);
                         }
@@ -288,7 +298,7 @@ impl LiveConfig {
                     }
                 } else if stored.version > local {
                     if self.unsynced.swap(false, Ordering::Relaxed) {
-                        tracing::error!("a change made here while the store was unreachable was overtaken by a newer one in the store");
+                        tracing::error!("{OVERTAKEN}");
                     }
                     self.adopt(&stored);
                 }
